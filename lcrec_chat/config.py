@@ -1,0 +1,224 @@
+"""Typed configuration: these dataclasses are the documentation of every setting.
+
+Precedence, lowest to highest:
+  1. the defaults written below,
+  2. the YAML preset given with ``--config`` (only the keys it names),
+  3. ``--set section.key=value`` flags on the command line.
+An unknown section or key at any level is an error that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses below."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "ml-100k"        # ml-100k | ml-1m | lcrec | amazon
+    path: str = ""                 # folder (lcrec, amazon) or file prefix; empty = the packaged copy (MovieLens)
+    name: str = ""                 # dataset name inside `path` (lcrec: NAME.inter.json; amazon: category)
+    max_history: int = 20          # items of history shown to every model
+    min_interactions: int = 5      # k-core filter for raw Amazon data
+    max_users: int = 0             # keep only the first N users (0 = all); for tests and quick runs
+
+
+@dataclass
+class IndexConfig:
+    embed_model: str = "all-minilm-l6-v2"   # packaged model, or any sentence-transformers name / folder
+    embed_fields: list[str] = field(default_factory=lambda: ["title", "genres"])
+    embed_separately: bool = False          # LC-Rec: embed each field alone and average the vectors
+    embed_batch_size: int = 128
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128])
+    code_dim: int = 32
+    codebook_sizes: list[int] = field(default_factory=lambda: [64, 64, 64, 64])  # one per level
+    dropout: float = 0.0
+    batch_norm: bool = False
+    beta: float = 0.25                      # commitment weight
+    kmeans_init: bool = True
+    kmeans_iters: int = 50
+    sinkhorn_epsilon: float = 0.003
+    sinkhorn_iters: int = 50
+    reassign_rounds: int = 20               # LC-Rec's post-hoc Sinkhorn rounds before our exact step
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+    warmup_epochs: int = 50
+    max_epochs: int = 3000
+    eval_every: int = 100                   # epochs between stopping-rule evaluations
+    patience: int = 5                       # stop after this many evaluations without improvement
+    grad_clip: float = 1.0
+    seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    base: str = "smollm2-135m"     # packaged default, or any HF model id / local folder
+    dtype: str = "fp32"            # fp32 | bf16 | nf4
+    cache_dir: str = ".cache/models"
+    device: str = "auto"           # auto | cpu | cuda
+
+
+@dataclass
+class TrainConfig:
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    new_token_init: str = "title_mean"   # title_mean | random
+    # samples per task (seqrec_dense: windows of max_history+1 items, each supervising every item in it)
+    task_budget: dict[str, int] = field(default_factory=lambda: {
+        "seqrec_dense": 4000, "seqrec": 1000, "item2index": 1000, "index2item": 600, "fusionseqrec": 600,
+        "itemsearch": 1000, "preferenceobtain": 300, "chat": 800})
+    max_length: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    embedding_lr: float = 1e-3
+    epochs: float = 1.0
+    max_steps: int = 0             # 0 = derived from epochs
+    max_minutes: float = 0.0       # stop (and save) after this wall time; 0 = no limit
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    eval_every: int = 200
+    eval_samples: int = 64         # valid-loss samples per task
+    save_every: int = 200
+    bf16_autocast: bool = False
+    pack: bool = True
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    num_beams: int = 20
+    topk: list[int] = field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 8
+    max_users: int = 0             # 0 = every user
+    sasrec_epochs: int = 200
+    sasrec_patience: int = 10
+
+
+@dataclass
+class ChatConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    max_message_chars: int = 2000
+    max_history_items: int = 20
+    max_k: int = 10
+    default_k: int = 5
+    max_beams: int = 20
+    queue_size: int = 16
+    concurrency: int = 2
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/ml-100k"
+    data: DataConfig = field(default_factory=DataConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one value against a dataclass field's type annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(annotation)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, inner = typing.get_args(annotation)
+        return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if annotation is int and float(value) != int(value):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return annotation(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply(obj: Any, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}{key}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}{key}' is a section; expected a mapping, got {value!r}")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            _apply(cfg, values, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "")
+    return cfg

@@ -1,0 +1,128 @@
+"""Leave-one-out ranking metrics, and the one exclusion rule every method shares.
+
+Protocol (docs: architecture.md, "Evaluation protocol"): each user has a single held-out target;
+a method ranks the full catalogue; HR@K = 1 if the target is in the top K; NDCG@K =
+1 / log2(rank + 2) with a 0-based rank, 0 if the target is not in the top K (with one relevant
+item the ideal DCG is 1, so DCG is already normalised).
+
+Exclusion rule: an item the user already interacted with before the target is never recommended.
+"Already interacted" means the user's *whole* known past for that stage, not only the (at most
+20-item) history window shown to the model: the train part for "valid", train + the valid item for
+"test". Reason: a recommender that re-suggests a movie the user rated 200 interactions ago is as
+wrong as one that repeats the last one, and a window-only rule would let methods gain or lose
+by how far back they happen to look. The target itself is never excluded, even if the user had
+it before (impossible on MovieLens and on LC-Rec's de-duplicated Amazon data, where each
+user-item pair appears once); excluding it would make that user a guaranteed miss.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+
+STAGES = ("valid", "test")
+
+
+def rank_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int],
+                 ks: Iterable[int] = (1, 5, 10)) -> dict[str, float | int]:
+    """HR@k and NDCG@k for every k in `ks`, averaged over users, plus "users" (the count).
+
+    `ranked[u]` is user u's recommendation list, best first (it may be shorter than max(ks)).
+    Returns e.g. {"hr@1": .., "hr@5": .., "hr@10": .., "ndcg@1": .., "ndcg@5": .., "ndcg@10": ..,
+    "users": 943}. With no users every metric is 0.0.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"cut-offs must be positive integers, got {ks}")
+    if len(ranked) != len(targets):
+        raise ValueError(f"{len(ranked)} ranked lists but {len(targets)} targets")
+    hits = {k: 0.0 for k in ks}
+    gains = {k: 0.0 for k in ks}
+    for items, target in zip(ranked, targets):
+        rank = _rank_of(items, target, ks[-1])
+        if rank is None:
+            continue
+        gain = 1.0 / math.log2(rank + 2)
+        for k in ks:
+            if rank < k:
+                hits[k] += 1.0
+                gains[k] += gain
+    n = len(targets)
+    out: dict[str, float | int] = {}
+    for k in ks:
+        out[f"hr@{k}"] = hits[k] / n if n else 0.0
+    for k in ks:
+        out[f"ndcg@{k}"] = gains[k] / n if n else 0.0
+    out["users"] = n
+    return out
+
+
+def _rank_of(items: Sequence[int], target: int, depth: int) -> int | None:
+    """0-based position of `target` in the first `depth` entries, None if absent."""
+    for i, item in enumerate(items[:depth]):
+        if item == target:
+            return i
+    return None
+
+
+def topk_from_scores(scores: torch.Tensor, exclude: Sequence[Sequence[int]], k: int) -> list[list[int]]:
+    """Top-k item indices per row of a [U, N] score matrix, never returning an excluded item.
+
+    Excluded items get -inf before the top-k; if fewer than k items remain, the list is shorter
+    rather than padded with excluded ones. Ties are broken by torch.topk (lowest index first is
+    not guaranteed), which only matters for degenerate scores.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [users, items], got shape {tuple(scores.shape)}")
+    num_users, num_items = scores.shape
+    if len(exclude) != num_users:
+        raise ValueError(f"{num_users} score rows but {len(exclude)} exclusion lists")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    masked = scores.detach().clone()
+    if not masked.is_floating_point():
+        masked = masked.float()
+    rows, cols = [], []
+    for u, items in enumerate(exclude):
+        for i in items:
+            if not 0 <= i < num_items:
+                raise ValueError(f"excluded item {i} of user row {u} is outside 0..{num_items - 1}")
+            rows.append(u)
+            cols.append(i)
+    if rows:
+        masked[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+    values, indices = masked.topk(min(k, num_items), dim=1)
+    keep = values > float("-inf")
+    return [idx[ok].tolist() for idx, ok in zip(indices, keep)]
+
+
+def known_items(user_split: Any, stage: str) -> list[int]:
+    """Everything the user interacted with before this stage's target (the exclusion set, see top)."""
+    _check_stage(stage)
+    past = list(user_split.train) if stage == "valid" else [*user_split.train, user_split.valid]
+    target = user_split.valid if stage == "valid" else user_split.test
+    return [i for i in dict.fromkeys(past) if i != target]
+
+
+def stage_inputs(split: Any, stage: str, max_users: int = 0
+                 ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(histories, exclusions, targets) for `stage`, one entry per user in split order.
+
+    Histories are the model-visible window (`split.history`, at most max_history items); exclusions
+    follow `known_items`. `max_users` > 0 keeps only the first N users, so every method evaluated
+    with the same value sees the same users.
+    """
+    _check_stage(stage)
+    users = list(split.users.values()) if isinstance(split.users, dict) else list(split.users)
+    if max_users > 0:
+        users = users[:max_users]
+    histories = [list(split.history(u, stage)) for u in users]
+    exclusions = [known_items(u, stage) for u in users]
+    targets = [int(split.target(u, stage)) for u in users]
+    return histories, exclusions, targets
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")

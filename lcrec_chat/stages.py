@@ -1,0 +1,168 @@
+"""The pipeline stages: each reads the artifacts of the stage before it from the run folder and writes its own.
+
+prepare  -> config.yaml, split.json, stats.json, catalog.sqlite
+index    -> item_emb.npy, rqvae.pt, codes.json, index_report.json, code_usage.png (+ codes in the catalogue)
+train    -> adapter/, checkpoint/, train_log.jsonl, train_summary.json, loss_curves.png
+evaluate -> metrics.json, report.md
+
+A stage whose inputs and config section did not change is skipped (recorded in stages.json); --force reruns it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from .catalog import Catalog
+from .config import Config
+from .data import load_dataset
+from .data.split import Split, leave_one_out
+
+log = logging.getLogger(__name__)
+
+
+class MissingArtifact(FileNotFoundError):
+    """A stage needs the output of an earlier stage that is not in the run folder."""
+
+
+def require(run: Path, name: str, stage: str) -> Path:
+    path = run / name
+    if not path.exists():
+        raise MissingArtifact(f"{path} is missing: run `python -m lcrec_chat {stage} --config ...` first")
+    return path
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_stamp(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
+
+
+class StageRecord:
+    """stages.json: the fingerprint each stage ran with, so unchanged stages can be skipped."""
+
+    def __init__(self, run: Path):
+        self.path = run / "stages.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def fresh(self, stage: str, fingerprint: str) -> bool:
+        return self.data.get(stage) == fingerprint
+
+    def done(self, stage: str, fingerprint: str) -> None:
+        self.data[stage] = fingerprint
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def load_items(run: Path) -> list[dict]:
+    catalog = Catalog(require(run, "catalog.sqlite", "prepare"))
+    return catalog.items(list(range(len(catalog))))
+
+
+def prepare(cfg: Config, force: bool = False) -> dict:
+    run = cfg.run_path
+    run.mkdir(parents=True, exist_ok=True)
+    cfg.save(run / "config.yaml")
+    record = StageRecord(run)
+    fp = _fingerprint(cfg.data)
+    if not force and record.fresh("prepare", fp) and (run / "catalog.sqlite").exists():
+        log.info("prepare: up to date (use --force to rerun)")
+        return json.loads((run / "stats.json").read_text())
+    started = time.time()
+    dataset = load_dataset(cfg.data)
+    split = leave_one_out(dataset, cfg.data.max_history)
+    split.save(run / "split.json")
+    Catalog.build(run / "catalog.sqlite", dataset, split.item_popularity(len(dataset.items)))
+    stats = {**dataset.stats(), **split.stats(), "seconds": round(time.time() - started, 1)}
+    (run / "stats.json").write_text(json.dumps(stats, indent=1))
+    record.done("prepare", fp)
+    # codes and everything downstream depend on the catalogue: force them to rerun
+    for later in ("index", "train", "evaluate"):
+        record.data.pop(later, None)
+    record.done("prepare", fp)
+    return stats
+
+
+def index(cfg: Config, force: bool = False) -> dict:
+    from .indexing import run_index
+    run = cfg.run_path
+    items = load_items(run)
+    record = StageRecord(run)
+    fp = _fingerprint(cfg.index, _file_stamp(run / "split.json"))
+    if not force and record.fresh("index", fp) and (run / "codes.json").exists():
+        log.info("index: up to date (use --force to rerun)")
+        return json.loads((run / "index_report.json").read_text())
+    report = run_index(cfg, items, force=force)
+    codes = json.loads((run / "codes.json").read_text())["codes"]
+    Catalog(run / "catalog.sqlite").set_codes(codes)
+    record.done("index", fp)
+    return report
+
+
+def load_split(run: Path) -> Split:
+    return Split.load(require(run, "split.json", "prepare"))
+
+
+def task_builder(run: Path, cfg: Config, split: Split | None = None):
+    from .indexing import load_codes
+    from .tasks import TaskBuilder
+    items = load_items(run)
+    codes = load_codes(run)
+    split = split or load_split(run)
+    return TaskBuilder(items, codes, split.item_popularity(len(items)), cfg.data.max_history), codes
+
+
+def validation_samples(builder, split: Split, cfg: Config) -> list:
+    """`eval_samples` held-out samples per task, answers drawn from the valid targets only."""
+    import random
+    rng = random.Random(cfg.train.seed)
+    users = [u for u in split.users if u.valid >= 0]
+    users = rng.sample(users, min(cfg.train.eval_samples, len(users)))
+    histories = [split.history(u, "valid") for u in users]
+    targets = [split.target(u, "valid") for u in users]
+    samples = []
+    for task, budget in cfg.train.task_budget.items():
+        if budget > 0:
+            samples += builder.heldout(histories, targets, task, cfg.train.seed)
+    return samples
+
+
+def train(cfg: Config, force: bool = False) -> dict:
+    from . import backbone
+    from .indexing import code_tokens, index_token_strings
+    from .plots import plot_training
+    from .train import train as run_training
+    run = cfg.run_path
+    record = StageRecord(run)
+    fp = _fingerprint(cfg.model, cfg.train, _file_stamp(run / "codes.json"))
+    if not force and record.fresh("train", fp) and (run / "adapter").exists():
+        log.info("train: up to date (use --force to rerun)")
+        return json.loads((run / "train_summary.json").read_text())
+    if force or record.data.get("train_started") != fp:   # a changed config must not resume an old checkpoint
+        for stale in ("checkpoint/state.pt", "train_log.jsonl"):
+            (run / stale).unlink(missing_ok=True)
+    record.done("train_started", fp)
+    split = load_split(run)
+    builder, codes = task_builder(run, cfg, split)
+    samples = builder.build(split.train_sequences(), cfg.train.task_budget, cfg.train.seed)
+    valid = validation_samples(builder, split, cfg)
+    log.info("train: %d samples, %d validation samples", len(samples), len(valid))
+
+    tokenizer = backbone.load_tokenizer(cfg.model)
+    model = backbone.load_model(cfg.model, for_training=True)
+    init_texts: dict[str, list[str]] = {}
+    for idx, code in enumerate(codes):
+        for token in code_tokens(code).replace(">", "> ").split():
+            init_texts.setdefault(token, []).append(builder.describer.display(idx))
+    new_ids = backbone.add_index_tokens(model, tokenizer, index_token_strings(codes),
+                                        init=cfg.train.new_token_init, init_texts=init_texts)
+    model = backbone.wrap_lora(model, cfg.train, new_ids)
+    summary = run_training(cfg, samples, valid, tokenizer, model, run)
+    summary["task_samples"] = {t: sum(s.task == t for s in samples) for t in cfg.train.task_budget}
+    (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    plot_training(run / "train_log.jsonl", run / "loss_curves.png")
+    record.done("train", fp)
+    return summary

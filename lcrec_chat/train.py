@@ -1,0 +1,230 @@
+"""LoRA / QLoRA alignment tuning: a plain training loop, readable in one sitting.
+
+Why not `transformers.Trainer`: we compute the LM head only at supervised positions (the head is a fifth of
+SmolLM2's FLOPs and most prompt positions carry no label), batch samples of similar length together so
+little compute goes to padding, and checkpoint/resume the adapter + optimizer ourselves.
+
+Multi-GPU (or multi-process CPU): `torchrun --nproc_per_node N -m lcrec_chat train --config ...`; each rank
+takes every N-th batch and DistributedDataParallel averages the gradients (NCCL on CUDA, gloo on CPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .config import Config
+from .tasks import Sample, render
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    task: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(tokenizer, samples: list[Sample], max_length: int) -> list[Encoded]:
+    """Token ids with labels only on the response; over-long contexts are cut from the left."""
+    out = []
+    for s in samples:
+        context, answer = render(tokenizer, s)
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        ans = ans[:max_length // 2]
+        ctx = ctx[-(max_length - len(ans)):]
+        out.append(Encoded(s.task, ctx + ans, [IGNORE] * len(ctx) + ans))
+    return out
+
+
+def length_grouped_batches(data: list[Encoded], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of similar length (little padding), in random order."""
+    rng = random.Random(seed)
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    # sort within chunks of 50 batches so batches are homogeneous but the epoch stays shuffled
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: len(data[i].input_ids))
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(data: list[Encoded], idxs: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(data[i].input_ids) for i in idxs)
+    ids = torch.full((len(idxs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(idxs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(idxs), width), dtype=torch.long)
+    for row, i in enumerate(idxs):   # right padding: training needs no generation
+        n = len(data[i].input_ids)
+        ids[row, :n] = torch.tensor(data[i].input_ids)
+        labels[row, :n] = torch.tensor(data[i].labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+class SupervisedLoss(torch.nn.Module):
+    """Causal-LM loss that runs the output head only where a label exists."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = causal_lm.lm_head(hidden[:, :-1][keep])
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def validation_loss(loss_model, data: dict[str, list[Encoded]], pad_id: int, device, batch_size: int) -> dict:
+    loss_model.eval()
+    result = {}
+    for task, items in data.items():
+        total, count = 0.0, 0
+        for start in range(0, len(items), batch_size):
+            idxs = list(range(start, min(start + batch_size, len(items))))
+            loss, n = loss_model(**collate(items, idxs, pad_id, device))
+            total, count = total + float(loss) * n, count + n
+        result[task] = total / max(1, count)
+    loss_model.train()
+    return result
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample], tokenizer, model,
+          out_dir: Path) -> dict:
+    """Tune `model` (already PEFT-wrapped) on the samples; writes checkpoints, adapter and curves into out_dir."""
+    tc = cfg.train
+    rank, world = _distributed()
+    device = next(model.parameters()).device
+    torch.manual_seed(tc.seed + rank)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    data = encode(tokenizer, train_samples, tc.max_length)
+    valid: dict[str, list[Encoded]] = {}
+    for e in encode(tokenizer, valid_samples, tc.max_length):
+        valid.setdefault(e.task, []).append(e)
+    batches = length_grouped_batches(data, tc.batch_size, tc.seed)
+    steps_per_epoch = max(1, len(batches) // (tc.grad_accum * world))
+    total = tc.max_steps or max(1, int(steps_per_epoch * tc.epochs))
+    warmup = int(total * tc.warmup_ratio)
+
+    loss_model = SupervisedLoss(model)
+    if world > 1:
+        loss_model = torch.nn.parallel.DistributedDataParallel(loss_model)
+    embed_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" in n]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" not in n]
+    optimizer = torch.optim.AdamW([{"params": other_params, "lr": tc.lr},
+                                   {"params": embed_params, "lr": tc.embedding_lr}],
+                                  weight_decay=tc.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    ckpt = out_dir / "checkpoint"
+    history_path = out_dir / "train_log.jsonl"
+    step = 0
+    if (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from step %d", step)
+
+    def save_checkpoint():
+        if rank != 0:
+            return
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt / "state.pt.tmp"
+        torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(ckpt / "state.pt")
+
+    def record(entry: dict):
+        if rank == 0:
+            with history_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    loss_model.train()
+    started = time.time()
+    tokens_seen = supervised_seen = 0
+    bar = tqdm(total=total, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    while step < total:
+        for accum in range(tc.grad_accum):
+            b = batches[(step * tc.grad_accum * world + accum * world + rank) % len(batches)]
+            batch = collate(data, b, pad_id, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16_autocast):
+                loss, n_sup = loss_model(**batch)
+            (loss / tc.grad_accum).backward()
+            tokens_seen += int(batch["attention_mask"].sum())
+            supervised_seen += n_sup
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        scale = cosine_lr(step, total, warmup)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * scale
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        entry = {"step": step, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+                 "tokens_per_s": tokens_seen / elapsed, "supervised_per_s": supervised_seen / elapsed}
+        if step % tc.eval_every == 0 or step == total:
+            entry["valid"] = validation_loss(loss_model, valid, pad_id, device, tc.batch_size)
+            log.info("step %d valid loss %s", step, {k: round(v, 3) for k, v in entry["valid"].items()})
+        record(entry)
+        if step % tc.save_every == 0:
+            save_checkpoint()
+        if tc.max_minutes and elapsed > tc.max_minutes * 60:
+            log.info("stopping at step %d: max_minutes=%s reached", step, tc.max_minutes)
+            if "valid" not in entry:
+                entry["valid"] = validation_loss(loss_model, valid, pad_id, device, tc.batch_size)
+                record({"step": step, "valid": entry["valid"]})
+            break
+    bar.close()
+    save_checkpoint()
+    if rank == 0:
+        model.save_pretrained(out_dir / "adapter")
+        tokenizer.save_pretrained(out_dir / "adapter")
+    summary = {"steps": step, "total_steps": total, "train_samples": len(data), "world_size": world,
+               "tokens_per_s": tokens_seen / max(1e-9, time.time() - started),
+               "supervised_tokens_per_s": supervised_seen / max(1e-9, time.time() - started)}
+    if world > 1:
+        dist.barrier()
+    return summary
