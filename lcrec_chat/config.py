@@ -104,6 +104,9 @@ class EvalConfig:
     topk: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 8
     max_users: int = 0             # 0 = every user
+    styles: list[str] = field(default_factory=lambda: ["dense", "chat"])  # history prompts to evaluate
+    itemsearch: bool = True        # also evaluate held-out intention queries
+    template_users: int = 50       # users for the per-template spread of LC-Rec seqrec prompts (0 = skip)
     sasrec_epochs: int = 200
     sasrec_patience: int = 10
 

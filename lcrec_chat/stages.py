@@ -166,3 +166,52 @@ def train(cfg: Config, force: bool = False) -> dict:
     plot_training(run / "train_log.jsonl", run / "loss_curves.png")
     record.done("train", fp)
     return summary
+
+
+def evaluate(cfg: Config, force: bool = False) -> dict:
+    import numpy as np
+
+    from .baselines import run_baselines
+    from .evaluate import evaluate_itemsearch, evaluate_sequential, markdown_table, template_spread
+    from .recommender import Recommender
+    run = cfg.run_path
+    record = StageRecord(run)
+    require(run, "adapter", "train")
+    fp = _fingerprint(cfg.eval, cfg.model.dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
+    if not force and record.fresh("evaluate", fp) and (run / "metrics.json").exists():
+        log.info("evaluate: up to date (use --force to rerun)")
+        return json.loads((run / "metrics.json").read_text())
+    started = time.time()
+    split = load_split(run)
+    rec = Recommender.from_run(cfg, run)
+    ks = cfg.eval.topk
+    table: dict[str, dict] = {}
+    for style in cfg.eval.styles:
+        table[f"LC-Rec ({style})"] = {stage: evaluate_sequential(rec, split, stage, style, 0, cfg.eval.max_users, ks)
+                                      for stage in ("valid", "test")}
+    metrics: dict = {"methods": table}
+    if cfg.eval.itemsearch:
+        metrics["itemsearch"] = {stage: evaluate_itemsearch(rec, split, stage, cfg.eval.max_users, ks=ks)
+                                 for stage in ("valid", "test")}
+    if cfg.eval.template_users:
+        metrics["template_spread"] = template_spread(rec, split, cfg.eval.template_users)
+    llm_seconds = time.time() - started
+    emb_path = run / "item_emb.npy"
+    item_emb = np.load(emb_path) if emb_path.exists() else None
+    baselines = run_baselines(split, rec.num_items, item_emb, cfg.eval)
+    names = {"pop": "Popularity", "sasrec": "SASRec", "text_knn": "Text-embedding kNN"}
+    for key, result in baselines.items():
+        table[names.get(key, key)] = {stage: result[stage] for stage in ("valid", "test")}
+    index_report = run / "index_report.json"
+    if index_report.exists():
+        metrics["indexing"] = json.loads(index_report.read_text())
+    metrics["seconds"] = {"lcrec": round(llm_seconds, 1), "total": round(time.time() - started, 1)}
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    report = ["# Evaluation", "", "Leave-one-out, full ranking over the catalogue, known items excluded.", "",
+              markdown_table(table, ks), ""]
+    if "itemsearch" in metrics:
+        report += ["## Itemsearch (held-out intentions)", "",
+                   markdown_table({"LC-Rec itemsearch": metrics["itemsearch"]}, ks), ""]
+    (run / "report.md").write_text("\n".join(report))
+    record.done("evaluate", fp)
+    return metrics

@@ -230,8 +230,8 @@ class CodeTrie:
         """Copy of ``scores`` (R, V) with -inf wherever the token does not extend the row's prefix to an
         allowed item (all -inf for rows whose prefix is already invalid)."""
         tokens, _, valid = self.candidates(nodes, level, alive_next, request)
-        rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(tokens)
-        flat = (rows * scores.shape[1] + tokens)[valid]
+        rows = torch.arange(scores.shape[0])[:, None].expand_as(tokens)
+        flat = (rows * scores.shape[1] + tokens)[valid].to(scores.device)
         out = torch.full_like(scores, float("-inf"))
         out.view(-1)[flat] = scores.reshape(-1)[flat]
         return out

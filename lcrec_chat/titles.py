@@ -1,0 +1,358 @@
+"""Free text naming films/products -> catalogue items ("toy story, Lion King, The (1994); goldeneye").
+
+Kept apart from catalog.py because it is pure text work: no SQL, only an in-memory index built once
+from the catalogue rows, so a 20-title message resolves in milliseconds and user text never reaches
+the database.
+
+How a message is read:
+  1. hard split on newlines, ";", bullets and "1." / "2)" list markers at line start;
+  2. each segment is cut into parts at soft separators (",", " and ", "&", " plus ", sentence ends);
+     titles may contain those ("Good, The Bad and The Ugly, The", "Mr. Holland's Opus"), so at each
+     position the longest run of parts that names a title exactly wins, then the best fuzzy match;
+  3. each candidate run is tried as written and with leading filler removed one phrase at a time
+     ("I loved", "also", "movies like"), so "Love Actually" survives while "I loved X" becomes "X";
+  4. a trailing "(1994)" is always a year hint; a bare trailing "1994" only when the run without it
+     is a title and the run with it is not ("Death Race 2000" stays a title).
+
+Titles are compared as keys: accents folded on Latin letters, case folded, apostrophes dropped, other
+punctuation -> space, an article moved to the end put back in front ("Lion King, The" -> "the lion
+king"). Lookup tries the key with its leading article, then without ("lion king").
+
+When several items share a title (23 title strings in ML-100K) the choice is made, not asked:
+  * a year hint picks the item(s) from that year;
+  * entries with the same title and the same year are duplicates of one film in the data: take the
+    most popular entry;
+  * different films (different years): take the most popular year if its popularity is at least
+    ``ambiguity_ratio`` (1.5) times the runner-up's, with confidence = its share of the popularity;
+    otherwise the pick would be a coin toss and the title is returned in ``ambiguous`` so the caller
+    can ask back ("Which Sabrina: 1995 or 1954?").
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rapidfuzz import fuzz, process
+
+log = logging.getLogger(__name__)
+
+_ARTICLES = r"the|a|an|les|la|le|l'|il|el|los|las|lo|das|der|die|det|den|un|une|gli"
+_MOVED_ARTICLE = re.compile(rf"^(?P<body>.+?),\s*(?P<art>{_ARTICLES})\s*$", re.IGNORECASE)
+_ALT_TITLE = re.compile(r"^(?P<main>.+?)\s*\((?P<alt>[^()]+)\)\s*$")      # "Seven (Se7en)"
+_LEADING_ARTICLE = re.compile(rf"^(?:{_ARTICLES.replace(chr(39), '')})\s+")  # on folded keys
+
+_HARD_SPLIT = re.compile(r"[\n\r;•·|]+")
+_LIST_MARKER = re.compile(r"^\s*(?:[-*–—+>]+|\(?\d{1,3}[.)]|#\d{1,3})\s+")
+_SOFT_SPLIT = re.compile(r"\s*,\s*|\s+(?:and|plus)\s+|\s*&\s*|(?<=[.!?])\s+", re.IGNORECASE)
+_EDGE_JUNK = " \t\"'`«»“”‘’.,!?:;-–—[]{}*_~"   # not parentheses: "(1994)" is a year hint
+
+# One filler phrase at a time, longest alternatives first so "i've" is not read as "i".
+_FILLER_PREFIX = re.compile(
+    r"^(?:my\s+(?:all[- ]time\s+)?favou?rites?(?:\s+(?:movies?|films?|ones?))?"
+    r"(?:\s+(?:are|is|were|include))?|all[- ]time\s+favou?rites?(?:\s+(?:are|is|were|include))?"
+    r"|favou?rites?(?:\s+(?:are|is|were|include))?"
+    r"|(?:movies?|films?|things|stuff|something)\s+like|such\s+as|for\s+example|e\.g\.|eg"
+    r"|i'?ve|we'?ve|i'?d|i'?m|i\s+am|i\s+have|i\s+had|i|we|you|they"
+    r"|and|also|plus|then|too|oh|well|so|but|or|really|just|recently|lately|yesterday|last\s+night"
+    r"|especially|definitely|absolutely|totally|including|like|loved?|liked|enjoy(?:ed)?|adored?"
+    r"|hated?|disliked|re-?watched|watched|watching|watch|saw|seen|see|rated|been|have|had|has"
+    r"|the\s+(?:movies?|films?)|movies?|films?)(?![\w'])[\s:,\-]*",
+    re.IGNORECASE,
+)
+_FILLER_SUFFIX = re.compile(
+    r"[\s,]*\b(?:too|as\s+well|also|a\s+lot|very\s+much|so\s+much|lol|haha)\s*[.!?]*$", re.IGNORECASE)
+_PAREN_YEAR = re.compile(r"^(?P<title>.*?)[\s,]*[(\[]\s*(?P<year>(?:18|19|20)\d\d)\s*[)\]]?\s*$")
+_BARE_YEAR = re.compile(r"^(?P<title>.*?)[\s,]+(?P<year>(?:18|19|20)\d\d)\s*$")
+
+MAX_SPAN_PARTS = 6          # longest run of soft parts tried as one title
+MAX_VARIANTS = 16           # filler-stripped variants tried per run
+QUERY_SHOWN_CHARS = 80      # unknown pieces are reported at most this long
+
+
+@dataclass
+class Match:
+    query: str               # the text that was matched, as the user wrote it (filler removed)
+    idx: int
+    title: str
+    year: int | None
+    confidence: float        # 0..1: 1 exact title, <1 alternative title, typo, or a choice between items
+    note: str = ""           # why this item, when it was a choice ("picked 1994 by year hint")
+
+
+@dataclass
+class Resolution:
+    matches: list[Match] = field(default_factory=list)
+    ambiguous: list[tuple[str, list[dict]]] = field(default_factory=list)  # query -> candidates, most popular first
+    unknown: list[str] = field(default_factory=list)
+    skipped: int = 0         # pieces not examined because the message held more than max_pieces
+    truncated: bool = False  # the message was longer than max_chars; only its start was read
+
+    @property
+    def idxs(self) -> list[int]:
+        return [m.idx for m in self.matches]
+
+
+@functools.lru_cache(maxsize=4096)
+def _fold_char(ch: str) -> str:
+    """Strip accents from Latin letters only (é -> e); other scripts (kana, Arabic) stay as written."""
+    decomposed = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+    return decomposed if decomposed.isascii() else ch
+
+
+def unmove_article(title: str) -> str:
+    """'Lion King, The' -> 'The Lion King'; "Uomo delle stelle, L'" -> "L'Uomo delle stelle"."""
+    m = _MOVED_ARTICLE.match(title.strip())
+    if not m:
+        return title.strip()
+    art = m["art"]
+    return f"{art}{m['body']}" if art.endswith("'") else f"{art} {m['body']}"
+
+
+def split_alt_title(title: str) -> tuple[str, str]:
+    """'Seven (Se7en)' -> ('Seven', 'Se7en'); a title without a trailing parenthesis -> (title, '')."""
+    m = _ALT_TITLE.match(title.strip())
+    return (m["main"], m["alt"].strip()) if m else (title.strip(), "")
+
+
+def display_title(title: str) -> str:
+    """How a person writes it: 'Horseman on the Roof, The (Hussard sur le toit, Le)' ->
+    'The Horseman on the Roof (Le Hussard sur le toit)'."""
+    main, alt = split_alt_title(title)
+    main = unmove_article(main)
+    return f"{main} ({unmove_article(alt)})" if alt else main
+
+
+def title_key(text: str) -> str:
+    """Comparison key: article in front, accents/case/punctuation folded ('Lion King, The' -> 'the lion king')."""
+    text = unmove_article(text)
+    text = "".join(_fold_char(c) for c in text).casefold().replace("&", " and ")
+    text = re.sub(r"['’`]", "", text)
+    text = re.sub(r"[\W_]+", " ", text)
+    return text.strip()
+
+
+def bare_key(key: str) -> str:
+    """A title key without its leading article ('the lion king' -> 'lion king')."""
+    return _LEADING_ARTICLE.sub("", key, count=1)
+
+
+def _parts(segment: str) -> list[tuple[int, int]]:
+    """Spans of the soft parts of one segment, separators excluded."""
+    spans, start = [], 0
+    for m in _SOFT_SPLIT.finditer(segment):
+        if m.start() > start:
+            spans.append((start, m.start()))
+        start = m.end()
+    if start < len(segment):
+        spans.append((start, len(segment)))
+    return spans
+
+
+def _trim(text: str) -> str:
+    """Strip quotes, punctuation and unbalanced parentheses from both ends."""
+    while True:
+        before = text
+        text = text.strip(_EDGE_JUNK)
+        if text.startswith("(") and text.count("(") > text.count(")"):
+            text = text[1:]
+        if text.endswith(")") and text.count(")") > text.count("("):
+            text = text[:-1]
+        if text == before:
+            return text
+
+
+def _variants(run: str) -> list[str]:
+    """The run as written, then with one more leading filler phrase removed each time; each also
+    without a trailing "too"/"as well". Unstripped first, so "Love Actually" is tried before "Actually"."""
+    out: list[str] = []
+    text = _trim(run)
+    while text and len(out) < MAX_VARIANTS:
+        out.append(text)
+        short = _trim(_FILLER_SUFFIX.sub("", text))
+        if short and short != text:
+            out.append(short)
+        m = _FILLER_PREFIX.match(text)
+        if not m or m.end() == 0:
+            break
+        text = _trim(text[m.end():])
+    return list(dict.fromkeys(out))[:MAX_VARIANTS]
+
+
+def _core(piece: str) -> str | None:
+    """What an unmatched piece is reported as: filler removed; None when it was only filler."""
+    text = _trim(piece)
+    while (m := _FILLER_PREFIX.match(text)) and m.end() > 0:
+        text = _trim(text[m.end():])
+    text = _trim(_FILLER_SUFFIX.sub("", text))
+    return text[:QUERY_SHOWN_CHARS] or None
+
+
+def _year_splits(text: str) -> list[tuple[str, int | None]]:
+    """(title text, year hint) readings of a run, most literal first."""
+    m = _PAREN_YEAR.match(text)
+    if m and _trim(m["title"]):
+        return [(m["title"], int(m["year"]))]
+    m = _BARE_YEAR.match(text)
+    if m and _trim(m["title"]):
+        return [(text, None), (m["title"], int(m["year"]))]
+    return [(text, None)]
+
+
+class TitleIndex:
+    """Normalised-title index over catalogue rows (dicts with idx, title, year, popularity)."""
+
+    def __init__(self, rows: Sequence[dict], fuzzy_cutoff: float = 85.0, ambiguity_ratio: float = 1.5,
+                 alt_confidence: float = 0.9):
+        self._rows = rows
+        self.fuzzy_cutoff = fuzzy_cutoff
+        self.ambiguity_ratio = ambiguity_ratio
+        self._full: dict[str, dict[int, float]] = {}   # key with article -> {idx: confidence}
+        self._bare: dict[str, dict[int, float]] = {}   # key without leading article
+        max_parts = 1
+        for row in rows:
+            main, alt = split_alt_title(row["title"] or "")
+            names = [(row["title"] or "", 1.0), (main, 1.0)] + ([(alt, alt_confidence)] if alt else [])
+            for name, conf in names:
+                key = title_key(name)
+                if not key:
+                    continue
+                for table, k in ((self._full, key), (self._bare, bare_key(key))):
+                    slot = table.setdefault(k, {})
+                    slot[row["idx"]] = max(conf, slot.get(row["idx"], 0.0))
+                for form in (name, unmove_article(name)):
+                    max_parts = max(max_parts, len(_parts(form)))
+        self._max_span = min(max_parts, MAX_SPAN_PARTS)
+        self._choices = list(self._bare)
+        self._max_key_len = max((len(k) for k in self._choices), default=0)
+        log.debug("title index: %d keys, runs of up to %d parts", len(self._choices), self._max_span)
+
+    # -- lookups -------------------------------------------------------------------------------
+    def _exact(self, text: str) -> tuple[dict[int, float], int | None] | None:
+        for title, hint in _year_splits(text):
+            key = title_key(title)
+            if not key:
+                continue
+            found = self._full.get(key) or self._bare.get(bare_key(key))
+            if found:
+                return found, hint
+        return None
+
+    def _fuzzy(self, text: str) -> tuple[dict[int, float], int | None, float] | None:
+        best = None
+        for title, hint in _year_splits(text):
+            key = bare_key(title_key(title))
+            if len(key) < 4 or len(key) > self._max_key_len * 1.3 + 4:
+                continue   # short words match too much by accident; very long text is no title
+            hit = process.extractOne(key, self._choices, scorer=fuzz.ratio, score_cutoff=self.fuzzy_cutoff)
+            if hit and (best is None or hit[1] > best[2]):
+                score = hit[1] / 100.0
+                best = ({i: c * score for i, c in self._bare[hit[0]].items()}, hint, hit[1])
+        return best
+
+    # -- choosing between items sharing a title ------------------------------------------------
+    def _choose(self, query: str, cands: dict[int, float], hint: int | None, note: str):
+        rows = self._rows
+        pop = lambda i: rows[i]["popularity"] or 0  # noqa: E731
+        idxs = sorted(cands, key=lambda i: (-pop(i), i))
+        notes = [note] if note else []
+        scale = 1.0
+        if len(idxs) == 1:
+            i = idxs[0]
+            if hint is not None and rows[i]["year"] not in (None, hint):
+                notes.append(f"year hint {hint} does not match this title ({rows[i]['year']})")
+                scale = 0.6
+            return Match(query, i, rows[i]["title"], rows[i]["year"], round(cands[i] * scale, 3), "; ".join(notes))
+        pool = idxs
+        if hint is not None:
+            same_year = [i for i in idxs if rows[i]["year"] == hint]
+            if same_year:
+                pool = same_year
+                notes.append(f"{len(idxs)} items share this title; picked {hint} by year hint")
+            else:
+                notes.append(f"no item with this title from {hint}")
+                scale = 0.6
+        by_year: dict[int | None, list[int]] = {}
+        for i in pool:
+            by_year.setdefault(rows[i]["year"], []).append(i)
+        if len(by_year) > 1:
+            groups = sorted(((sum(pop(i) for i in g), g[0]) for g in by_year.values()), key=lambda t: (-t[0], t[1]))
+            (top, best), (second, _) = groups[0], groups[1]
+            if top == 0 or top < self.ambiguity_ratio * second:
+                return query, [dict(rows[i]) for i in pool]
+            total = sum(t for t, _ in groups)
+            scale *= top / total
+            notes.append(f"{len(by_year)} films share this title; picked the more popular ({rows[best]['year']})")
+            pick = best
+        else:
+            pick = pool[0]
+            if len(pool) > 1:
+                notes.append(f"{len(pool)} entries share this title and year ({rows[pick]['year']}); "
+                             f"picked the more popular (item {rows[pick]['item_id']})")
+                scale *= 0.95
+        row = rows[pick]
+        return Match(query, pick, row["title"], row["year"], round(cands[pick] * scale, 3), "; ".join(notes))
+
+    # -- one position in a segment -------------------------------------------------------------
+    def _resolve_at(self, segment: str, parts: list[tuple[int, int]], i: int):
+        """Longest exact run starting at part i, else the best fuzzy run; returns (outcome, parts used)."""
+        widths = range(min(self._max_span, len(parts) - i), 0, -1)
+        runs = [(w, segment[parts[i][0]:parts[i + w - 1][1]]) for w in widths]
+        for w, run in runs:
+            for text in _variants(run):
+                hit = self._exact(text)
+                if hit:
+                    cands, hint = hit
+                    note = "" if max(cands.values()) >= 1.0 else "matched an alternative title"
+                    return self._choose(text, cands, hint, note), w
+        best = None
+        for w, run in runs:
+            for text in _variants(run):
+                hit = self._fuzzy(text)
+                if hit and (best is None or hit[2] > best[0]):
+                    best = (hit[2], w, text, hit[0], hit[1])
+        if best:
+            score, w, text, cands, hint = best
+            return self._choose(text, cands, hint, f"closest title to '{text}' (similarity {score:.0f})"), w
+        return _core(segment[parts[i][0]:parts[i][1]]), 1
+
+    def resolve(self, text: str, max_pieces: int = 50, max_chars: int = 20_000) -> Resolution:
+        """Read titles out of free text. Work is bounded: at most ``max_pieces`` pieces (matches,
+        ambiguous or unknown) are produced, the rest counted in ``skipped``; text past ``max_chars``
+        is ignored (``truncated``). A title named twice is reported once."""
+        if not isinstance(text, str):
+            raise TypeError(f"resolve expects a string, got {type(text).__name__}")
+        res = Resolution()
+        if len(text) > max_chars:
+            text, res.truncated = text[:max_chars], True
+        text = text.replace("’", "'").replace("‘", "'")
+        seen: set[int] = set()
+        seen_queries: set[str] = set()
+        produced = 0
+        for line in _HARD_SPLIT.split(text):
+            segment = _LIST_MARKER.sub("", line, count=1)
+            parts = _parts(segment)
+            i = 0
+            while i < len(parts):
+                if produced >= max_pieces:
+                    res.skipped += sum(1 for a, b in parts[i:] if _trim(segment[a:b]))
+                    break
+                outcome, used = self._resolve_at(segment, parts, i)
+                i += used
+                if outcome is None:
+                    continue
+                produced += 1
+                if isinstance(outcome, Match):
+                    if outcome.idx not in seen:
+                        seen.add(outcome.idx)
+                        res.matches.append(outcome)
+                elif isinstance(outcome, tuple):
+                    if title_key(outcome[0]) not in seen_queries:
+                        seen_queries.add(title_key(outcome[0]))
+                        res.ambiguous.append(outcome)
+                elif outcome not in res.unknown:
+                    res.unknown.append(outcome)
+        return res
