@@ -20,6 +20,7 @@ import html
 import json
 import logging
 import re
+from collections.abc import Iterator
 from operator import itemgetter
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def _find(folder: Path, category: str, patterns: tuple[str, ...], what: str) -> 
 
 
 def _read_meta(path: Path, skipped: dict[str, int]) -> dict[str, Item]:
-    meta: dict[str, Item] = {}
+    meta: dict[str, Item | None] = {}
     counts = dict.fromkeys((MALFORMED_META, META_NO_ASIN, META_REPEAT, NO_TITLE), 0)
     lines = 0
     for lineno, line in iter_lines(path, progress=path.name):
@@ -116,7 +117,7 @@ def _read_meta(path: Path, skipped: dict[str, int]) -> dict[str, Item]:
         asin = str(record.get("asin") or "").strip()
         if not asin:
             counts[META_NO_ASIN] += 1
-        elif asin in meta or asin in _seen_without_title(meta, asin):
+        elif asin in meta:
             counts[META_REPEAT] += 1
         else:
             item = _item(asin, record)
@@ -132,10 +133,6 @@ def _read_meta(path: Path, skipped: dict[str, int]) -> dict[str, Item]:
     if not usable:
         raise DataError(f"{path}: no item has a usable title (counts: {counts})")
     return usable
-
-
-def _seen_without_title(meta: dict, asin: str) -> tuple:
-    return ()
 
 
 def _parse_record(line: str) -> dict | None:
@@ -176,9 +173,9 @@ def _categories(record: dict) -> list[str]:
     return out
 
 
-def _read_interactions(path: Path):
+def _read_interactions(path: Path) -> Iterator[tuple[str, str, int]]:
     """Yield (user, asin, integer time) from a ratings CSV or review JSON lines."""
-    is_csv = ".csv" in path.suffixes
+    is_csv = path.name.endswith((".csv", ".csv.gz"))
     for lineno, line in iter_lines(path, progress=path.name):
         if not line.strip():
             continue

@@ -1,0 +1,124 @@
+"""Leave-one-out split by time, the one every method in a run is trained and scored on.
+
+Per user (sequence already sorted by time, ties in source order): the last item is the test
+target, the second-to-last the validation target, the rest is training. A model sees at most
+`max_history` items: the end of `train` when predicting `valid`, the end of `train + [valid]`
+when predicting `test`.
+
+Users with fewer than 3 interactions cannot give a train item, a valid and a test target.
+They are kept out of `users` (so every `UserSplit` has real targets), and their whole sequence
+is kept in `train_only`, which feeds training and popularity but no evaluation. Loaders used
+here (MovieLens: >= 20 ratings per user, k-core Amazon, LC-Rec) normally produce none.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .dataset import DataError, Dataset
+
+STAGES = ("valid", "test")
+MIN_LENGTH = 3
+FORMAT_VERSION = 1
+
+
+@dataclass
+class UserSplit:
+    user: str
+    train: list[int]
+    valid: int
+    test: int
+
+
+@dataclass
+class Split:
+    users: list[UserSplit]
+    max_history: int
+    train_only: dict[str, list[int]] = field(default_factory=dict)  # users with < 3 interactions
+
+    def history(self, u: UserSplit, stage: str) -> list[int]:
+        """The items a model sees before predicting `target(u, stage)`, oldest first."""
+        seen = u.train if _check(stage) == "valid" else u.train + [u.valid]
+        return seen[-self.max_history:]
+
+    def target(self, u: UserSplit, stage: str) -> int:
+        return u.valid if _check(stage) == "valid" else u.test
+
+    def train_sequences(self) -> list[list[int]]:
+        """Every non-empty training sequence: users' train parts, then the train-only users."""
+        return [u.train for u in self.users if u.train] + [s for s in self.train_only.values() if s]
+
+    def item_popularity(self, num_items: int) -> list[int]:
+        """Interaction counts per item over training data only (valid/test targets never leak)."""
+        counts = [0] * num_items
+        for seq in self.train_sequences():
+            for item in seq:
+                if not 0 <= item < num_items:
+                    raise ValueError(f"item index {item} outside the catalogue of {num_items} items")
+                counts[item] += 1
+        return counts
+
+    def stats(self) -> dict:
+        train = sum(len(u.train) for u in self.users)
+        n = len(self.users)
+        return {
+            "max_history": self.max_history,
+            "eval_users": n,
+            "train_only_users": len(self.train_only),
+            "train_interactions": train + sum(len(s) for s in self.train_only.values()),
+            "avg_train_length": round(train / n, 2) if n else 0.0,
+            "avg_test_history_length": round(
+                sum(len(self.history(u, "test")) for u in self.users) / n, 2) if n else 0.0,
+        }
+
+    def save(self, path: str | Path) -> None:
+        data = {"format": FORMAT_VERSION, "max_history": self.max_history,
+                "users": [asdict(u) for u in self.users], "train_only": self.train_only}
+        Path(path).write_text(json.dumps(data, separators=(",", ":")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Split:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read split: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise DataError(f"{path}: not a split file of format {FORMAT_VERSION}")
+        try:
+            users = [UserSplit(str(u["user"]), [int(i) for i in u["train"]], int(u["valid"]),
+                               int(u["test"])) for u in data["users"]]
+            train_only = {str(k): [int(i) for i in v] for k, v in data.get("train_only", {}).items()}
+            return cls(users, int(data["max_history"]), train_only)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: malformed split ({type(e).__name__}: {e})") from e
+
+
+def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
+    """Split every user of `dataset`, in the dataset's user order (deterministic, no randomness)."""
+    if max_history < 1:
+        raise ValueError(f"max_history must be >= 1, got {max_history}")
+    users, train_only = [], {}
+    for user, seq in dataset.sequences.items():
+        if len(seq) >= MIN_LENGTH:
+            users.append(UserSplit(user, list(seq[:-2]), seq[-2], seq[-1]))
+        elif seq:
+            train_only[user] = list(seq)
+    if not users:
+        raise DataError(f"{dataset.name}: no user has the {MIN_LENGTH} interactions a "
+                        "leave-one-out split needs")
+    return Split(users, max_history, train_only)
+
+
+def write_stats(dataset: Dataset, split: Split, path: str | Path) -> dict:
+    """Write (and return) the dataset and split summary as JSON, for run reports."""
+    stats = {"dataset": dataset.stats(), "split": split.stats()}
+    Path(path).write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def _check(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return stage

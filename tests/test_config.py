@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import pytest
+
+from lcrec_chat.config import Config, ConfigError, load_config
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("run_dir: runs/x\ntrain:\n  lr: 0.001\n  batch_size: 4\n")
+    cfg = load_config(preset, ["train.lr=5e-5", "data.max_users=7"])
+    assert cfg.run_dir == "runs/x"
+    assert cfg.train.batch_size == 4            # from YAML
+    assert cfg.train.lr == pytest.approx(5e-5)   # override beats YAML
+    assert cfg.data.max_users == 7
+    assert cfg.train.lora_r == Config().train.lora_r   # untouched default
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("trian:\n  lr: 1\n", "unknown config key 'trian'"),
+    ("train:\n  learning_rate: 1\n", "unknown config key 'train.learning_rate'"),
+    ("train:\n  batch_size: big\n", "train.batch_size: expected a number"),
+    ("train:\n  batch_size: 2.5\n", "expected an integer"),
+    ("train: 3\n", "'train' is a section"),
+    ("- a\n- b\n", "expected a mapping at the top level"),
+    ("train: [\n", "not valid YAML"),
+])
+def test_bad_config_names_the_problem(tmp_path, text, fragment):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text(text)
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+        load_config(preset)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'model.nonsense'"):
+        load_config(None, ["model.nonsense=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_shipped_preset_loads_and_round_trips(tmp_path):
+    from pathlib import Path
+    for preset in sorted(Path("configs").glob("*.yaml")):
+        cfg = load_config(preset)
+        cfg.save(tmp_path / "resolved.yaml")
+        assert load_config(tmp_path / "resolved.yaml") == cfg, preset
+
+
+def test_cli_reports_config_errors_and_has_help():
+    out = subprocess.run([sys.executable, "-m", "lcrec_chat", "prepare", "--set", "data.colour=red"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown config key 'data.colour'" in out.stderr
+    for stage in ("prepare", "index", "train", "evaluate", "pipeline", "serve"):
+        help_text = subprocess.run([sys.executable, "-m", "lcrec_chat", stage, "--help"],
+                                   capture_output=True, text=True)
+        assert help_text.returncode == 0 and "example: python -m lcrec_chat" in help_text.stdout
