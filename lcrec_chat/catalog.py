@@ -60,31 +60,35 @@ class Catalog:
         if not self.path.is_file():
             raise CatalogError(f"catalogue not found: {self.path} (run the 'prepare' stage to build it)")
         self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False)
+        self._db = sqlite_utils.Database(self._conn)
         try:
-            self._conn = sqlite3.connect(str(self.path), check_same_thread=False)
-            self._db = sqlite_utils.Database(self._conn)
-            tables = set(self._db.table_names())
+            self._rows = self._load()
         except sqlite3.DatabaseError as e:
+            self._conn.close()
             raise CatalogError(f"{self.path}: not an SQLite catalogue ({e})") from e
-        missing = {"items", "items_fts", "meta"} - tables
-        if missing:
+        except CatalogError:
             self._conn.close()
-            raise CatalogError(f"{self.path}: not a catalogue, missing tables {sorted(missing)}")
-        self._meta = {r["key"]: r["value"] for r in self._db["meta"].rows}
-        if self._meta.get("schema_version") != SCHEMA_VERSION:
-            self._conn.close()
-            raise CatalogError(f"{self.path}: catalogue schema {self._meta.get('schema_version')!r}, this code "
-                               f"reads {SCHEMA_VERSION!r}; rebuild it with the 'prepare' stage")
-        self._rows = [self._row_to_item(r) for r in self._db.query("SELECT * FROM items ORDER BY idx")]
-        if [r["idx"] for r in self._rows] != list(range(len(self._rows))) or \
-                str(len(self._rows)) != self._meta.get("num_items"):
-            self._conn.close()
-            raise CatalogError(f"{self.path}: items are not numbered 0..{self._meta.get('num_items')}; "
-                               "the file is damaged, rebuild it")
+            raise
         self._columns = set(self._db["items"].columns_dict)
         self._by_item_id = {r["item_id"]: r["idx"] for r in self._rows}
         self._titles = TitleIndex(self._rows, fuzzy_cutoff=fuzzy_cutoff, ambiguity_ratio=ambiguity_ratio)
         log.info("catalogue %s: %d items of %s", self.path, len(self._rows), self._meta.get("dataset"))
+
+    def _load(self) -> list[dict]:
+        """Check the file is a catalogue this code can read; return its rows in idx order."""
+        missing = {"items", "items_fts", "meta"} - set(self._db.table_names())
+        if missing:
+            raise CatalogError(f"{self.path}: not a catalogue, missing tables {sorted(missing)}")
+        self._meta = {r["key"]: r["value"] for r in self._db["meta"].rows}
+        if self._meta.get("schema_version") != SCHEMA_VERSION:
+            raise CatalogError(f"{self.path}: catalogue schema {self._meta.get('schema_version')!r}, this code "
+                               f"reads {SCHEMA_VERSION!r}; rebuild it with the 'prepare' stage")
+        rows = [self._row_to_item(r) for r in self._db.query("SELECT * FROM items ORDER BY idx")]
+        if [r["idx"] for r in rows] != list(range(len(rows))) or str(len(rows)) != self._meta.get("num_items"):
+            raise CatalogError(f"{self.path}: items are not numbered 0..{self._meta.get('num_items')}; "
+                               "the file is damaged, rebuild it")
+        return rows
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -245,7 +249,8 @@ class Catalog:
                 params.append(int(bound))
         for column, value in (where or {}).items():
             if column not in self._columns:
-                raise CatalogError(f"unknown column {column!r} in where (columns: {', '.join(sorted(self._columns))})")
+                known = ", ".join(sorted(self._columns))
+                raise CatalogError(f"unknown column {column!r} in where (columns: {known})")
             quoted = '"' + column + '"'   # safe: column is one of the schema's own names
             if value is None:
                 clauses.append(f"{quoted} IS NULL")

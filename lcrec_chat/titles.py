@@ -18,7 +18,7 @@ Titles are compared as keys: accents folded on Latin letters, case folded, apost
 punctuation -> space, an article moved to the end put back in front ("Lion King, The" -> "the lion
 king"). Lookup tries the key with its leading article, then without ("lion king").
 
-When several items share a title (23 title strings in ML-100K) the choice is made, not asked:
+When several items share a title (in ML-100K 22 titles name 45 items) the choice is made, not asked:
   * a year hint picks the item(s) from that year;
   * entries with the same title and the same year are duplicates of one film in the data: take the
     most popular entry;
@@ -29,6 +29,7 @@ When several items share a title (23 title strings in ML-100K) the choice is mad
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import re
@@ -43,8 +44,11 @@ log = logging.getLogger(__name__)
 _ARTICLES = r"the|a|an|les|la|le|l'|il|el|los|las|lo|das|der|die|det|den|un|une|gli"
 _MOVED_ARTICLE = re.compile(rf"^(?P<body>.+?),\s*(?P<art>{_ARTICLES})\s*$", re.IGNORECASE)
 _ALT_TITLE = re.compile(r"^(?P<main>.+?)\s*\((?P<alt>[^()]+)\)\s*$")      # "Seven (Se7en)"
-_LEADING_ARTICLE = re.compile(rf"^(?:{_ARTICLES.replace(chr(39), '')})\s+")  # on folded keys
+_LEADING_ARTICLE = re.compile(r"^(?:the|a|an|les|la|le|il|el|los|las|lo|das|der|die|det|den|un|une|gli)\s+")
+# (on folded keys, where "l'" has already merged into the next word: "luomo delle stelle")
 
+_DROP_APOSTROPHES = str.maketrans("", "", "'’`")
+_NON_WORD = re.compile(r"[\W_]+")
 _HARD_SPLIT = re.compile(r"[\n\r;•·|]+")
 _LIST_MARKER = re.compile(r"^\s*(?:[-*–—+>]+|\(?\d{1,3}[.)]|#\d{1,3})\s+")
 _SOFT_SPLIT = re.compile(r"\s*,\s*|\s+(?:and|plus)\s+|\s*&\s*|(?<=[.!?])\s+", re.IGNORECASE)
@@ -55,7 +59,9 @@ _FILLER_PREFIX = re.compile(
     r"^(?:my\s+(?:all[- ]time\s+)?favou?rites?(?:\s+(?:movies?|films?|ones?))?"
     r"(?:\s+(?:are|is|were|include))?|all[- ]time\s+favou?rites?(?:\s+(?:are|is|were|include))?"
     r"|favou?rites?(?:\s+(?:are|is|were|include))?"
-    r"|(?:movies?|films?|things|stuff|something)\s+like|such\s+as|for\s+example|e\.g\.|eg"
+    r"|(?:movies?|films?|things|stuff|something|anything)\s+(?:like|similar\s+to)|such\s+as|for\s+example"
+    r"|e\.g\.|eg|(?:recommend|suggest|give|show|find|get)(?:\s+(?:me|us))?|similar\s+to|more\s+like"
+    r"|based\s+on|because\s+of|please|something|anything"
     r"|i'?ve|we'?ve|i'?d|i'?m|i\s+am|i\s+have|i\s+had|i|we|you|they"
     r"|and|also|plus|then|too|oh|well|so|but|or|really|just|recently|lately|yesterday|last\s+night"
     r"|especially|definitely|absolutely|totally|including|like|loved?|liked|enjoy(?:ed)?|adored?"
@@ -64,12 +70,13 @@ _FILLER_PREFIX = re.compile(
     re.IGNORECASE,
 )
 _FILLER_SUFFIX = re.compile(
-    r"[\s,]*\b(?:too|as\s+well|also|a\s+lot|very\s+much|so\s+much|lol|haha)\s*[.!?]*$", re.IGNORECASE)
+    r"[\s,]*\b(?:too|as\s+well|also|a\s+lot|very\s+much|so\s+much|please|lol|haha)\s*[.!?]*$", re.IGNORECASE)
 _PAREN_YEAR = re.compile(r"^(?P<title>.*?)[\s,]*[(\[]\s*(?P<year>(?:18|19|20)\d\d)\s*[)\]]?\s*$")
 _BARE_YEAR = re.compile(r"^(?P<title>.*?)[\s,]+(?P<year>(?:18|19|20)\d\d)\s*$")
 
 MAX_SPAN_PARTS = 6          # longest run of soft parts tried as one title
 MAX_VARIANTS = 16           # filler-stripped variants tried per run
+FUZZY_MIN_CHARS = 6         # shorter keys must match exactly
 QUERY_SHOWN_CHARS = 80      # unknown pieces are reported at most this long
 
 
@@ -105,7 +112,7 @@ def _fold_char(ch: str) -> str:
 
 def unmove_article(title: str) -> str:
     """'Lion King, The' -> 'The Lion King'; "Uomo delle stelle, L'" -> "L'Uomo delle stelle"."""
-    m = _MOVED_ARTICLE.match(title.strip())
+    m = _MOVED_ARTICLE.match(title.strip()) if "," in title else None
     if not m:
         return title.strip()
     art = m["art"]
@@ -129,10 +136,10 @@ def display_title(title: str) -> str:
 def title_key(text: str) -> str:
     """Comparison key: article in front, accents/case/punctuation folded ('Lion King, The' -> 'the lion king')."""
     text = unmove_article(text)
-    text = "".join(_fold_char(c) for c in text).casefold().replace("&", " and ")
-    text = re.sub(r"['’`]", "", text)
-    text = re.sub(r"[\W_]+", " ", text)
-    return text.strip()
+    if not text.isascii():
+        text = "".join(_fold_char(c) for c in text)
+    text = text.casefold().replace("&", " and ")
+    return _NON_WORD.sub(" ", text.translate(_DROP_APOSTROPHES)).strip()
 
 
 def bare_key(key: str) -> str:
@@ -165,7 +172,7 @@ def _trim(text: str) -> str:
             return text
 
 
-def _variants(run: str) -> list[str]:
+def _variants(run: str) -> tuple[str, ...]:
     """The run as written, then with one more leading filler phrase removed each time; each also
     without a trailing "too"/"as well". Unstripped first, so "Love Actually" is tried before "Actually"."""
     out: list[str] = []
@@ -179,20 +186,26 @@ def _variants(run: str) -> list[str]:
         if not m or m.end() == 0:
             break
         text = _trim(text[m.end():])
-    return list(dict.fromkeys(out))[:MAX_VARIANTS]
+    return tuple(dict.fromkeys(out))[:MAX_VARIANTS]
 
 
 def _core(piece: str) -> str | None:
     """What an unmatched piece is reported as: filler removed; None when it was only filler."""
     text = _trim(piece)
+    stripped = False
     while (m := _FILLER_PREFIX.match(text)) and m.end() > 0:
-        text = _trim(text[m.end():])
+        word = text.split(None, 1)[0]
+        if stripped and word[:1].isupper() and word != "I":
+            break   # "I loved Love Actually": a capital mid-sentence starts the title
+        text, stripped = _trim(text[m.end():]), True
     text = _trim(_FILLER_SUFFIX.sub("", text))
     return text[:QUERY_SHOWN_CHARS] or None
 
 
 def _year_splits(text: str) -> list[tuple[str, int | None]]:
     """(title text, year hint) readings of a run, most literal first."""
+    if not text[-1:].isdigit() and not text.endswith((")", "]")):
+        return [(text, None)]
     m = _PAREN_YEAR.match(text)
     if m and _trim(m["title"]):
         return [(m["title"], int(m["year"]))]
@@ -206,16 +219,22 @@ class TitleIndex:
     """Normalised-title index over catalogue rows (dicts with idx, title, year, popularity)."""
 
     def __init__(self, rows: Sequence[dict], fuzzy_cutoff: float = 85.0, ambiguity_ratio: float = 1.5,
-                 alt_confidence: float = 0.9):
+                 alt_confidence: float = 0.9, series_confidence: float = 0.8):
         self._rows = rows
         self.fuzzy_cutoff = fuzzy_cutoff
         self.ambiguity_ratio = ambiguity_ratio
+        self._alias_notes = {alt_confidence: "matched an alternative title",
+                             series_confidence: "matched part of the title"}
         self._full: dict[str, dict[int, float]] = {}   # key with article -> {idx: confidence}
         self._bare: dict[str, dict[int, float]] = {}   # key without leading article
         max_parts = 1
         for row in rows:
             main, alt = split_alt_title(row["title"] or "")
             names = [(row["title"] or "", 1.0), (main, 1.0)] + ([(alt, alt_confidence)] if alt else [])
+            head, sep, tail = main.partition(": ")   # "Star Wars: Episode IV - A New Hope"
+            if sep and len(head) >= 4:
+                names.append((head, series_confidence))
+                names.append((tail.split(" - ")[-1], series_confidence))
             for name, conf in names:
                 key = title_key(name)
                 if not key:
@@ -226,8 +245,12 @@ class TitleIndex:
                 for form in (name, unmove_article(name)):
                     max_parts = max(max_parts, len(_parts(form)))
         self._max_span = min(max_parts, MAX_SPAN_PARTS)
-        self._choices = list(self._bare)
+        # fuzzy candidates sorted by length: a ratio >= cutoff is only possible between similar lengths
+        self._choices = sorted(self._bare, key=len)
+        self._choice_lens = [len(k) for k in self._choices]
         self._max_key_len = max((len(k) for k in self._choices), default=0)
+        # longest text worth keying: the longest title plus room for a year hint and punctuation
+        self._max_run_chars = max((len(r["title"] or "") for r in rows), default=0) + 16
         log.debug("title index: %d keys, runs of up to %d parts", len(self._choices), self._max_span)
 
     # -- lookups -------------------------------------------------------------------------------
@@ -241,22 +264,30 @@ class TitleIndex:
                 return found, hint
         return None
 
-    def _fuzzy(self, text: str) -> tuple[dict[int, float], int | None, float] | None:
+    def _fuzzy(self, text: str, budget: list[int]) -> tuple[dict[int, float], int | None, float] | None:
         best = None
         for title, hint in _year_splits(text):
             key = bare_key(title_key(title))
-            if len(key) < 4 or len(key) > self._max_key_len * 1.3 + 4:
-                continue   # short words match too much by accident; very long text is no title
-            hit = process.extractOne(key, self._choices, scorer=fuzz.ratio, score_cutoff=self.fuzzy_cutoff)
+            if len(key) < FUZZY_MIN_CHARS or len(key) > self._max_key_len * 1.3 + 4 or budget[0] <= 0:
+                continue   # one typo in a short word is another word ("wild"/"wilde"); long text is no title
+            budget[0] -= 1
+            cut = self.fuzzy_cutoff   # ratio = 2*common/(len1+len2) bounds the length of a possible match
+            lo = bisect.bisect_left(self._choice_lens, len(key) * cut / (200 - cut) - 1)
+            hi = bisect.bisect_right(self._choice_lens, len(key) * (200 - cut) / cut + 1)
+            hit = process.extractOne(key, self._choices[lo:hi], scorer=fuzz.ratio, score_cutoff=cut)
             if hit and (best is None or hit[1] > best[2]):
-                score = hit[1] / 100.0
-                best = ({i: c * score for i, c in self._bare[hit[0]].items()}, hint, hit[1])
+                scale = hit[1] / 100.0
+                best = ({i: conf * scale for i, conf in self._bare[hit[0]].items()}, hint, hit[1])
         return best
 
     # -- choosing between items sharing a title ------------------------------------------------
-    def _choose(self, query: str, cands: dict[int, float], hint: int | None, note: str):
+    def _choose(self, query: str, cands: dict[int, float], hint: int | None,
+                note: str) -> Match | tuple[str, list[dict]]:
+        """One item for ``query`` among ``cands`` (idx -> confidence), or (query, candidates) to ask back."""
         rows = self._rows
         pop = lambda i: rows[i]["popularity"] or 0  # noqa: E731
+        top_conf = max(cands.values())   # a full title beats an alias ("Alien" is not "Alien: Resurrection")
+        cands = {i: c for i, c in cands.items() if c == top_conf}
         idxs = sorted(cands, key=lambda i: (-pop(i), i))
         notes = [note] if note else []
         scale = 1.0
@@ -297,21 +328,28 @@ class TitleIndex:
         return Match(query, pick, row["title"], row["year"], round(cands[pick] * scale, 3), "; ".join(notes))
 
     # -- one position in a segment -------------------------------------------------------------
-    def _resolve_at(self, segment: str, parts: list[tuple[int, int]], i: int):
-        """Longest exact run starting at part i, else the best fuzzy run; returns (outcome, parts used)."""
+    def _resolve_at(self, segment: str, parts: list[tuple[int, int]], i: int,
+                    budget: list[int]) -> tuple[Match | tuple[str, list[dict]] | str | None, int]:
+        """Longest exact run starting at part i, else the best fuzzy run; returns (outcome, parts used),
+        the outcome being a Match, (query, candidates) to ask back, an unknown piece, or None (filler).
+        Fuzzy matching is the costly step (a scan over titles of similar length, ~0.1-0.3 ms), so it
+        only sees each run as written and with all filler removed, and ``budget`` caps scans per message."""
         widths = range(min(self._max_span, len(parts) - i), 0, -1)
         runs = [(w, segment[parts[i][0]:parts[i + w - 1][1]]) for w in widths]
         for w, run in runs:
             for text in _variants(run):
+                if len(text) > self._max_run_chars:
+                    continue   # no title is this long; a shorter variant may still be one
                 hit = self._exact(text)
                 if hit:
                     cands, hint = hit
-                    note = "" if max(cands.values()) >= 1.0 else "matched an alternative title"
+                    top = max(cands.values())
+                    note = "" if top >= 1.0 else self._alias_notes.get(top, "matched an alternative title")
                     return self._choose(text, cands, hint, note), w
         best = None
         for w, run in runs:
-            for text in _variants(run):
-                hit = self._fuzzy(text)
+            for text in dict.fromkeys(t for t in (_trim(run), _core(run)) if t):
+                hit = self._fuzzy(text, budget)
                 if hit and (best is None or hit[2] > best[0]):
                     best = (hit[2], w, text, hit[0], hit[1])
         if best:
@@ -319,16 +357,19 @@ class TitleIndex:
             return self._choose(text, cands, hint, f"closest title to '{text}' (similarity {score:.0f})"), w
         return _core(segment[parts[i][0]:parts[i][1]]), 1
 
-    def resolve(self, text: str, max_pieces: int = 50, max_chars: int = 20_000) -> Resolution:
-        """Read titles out of free text. Work is bounded: at most ``max_pieces`` pieces (matches,
-        ambiguous or unknown) are produced, the rest counted in ``skipped``; text past ``max_chars``
-        is ignored (``truncated``). A title named twice is reported once."""
+    def resolve(self, text: str, max_pieces: int = 50, max_chars: int = 10_000,
+                max_fuzzy_scans: int = 120) -> Resolution:
+        """Read titles out of free text. A title named twice is reported once. Work is bounded for
+        hostile input: at most ``max_pieces`` pieces (matches, ambiguous or unknown) are produced, the
+        rest counted in ``skipped``; text past ``max_chars`` is ignored (``truncated``); after
+        ``max_fuzzy_scans`` typo-tolerant scans only exact titles are matched."""
         if not isinstance(text, str):
             raise TypeError(f"resolve expects a string, got {type(text).__name__}")
         res = Resolution()
         if len(text) > max_chars:
             text, res.truncated = text[:max_chars], True
         text = text.replace("’", "'").replace("‘", "'")
+        budget = [max_fuzzy_scans]
         seen: set[int] = set()
         seen_queries: set[str] = set()
         produced = 0
@@ -340,7 +381,7 @@ class TitleIndex:
                 if produced >= max_pieces:
                     res.skipped += sum(1 for a, b in parts[i:] if _trim(segment[a:b]))
                     break
-                outcome, used = self._resolve_at(segment, parts, i)
+                outcome, used = self._resolve_at(segment, parts, i, budget)
                 i += used
                 if outcome is None:
                     continue
