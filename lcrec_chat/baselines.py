@@ -19,7 +19,6 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcrec_chat.config import EvalConfig
+from lcrec_chat.data.split import Split
 from lcrec_chat.metrics import STAGES, rank_metrics, stage_inputs, topk_from_scores
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class Baseline:
 
     name = "baseline"
     num_items = 0
+
+    def fit(self, split: Split, num_items: int) -> "Baseline":
+        raise NotImplementedError
 
     def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         raise NotImplementedError
@@ -69,16 +72,8 @@ class Popularity(Baseline):
     def __init__(self) -> None:
         self.counts: torch.Tensor | None = None
 
-    def fit(self, split: Any, num_items: int) -> "Popularity":
-        counts = split.item_popularity(num_items)
-        if isinstance(counts, Mapping):
-            dense = np.zeros(num_items, dtype=np.float64)
-            for item, c in counts.items():
-                dense[int(item)] = c
-            counts = dense
-        counts = torch.as_tensor(np.asarray(counts, dtype=np.float64))
-        if counts.shape != (num_items,):
-            raise ValueError(f"item_popularity gave shape {tuple(counts.shape)}, expected ({num_items},)")
+    def fit(self, split: Split, num_items: int) -> "Popularity":
+        counts = torch.tensor(split.item_popularity(num_items), dtype=torch.float64)
         self.num_items = num_items
         # Integer counts plus a tie-break offset in [0, 1): never reorders different counts.
         self.counts = counts - torch.arange(num_items, dtype=torch.float64) / num_items
@@ -103,7 +98,7 @@ class TextKNN(Baseline):
         self.unit = F.normalize(emb, dim=1)
         self.num_items = emb.shape[0]
 
-    def fit(self, split: Any = None, num_items: int | None = None) -> "TextKNN":
+    def fit(self, split: Split | None = None, num_items: int | None = None) -> "TextKNN":
         """Nothing to learn; checks the embeddings cover the catalogue."""
         if num_items is not None and num_items != self.num_items:
             raise ValueError(f"{self.num_items} item embeddings for a catalogue of {num_items} items")
@@ -223,10 +218,15 @@ class SASRec(Baseline):
     name = "sasrec"
 
     def __init__(self, max_len: int = 20, hidden: int = 64, heads: int = 1, blocks: int = 2,
-                 dropout: float = 0.2, lr: float = 1e-3, batch_size: int = 128,
-                 device: str = "cpu") -> None:
+                 dropout: float = 0.2, lr: float = 1e-3, batch_size: int = 128, epochs: int = 200,
+                 patience: int = 10, seed: int = 42, num_threads: int | None = None,
+                 device: str = "cpu", progress: bool = True) -> None:
+        if epochs < 1 or patience < 1:
+            raise ValueError(f"epochs and patience must be >= 1, got {epochs}, {patience}")
         self.max_len, self.hidden, self.heads, self.blocks = max_len, hidden, heads, blocks
         self.dropout, self.lr, self.batch_size = dropout, lr, batch_size
+        self.epochs, self.patience, self.seed = epochs, patience, seed
+        self.num_threads, self.progress = num_threads, progress
         self.device = torch.device(device)
         self.net: _SASRecNet | None = None
         self.epochs_log: list[dict[str, float]] = []   # per epoch: loss, valid ndcg@10
@@ -234,30 +234,26 @@ class SASRec(Baseline):
         self.best_ndcg = 0.0
         self.fit_seconds = 0.0
 
-    def fit(self, split: Any, num_items: int, epochs: int = 200, patience: int = 10, seed: int = 42,
-            num_threads: int | None = None, progress: bool = True) -> "SASRec":
+    def fit(self, split: Split, num_items: int) -> "SASRec":
         """Train on every user's train part; keep the epoch with the best valid NDCG@10.
 
-        Leaves the global torch RNG and thread count as they were (`fork_rng`, `_torch_threads`).
+        `num_threads` (if set) applies only inside fit; the global torch RNG is left untouched
+        (`fork_rng`), so fitting a baseline never changes another component's random stream.
         """
-        if epochs < 1 or patience < 1:
-            raise ValueError(f"epochs and patience must be >= 1, got {epochs}, {patience}")
         self.num_items = num_items
-        seqs = split.train_sequences()
-        train = [list(s) for s in (seqs.values() if isinstance(seqs, Mapping) else seqs)]
-        inputs, targets = training_windows(train, self.max_len)
+        inputs, targets = training_windows(split.train_sequences(), self.max_len)
         if int(targets.max()) >= num_items:
             raise ValueError(f"training data holds item {int(targets.max())}, catalogue has {num_items}")
         valid_h, valid_x, valid_t = stage_inputs(split, "valid")
         start = time.perf_counter()
-        with _torch_threads(num_threads), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with _torch_threads(self.num_threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
             self.net = _SASRecNet(num_items, self.max_len, self.hidden, self.heads, self.blocks,
                                   self.dropout).to(self.device)
             opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
             best_state, since_best = copy.deepcopy(self.net.state_dict()), 0
             self.epochs_log, self.best_epoch, self.best_ndcg = [], 0, -1.0
-            bar = tqdm(range(1, epochs + 1), desc="SASRec", unit="epoch", disable=not progress)
+            bar = tqdm(range(1, self.epochs + 1), desc="SASRec", unit="epoch", disable=not self.progress)
             for epoch in bar:
                 loss = self._train_epoch(inputs, targets, opt)
                 ranked = self.recommend(valid_h, valid_x, 10)
@@ -269,7 +265,7 @@ class SASRec(Baseline):
                 else:
                     since_best += 1
                 bar.set_postfix(loss=f"{loss:.3f}", ndcg10=f"{ndcg:.4f}", best=self.best_epoch)
-                if since_best >= patience:
+                if since_best >= self.patience:
                     break
             self.net.load_state_dict(best_state)
             self.net.eval()
@@ -314,7 +310,7 @@ class SASRec(Baseline):
 
 # ------------------------------------------------------------------------------ evaluation glue
 
-def evaluate_baseline(model: Baseline, split: Any, stage: str, ks: Sequence[int] = (1, 5, 10),
+def evaluate_baseline(model: Baseline, split: Split, stage: str, ks: Sequence[int] = (1, 5, 10),
                       max_users: int = 0) -> dict[str, float | int]:
     """HR/NDCG at `ks` for one stage ("valid" or "test"), through `metrics.stage_inputs`."""
     histories, exclude, targets = stage_inputs(split, stage, max_users)
@@ -322,7 +318,7 @@ def evaluate_baseline(model: Baseline, split: Any, stage: str, ks: Sequence[int]
     return rank_metrics(ranked, targets, ks)
 
 
-def run_baselines(split: Any, num_items: int, item_emb: np.ndarray | None, cfg: EvalConfig,
+def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg: EvalConfig,
                   seed: int = 42, num_threads: int | None = None, progress: bool = True
                   ) -> dict[str, dict[str, Any]]:
     """Fit and score every baseline: {method: {"valid": metrics, "test": metrics, "fit_seconds": s}}.
@@ -331,20 +327,19 @@ def run_baselines(split: Any, num_items: int, item_emb: np.ndarray | None, cfg: 
     Users are limited by `cfg.max_users` exactly as for LC-Rec; SASRec's early stopping uses the
     full valid set (model selection, not reporting).
     """
-    models: list[tuple[Baseline, Any]] = [
-        (Popularity(), lambda m: m.fit(split, num_items)),
-        (SASRec(max_len=split.max_history),
-         lambda m: m.fit(split, num_items, epochs=cfg.sasrec_epochs, patience=cfg.sasrec_patience,
-                         seed=seed, num_threads=num_threads, progress=progress)),
+    models: list[Baseline] = [
+        Popularity(),
+        SASRec(max_len=split.max_history, epochs=cfg.sasrec_epochs, patience=cfg.sasrec_patience,
+               seed=seed, num_threads=num_threads, progress=progress),
     ]
     if item_emb is not None:
-        models.append((TextKNN(item_emb), lambda m: m.fit(split, num_items)))
+        models.append(TextKNN(item_emb))
     else:
         log.info("no item embeddings given; skipping the text-kNN baseline")
     results: dict[str, dict[str, Any]] = {}
-    for model, fit in models:
+    for model in models:
         start = time.perf_counter()
-        fit(model)
+        model.fit(split, num_items)
         entry: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - start, 2)}
         for stage in STAGES:
             entry[stage] = evaluate_baseline(model, split, stage, cfg.topk, cfg.max_users)

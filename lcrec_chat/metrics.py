@@ -17,11 +17,13 @@ user-item pair appears once); excluding it would make that user a guaranteed mis
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-STAGES = ("valid", "test")
+from lcrec_chat.data.split import Split, UserSplit
+
+STAGES = ("valid", "test")   # same names as lcrec_chat.data.split
 
 
 def rank_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int],
@@ -97,29 +99,25 @@ def topk_from_scores(scores: torch.Tensor, exclude: Sequence[Sequence[int]], k: 
     return [idx[ok].tolist() for idx, ok in zip(indices, keep)]
 
 
-def known_items(user_split: Any, stage: str) -> list[int]:
+def known_items(user_split: UserSplit, stage: str) -> list[int]:
     """Everything the user interacted with before this stage's target (the exclusion set, see top)."""
     _check_stage(stage)
-    past = list(user_split.train)
-    if stage == "test" and user_split.valid >= 0:
-        past.append(user_split.valid)
+    past = list(user_split.train) if stage == "valid" else [*user_split.train, user_split.valid]
     target = user_split.valid if stage == "valid" else user_split.test
     return [i for i in dict.fromkeys(past) if i != target]
 
 
-def stage_inputs(split: Any, stage: str, max_users: int = 0
+def stage_inputs(split: Split, stage: str, max_users: int = 0
                  ) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """(histories, exclusions, targets) for `stage`, one entry per evaluable user in split order.
+    """(histories, exclusions, targets) for `stage`, one entry per user of `split.users`, in order.
 
-    A user is evaluable at a stage when the split gives a target for it (>= 0; users too short to
-    hold a valid or test item carry -1 there). Histories are the model-visible window
-    (`split.history`, at most max_history items); exclusions follow `known_items`. `max_users` > 0
-    keeps only the first N evaluable users, so every method run with the same value sees the same
-    users.
+    Histories are the model-visible window (`split.history`, at most max_history items); exclusions
+    follow `known_items`. `max_users` > 0 keeps only the first N users, so every method run with
+    the same value sees the same users. (Users too short for a split live in `split.train_only`
+    and are never evaluated.)
     """
     _check_stage(stage)
-    users = list(split.users.values()) if isinstance(split.users, dict) else list(split.users)
-    users = [u for u in users if split.target(u, stage) >= 0]
+    users = list(split.users)
     if max_users > 0:
         users = users[:max_users]
     histories = [list(split.history(u, stage)) for u in users]

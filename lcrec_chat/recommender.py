@@ -60,7 +60,7 @@ class Recommender:
         from .stages import task_builder
         run = Path(run_dir or cfg.run_dir)
         builder, codes = task_builder(run, cfg)
-        model, tokenizer = backbone.load_tuned(cfg.model, run / "adapter")
+        model, tokenizer = backbone.load_finetuned(cfg.model, run / "adapter")
         return cls(model, tokenizer, Catalog(run / "catalog.sqlite"), builder, codes,
                    num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size)
 

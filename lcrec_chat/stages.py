@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -137,7 +138,9 @@ def train(cfg: Config, force: bool = False) -> dict:
     from .train import train as run_training
     run = cfg.run_path
     record = StageRecord(run)
-    fp = _fingerprint(cfg.model, cfg.train, _file_stamp(run / "codes.json"))
+    # max_minutes is left out: a run stopped by the clock resumes when started again with more time
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k != "max_minutes"}
+    fp = _fingerprint(cfg.model, train_cfg, _file_stamp(run / "codes.json"))
     if not force and record.fresh("train", fp) and (run / "adapter").exists():
         log.info("train: up to date (use --force to rerun)")
         return json.loads((run / "train_summary.json").read_text())
@@ -159,12 +162,19 @@ def train(cfg: Config, force: bool = False) -> dict:
             init_texts.setdefault(token, []).append(builder.describer.display(idx))
     new_ids = backbone.add_index_tokens(model, tokenizer, index_token_strings(codes),
                                         init=cfg.train.new_token_init, init_texts=init_texts)
-    model = backbone.wrap_lora(model, cfg.train, new_ids)
+    from peft import get_peft_model
+    model = get_peft_model(model, backbone.lora_config(cfg.train, new_ids, model))
     summary = run_training(cfg, samples, valid, tokenizer, model, run)
+    if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder
+        return summary
     summary["task_samples"] = {t: sum(s.task == t for s in samples) for t in cfg.train.task_budget}
     (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
     plot_training(run / "train_log.jsonl", run / "loss_curves.png")
-    record.done("train", fp)
+    if summary["complete"]:
+        record.done("train", fp)
+    else:
+        log.warning("train: stopped at step %d of %d (max_minutes); run it again to resume",
+                    summary["steps"], summary["total_steps"])
     return summary
 
 

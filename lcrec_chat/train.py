@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .backbone import save_adapter
 from .config import Config
 from .tasks import Sample, render
 
@@ -220,9 +221,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     bar.close()
     save_checkpoint()
     if rank == 0:
-        model.save_pretrained(out_dir / "adapter")
-        tokenizer.save_pretrained(out_dir / "adapter")
-    summary = {"steps": step, "total_steps": total, "train_samples": len(data), "world_size": world,
+        save_adapter(model, tokenizer, out_dir / "adapter")
+    summary = {"steps": step, "total_steps": total, "complete": step >= total, "train_samples": len(data), "world_size": world,
                "tokens_per_s": tokens_seen / max(1e-9, time.time() - started),
                "supervised_tokens_per_s": supervised_seen / max(1e-9, time.time() - started)}
     if world > 1:

@@ -9,43 +9,17 @@ import torch
 
 from lcrec_chat.baselines import Popularity, SASRec, TextKNN, evaluate_baseline, run_baselines
 from lcrec_chat.config import EvalConfig
+from lcrec_chat.data.dataset import Dataset, Item
+from lcrec_chat.data.movielens import load_ml100k
+from lcrec_chat.data.split import Split, UserSplit, leave_one_out
 from lcrec_chat.metrics import known_items, rank_metrics, stage_inputs, topk_from_scores
 
-try:
-    from lcrec_chat.data.split import Split, UserSplit
-except ImportError:   # STAND-IN until lcrec_chat/data/split.py lands; same interface
-    from dataclasses import dataclass
 
-    @dataclass
-    class UserSplit:
-        user: str
-        train: list[int]
-        valid: int
-        test: int
-
-    @dataclass
-    class Split:
-        users: list[UserSplit]
-        max_history: int = 20
-
-        def history(self, u: UserSplit, stage: str) -> list[int]:
-            past = u.train if stage == "valid" else [*u.train, u.valid]
-            return past[-self.max_history:]
-
-        def target(self, u: UserSplit, stage: str) -> int:
-            return u.valid if stage == "valid" else u.test
-
-        def train_sequences(self) -> list[list[int]]:
-            return [u.train for u in self.users]
-
-        def item_popularity(self, num_items: int) -> np.ndarray:
-            return np.bincount([i for u in self.users for i in u.train], minlength=num_items)
-
-
-def make_split(sequences: list[list[int]], max_history: int = 20) -> Split:
-    """Leave-one-out by hand: last = test, second-to-last = valid, rest = train."""
-    users = [UserSplit(str(u), s[:-2], s[-2], s[-1]) for u, s in enumerate(sequences)]
-    return Split(users, max_history)
+def make_split(sequences: list[list[int]], max_history: int = 20, num_items: int = 0) -> Split:
+    """The project's leave-one-out split of hand-written sequences (last = test, then valid)."""
+    num_items = num_items or max(i for s in sequences for i in s) + 1
+    items = [Item(str(i), f"item {i}") for i in range(num_items)]
+    return leave_one_out(Dataset("hand", items, {f"u{u}": s for u, s in enumerate(sequences)}), max_history)
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -92,6 +66,9 @@ def test_exclusion_covers_the_whole_past_not_only_the_window():
     assert histories == [[3, 4]] and exclude == [[0, 1, 2, 3, 4]] and targets == [5]
     with pytest.raises(ValueError, match="stage"):
         stage_inputs(split, "train")
+    # repeats: the past is de-duplicated, and the target itself is never excluded (a sure miss)
+    again = UserSplit("r", [4, 2, 4], 2, 4)
+    assert known_items(again, "valid") == [4] and known_items(again, "test") == [2]
 
 
 # ---------------------------------------------------------------------------------- baselines
@@ -101,9 +78,10 @@ def test_popularity_order_and_exclusion():
     split = make_split([[3, 1, 0, 7, 8], [3, 1, 9, 8], [3, 5, 9]])
     pop = Popularity().fit(split, 10)
     assert pop.recommend([[], [3]], [[], [3]], 3) == [[3, 1, 0], [1, 0, 2]]
-    # the evaluation path excludes each user's own past: user 0 has 3, 1, 0 in train
+    # valid: each user's own past is skipped, so targets 7, 9, 5 sit at ranks 4, 7, 4
     m = evaluate_baseline(pop, split, "valid", ks=(1, 5))
-    assert m["users"] == 3
+    assert m == pytest.approx({"hr@1": 0.0, "hr@5": 2 / 3, "ndcg@1": 0.0,
+                               "ndcg@5": 2 / math.log2(6) / 3, "users": 3})
 
 
 def test_text_knn_returns_nearest_items():
@@ -111,7 +89,8 @@ def test_text_knn_returns_nearest_items():
     knn = TextKNN(emb).fit(num_items=5)
     assert knn.recommend([[0]], [[0]], 2) == [[1, 4]]
     # mean of items 2 and 3 points between them: those two first, then item 4 (shares the y axis)
-    assert knn.recommend([[2, 3]], [[]], 3)[0][:2] in ([2, 3], [3, 2])
+    ranked = knn.recommend([[2, 3]], [[]], 3)[0]
+    assert sorted(ranked[:2]) == [2, 3] and ranked[2] == 4
     with pytest.raises(ValueError, match="outside 0..4"):
         knn.score([[5]])
     with pytest.raises(ValueError, match="5 item embeddings for a catalogue of 6"):
@@ -122,15 +101,15 @@ def successor_split(num_items: int = 30, users: int = 120, length: int = 14, see
     """Every user walks i, i+1, i+2, ... (mod num_items): the next item is always last + 1."""
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, num_items, size=users)
-    return make_split([[(int(s) + j) % num_items for j in range(length)] for s in starts], max_history=8)
+    return make_split([[(int(s) + j) % num_items for j in range(length)] for s in starts], 8, num_items)
 
 
 def test_sasrec_learns_a_sequential_pattern():
     split = successor_split()
-    model = SASRec(max_len=8, hidden=32, heads=2, lr=5e-3, batch_size=32)
-    model.fit(split, 30, epochs=6, patience=6, seed=1, num_threads=1, progress=False)
+    model = SASRec(max_len=8, hidden=32, heads=2, lr=5e-3, batch_size=32, epochs=6, patience=6,
+                   seed=1, num_threads=1, progress=False).fit(split, 30)
     test = evaluate_baseline(model, split, "test")
-    # chance HR@1 is about 1/20 (30 items minus ~12 excluded); the pattern is deterministic
+    # chance HR@1 is 1/17 (30 items minus the 13 already seen); the pattern is deterministic
     assert test["hr@1"] > 0.8, test
     assert model.best_ndcg == max(e["valid_ndcg@10"] for e in model.epochs_log)
 
@@ -138,16 +117,15 @@ def test_sasrec_learns_a_sequential_pattern():
 def test_sasrec_leaves_global_state_and_restores_best_epoch():
     split = successor_split(users=40)
     threads, rng_state = torch.get_num_threads(), torch.random.get_rng_state()
-    model = SASRec(max_len=8, hidden=16, heads=1).fit(split, 30, epochs=3, patience=3, seed=3,
-                                                      num_threads=1, progress=False)
+    small = dict(max_len=8, hidden=16, epochs=3, patience=3, seed=3, num_threads=1, progress=False)
+    model = SASRec(**small).fit(split, 30)
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.random.get_rng_state(), rng_state)
     assert len(model.epochs_log) == 3
     # the restored weights are the best epoch's: re-scoring valid reproduces its NDCG@10
     again = evaluate_baseline(model, split, "valid", ks=(10,))["ndcg@10"]
     assert again == pytest.approx(model.best_ndcg)
-    same = SASRec(max_len=8, hidden=16, heads=1).fit(split, 30, epochs=3, patience=3, seed=3,
-                                                     num_threads=1, progress=False)
+    same = SASRec(**small).fit(split, 30)
     assert same.epochs_log == model.epochs_log           # seeded: identical run
 
 
@@ -163,3 +141,18 @@ def test_run_baselines_reports_every_method_and_stage():
             assert set(method[stage]) == {"hr@1", "hr@5", "hr@10", "ndcg@1", "ndcg@5", "ndcg@10", "users"}
     assert out["sasrec"]["epochs_run"] == 2
     assert "text_knn" not in run_baselines(split, 30, None, cfg, num_threads=1, progress=False)
+
+
+def test_every_baseline_excludes_the_past_on_real_movielens():
+    dataset = load_ml100k(max_users=50)
+    split = leave_one_out(dataset, 20)
+    n = len(dataset.items)
+    emb = np.random.default_rng(0).normal(size=(n, 16)).astype(np.float32)
+    sasrec = SASRec(epochs=2, patience=2, num_threads=1, progress=False).fit(split, n)
+    assert sasrec.epochs_log[1]["loss"] < sasrec.epochs_log[0]["loss"]      # it is learning
+    for model in (Popularity().fit(split, n), sasrec, TextKNN(emb).fit(split, n)):
+        for stage in ("valid", "test"):
+            histories, exclude, targets = stage_inputs(split, stage)
+            ranked = model.recommend(histories, exclude, 50)
+            assert all(len(r) == 50 and not set(r) & set(x) for r, x in zip(ranked, exclude))
+            assert evaluate_baseline(model, split, stage)["users"] == 50

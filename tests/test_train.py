@@ -1,0 +1,105 @@
+"""Tuning on a tiny real model: loss falls, gradients reach what must learn, the adapter reloads exactly."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from lcrec_chat import backbone, stages
+from lcrec_chat.config import load_config
+from lcrec_chat.tasks import TASKS
+from lcrec_chat.train import SupervisedLoss, collate, encode
+
+
+def _entries(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_trains_with_falling_loss_and_saves_everything(tiny_run):
+    run = tiny_run.run_path
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "train_summary.json",
+                 "loss_curves.png", "checkpoint/state.pt"):
+        assert (run / name).exists(), name
+    entries = [e for e in _entries(run) if "loss" in e]
+    assert len(entries) == tiny_run.train.max_steps
+    valid = [e["valid"] for e in _entries(run) if "valid" in e]
+    assert set(valid[0]) == {t for t, n in tiny_run.train.task_budget.items() if n > 0}
+    first, last = valid[0], valid[-1]
+    assert sum(last.values()) < sum(first.values())     # validation loss falls over the run
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == tiny_run.train.max_steps and summary["tokens_per_s"] > 0
+
+
+def test_loss_is_on_the_response_only(tiny_run):
+    builder, _ = stages.task_builder(tiny_run.run_path, tiny_run)
+    tokenizer = backbone.load_tokenizer(tiny_run.model)
+    backbone.add_index_tokens(backbone.load_model(tiny_run.model), tokenizer,
+                              sorted({t for c in builder.code_text for t in c.replace(">", "> ").split()}))
+    sample = builder.seqrec([0, 1, 2], 3, __import__("random").Random(0))
+    (enc,) = encode(tokenizer, [sample], 256)
+    supervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    assert tokenizer.decode(supervised) == sample.response + "<|im_end|>"
+    assert enc.input_ids[:len(enc.input_ids) - len(supervised)] == \
+        tokenizer(tokenizer.apply_chat_template(
+            [{"role": "system", "content": "You are a recommender that answers with item indices."},
+             {"role": "user", "content": sample.prompt}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False)["input_ids"]
+
+
+def test_gradients_reach_new_token_rows_and_first_layer(tiny_run):
+    from peft import get_peft_model
+    builder, codes = stages.task_builder(tiny_run.run_path, tiny_run)
+    tokenizer = backbone.load_tokenizer(tiny_run.model)
+    model = backbone.load_model(tiny_run.model, for_training=True)
+    tokens = sorted({t for c in builder.code_text for t in c.replace(">", "> ").split()})
+    ids = backbone.add_index_tokens(model, tokenizer, tokens)
+    model = get_peft_model(model, backbone.lora_config(tiny_run.train, ids, model))
+    sample = builder.seqrec([0, 1, 2], 3, __import__("random").Random(0))
+    data = encode(tokenizer, [sample], 256)
+    loss, n = SupervisedLoss(model)(**collate(data, [0], tokenizer.pad_token_id or 0, torch.device("cpu")))
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    delta = [g for name, g in grads.items() if "trainable_tokens_delta" in name]
+    assert delta and all(g is not None and g.abs().sum() > 0 for g in delta)
+    layer0 = [g for name, g in grads.items() if "layers.0." in name and "lora_" in name]
+    assert layer0 and all(g is not None for g in layer0) and sum(g.abs().sum() for g in layer0) > 0
+    assert n == len(tokenizer(sample.response + "<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_interrupted_training_resumes_exactly(tiny_run, tmp_path):
+    """A run stopped by the clock and started again ends with the same weights as an uninterrupted run."""
+    import shutil
+    results = {}
+    for name, attempts in (("straight", [[]]), ("interrupted", [["train.max_minutes=1e-9"], []])):
+        run = tmp_path / name
+        shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "adapter",
+                                                                                "train_log.jsonl"))
+        for extra in attempts:
+            summary = stages.train(load_config("configs/tiny.yaml", [f"run_dir={run}", *extra]), force=False)
+        assert summary["complete"]
+        results[name] = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
+        steps = [e["step"] for e in _entries(run) if "loss" in e]
+        assert steps == list(range(1, tiny_run.train.max_steps + 1)), steps   # nothing repeated or lost
+    straight, resumed = results["straight"]["trainable"], results["interrupted"]["trainable"]
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_gloo_run(tiny_run, tmp_path):
+    """The multi-GPU code path (torchrun + DDP), proven on CPU with the gloo backend."""
+    import shutil
+    run = tmp_path / "ddp"
+    shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "adapter",
+                                                                            "train_log.jsonl"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "lcrec_chat", "train", "--config", "configs/tiny.yaml",
+                          "--set", f"run_dir={run}", "--set", "train.max_steps=3", "--force"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert set(TASKS) >= set(json.loads((run / "train_summary.json").read_text())["task_samples"])
