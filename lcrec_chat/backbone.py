@@ -86,10 +86,12 @@ def build_once(final: str | Path, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared like any other folder
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    log.info("built %s", final)
     return final
 
 
@@ -155,7 +157,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, tokenizer_dir: str | Path | 
     seconds = time.perf_counter() - start
     _write_provenance(out, source=str(gguf), source_bytes=gguf.stat().st_size, converted_seconds=round(seconds, 1),
                       params=sum(p.numel() for p in plain.parameters()))
-    log.info("converted %s to %s in %.1f s", gguf, out, seconds)
+    log.info("converted %s in %.1f s", gguf, seconds)
 
 
 def _gguf_folder(gguf: Path, cache_dir: Path, name: str) -> Path:
@@ -201,7 +203,7 @@ def resolve_model_path(spec: str, cache_dir: str) -> str:
         if not (path / "config.json").is_file():
             raise BackboneError(f"model.base: folder {spec} has no config.json (not a Hugging Face model folder)")
         return str(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if spec.startswith((".", "~")) or os.path.isabs(spec) or spec.count("/") > 1:
         raise BackboneError(f"model.base: model folder not found: {spec}")
     return spec  # a Hub id such as Qwen/Qwen2.5-1.5B-Instruct
 
@@ -234,12 +236,19 @@ def _quantization_config(device: str):
                               bnb_4bit_compute_dtype=compute), compute
 
 
+def _device_map(device: str) -> dict:
+    """Everything on one device; under torchrun each process's current CUDA device (set from its local rank)."""
+    return {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+
+
 def load_model(cfg: ModelConfig, for_training: bool = False):
     """Load ``cfg.base`` in ``cfg.dtype`` (fp32 | bf16 | nf4) on ``cfg.device``.
 
-    nf4 is QLoRA's 4-bit NormalFloat with double quantization; it computes in bf16 on GPUs that support it and
-    in fp32 otherwise (on CPU fp32 is both exact and as fast). With ``for_training`` a 4-bit model is prepared
-    for k-bit training (frozen base, norms in fp32; gradient checkpointing only on GPU, where memory is short).
+    nf4 is QLoRA's 4-bit NormalFloat with double quantization of the linear layers, which compute in bf16 on
+    GPUs that support it and in fp32 otherwise; the other weights (embeddings, norms) are stored in that dtype.
+    With ``for_training`` a 4-bit model goes through ``peft.prepare_model_for_kbit_training`` (frozen base,
+    non-4-bit weights in fp32: +4 MB for SmolLM2 on CPU), with gradient checkpointing only on GPU, where memory
+    is short and large models live; on CPU it would cost time for memory nobody lacks.
     A 4-bit model on CPU is always guarded against the bitsandbytes gradient trap (``guard_4bit_cpu``).
     The model is returned in eval mode; the trainer switches it to train mode.
     """
@@ -250,14 +259,14 @@ def load_model(cfg: ModelConfig, for_training: bool = False):
     if cfg.dtype == "nf4":
         quantization, compute = _quantization_config(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, quantization_config=quantization,
-                                                     device_map={"": 0 if device == "cuda" else "cpu"})
+                                                     device_map=_device_map(device))
         if device == "cpu":
             guard_4bit_cpu(model)
         if for_training:
             from peft import prepare_model_for_kbit_training
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
     elif cfg.dtype in _DTYPES:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype]).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], device_map=_device_map(device))
     else:
         raise BackboneError(f"model.dtype must be fp32, bf16 or nf4, not {cfg.dtype!r}")
     model.eval()
@@ -267,7 +276,10 @@ def load_model(cfg: ModelConfig, for_training: bool = False):
 
 
 def _linear4bit_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # fp32/bf16 work without it
+        return []
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
@@ -278,16 +290,21 @@ def guard_4bit_cpu(model: torch.nn.Module) -> int:
     input that needs no grad (any ``generate()``) repacks the weight into an inference-only layout that has no
     autograd kernel, silently and for good; afterwards no gradient flows back through any 4-bit layer (LoRA
     on later layers still learns a little, so the loss still falls and hides it). Turning the fast path off
-    prevents that (4-bit generation gets slower), and weights already repacked are converted back.
+    prevents that (4-bit generation gets slower). Weights already repacked are converted back, though only
+    approximately (the repacking rounded their block scales to bf16), so guard before the first forward, as
+    ``load_model`` does.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     guarded = 0
     for module in _linear4bit_modules(model):
         if module.weight.device.type != "cpu":
             continue
+        if not hasattr(module, "support_avx512bf16_for_cpu") and not guarded:
+            log.warning("this bitsandbytes has no Linear4bit.support_avx512bf16_for_cpu (written for 0.50.2); "
+                        "check that 4-bit layers on CPU still pass gradients (tests/test_backbone.py)")
         module.support_avx512bf16_for_cpu = False
         state = module.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
             module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
                 module.weight.data, state)
         guarded += 1
@@ -336,16 +353,19 @@ def add_index_tokens(model, tokenizer, token_strings: list[str], init: str = "ti
     bad = [t for t in token_strings if not t or t != t.strip() or any(c.isspace() for c in t)]
     if bad:
         raise ValueError(f"add_index_tokens: tokens must be non-empty without whitespace: {bad[:5]}")
-    old_rows = model.get_input_embeddings().weight.shape[0]
-    tokenizer.add_tokens(list(token_strings), special_tokens=False)
+    vocab_before = tokenizer.get_vocab()
+    known_rows = min(len(vocab_before), model.get_input_embeddings().weight.shape[0])
+    tokenizer.add_tokens([t for t in token_strings if t not in vocab_before], special_tokens=False)
     ids = tokenizer.convert_tokens_to_ids(list(token_strings))
     encoded = tokenizer.encode("".join(token_strings), add_special_tokens=False)
+    encoded = [i for i in encoded if tokenizer.decode([i]).strip()]  # SentencePiece may prepend a bare "▁"
     if encoded != ids:
         raise ValueError("add_index_tokens: the tokenizer splits or merges the new tokens; "
                          f"{''.join(token_strings)[:80]!r} encodes to {encoded[:20]} instead of {ids[:20]}")
-    if len(tokenizer) > old_rows:
+    # Some models have more embedding rows than tokens (Qwen pads to a multiple of 128): never shrink.
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    new = [(t, i) for t, i in zip(token_strings, ids) if i >= old_rows]
+    new = [(t, i) for t, i in zip(token_strings, ids) if t not in vocab_before]
     if init == "title_mean" and new:
         matrices = [model.get_input_embeddings().weight]
         output = model.get_output_embeddings()
@@ -353,20 +373,20 @@ def add_index_tokens(model, tokenizer, token_strings: list[str], init: str = "ti
             matrices.append(output.weight)
         generator = torch.Generator().manual_seed(seed)
         for weight in matrices:
-            _init_rows(weight, old_rows, new, tokenizer, init_texts or {}, generator)
-    log.info("index tokens: %d requested, %d new rows (%s init), vocab %d", len(ids), len(new), init, len(tokenizer))
+            _init_rows(weight, known_rows, new, tokenizer, init_texts or {}, generator)
+    log.info("index tokens: %d requested, %d new (%s init), vocab %d", len(ids), len(new), init, len(tokenizer))
     return ids
 
 
 @torch.no_grad()
-def _init_rows(weight: torch.Tensor, old_rows: int, new: list[tuple[str, int]], tokenizer,
+def _init_rows(weight: torch.Tensor, known_rows: int, new: list[tuple[str, int]], tokenizer,
                init_texts: dict[str, list[str]], generator: torch.Generator) -> None:
-    old = weight[:old_rows].float()
+    """Rows ``known_rows`` and above are new or padding, so only rows below it feed the means."""
+    old = weight[:known_rows].float()
     mean, std = old.mean(0), old.std(0)
     for token, row in new:
         texts = [t for t in init_texts.get(token, []) if t and t.strip()]
-        text_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        text_ids = [[i for i in ids if i < old_rows] for ids in text_ids]
+        text_ids = [[i for i in tokenizer.encode(t, add_special_tokens=False) if i < known_rows] for t in texts]
         text_ids = [ids for ids in text_ids if ids]
         if text_ids:
             value = torch.stack([old[ids].mean(0) for ids in text_ids]).mean(0)
@@ -392,3 +412,38 @@ def lora_config(cfg: TrainConfig, new_token_ids: list[int], model=None):
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM", bias="none",
                       trainable_token_indices=indices)
+
+
+# ---------------------------------------------------------------- adapters with index tokens
+
+def save_adapter(model, tokenizer, folder: str | Path) -> None:
+    """Save a PEFT model made with ``lora_config`` plus its extended tokenizer, loadable with plain ``peft``.
+
+    The trained index-token rows are inside the adapter (``trainable_tokens_delta``); PEFT would otherwise also
+    store both full embedding matrices because the vocabulary grew (2 x 113 MB for SmolLM2), so that is off.
+    """
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    tokenizer.save_pretrained(str(folder))
+
+
+def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool = False):
+    """Base model + the tokenizer saved with the adapter + the adapter; returns (peft_model, tokenizer).
+
+    The base is resized to the adapter's vocabulary; the new rows' values come from the adapter, so how the
+    resize initialises them does not matter. A base of another vocabulary or shape fails in PEFT's loader.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise BackboneError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(cfg, for_training=for_training)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the same rule as add_index_tokens
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=for_training)
+    if not for_training:
+        model.eval()
+    return model, tokenizer

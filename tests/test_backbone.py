@@ -1,0 +1,260 @@
+"""Base model provisioning, 4-bit loading and its CPU gradient trap, index tokens and their adapter.
+
+Everything runs on ``tiny-llama`` (the real SmolLM2 tokenizer + a 2-layer random Llama), cached in the
+project's model cache so only the very first run pays ~10 s to read the tokenizer out of the GGUF.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from lcrec_chat.backbone import (BackboneError, add_index_tokens, build_once, describe, guard_4bit_cpu,
+                                 load_finetuned, load_model, load_tokenizer, lora_config, resolve_model_path,
+                                 save_adapter)
+from lcrec_chat.config import ModelConfig, TrainConfig
+
+CACHE = str(Path(__file__).resolve().parents[1] / ".cache" / "models")
+CODES = ["<a_12>", "<a_3>", "<b_3>", "<b_40>", "<c_7>"]
+
+
+def tiny(dtype: str = "fp32") -> ModelConfig:
+    return ModelConfig(base="tiny-llama", dtype=dtype, cache_dir=CACHE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tiny())
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ provisioning
+
+def test_tiny_llama_is_a_cached_hf_folder_with_the_real_tokenizer(tokenizer):
+    folder = Path(resolve_model_path("tiny-llama", CACHE))
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert resolve_model_path("tiny-llama", CACHE) == str(folder)  # built once, then reused
+    assert not list(Path(CACHE).glob(".tiny-llama*.tmp-*"))
+    model = AutoModelForCausalLM.from_pretrained(folder)  # a plain HF folder
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    assert model.config.vocab_size == len(tokenizer) == 49152
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "<|im_start|>user\nhi<|im_end|>" in chat  # SmolLM2's ChatML template came along
+
+
+def test_build_once_leaves_nothing_when_interrupted(tmp_path):
+    def crash(out: Path) -> None:
+        (out / "config.json").write_text("{}")  # half written ...
+        raise KeyboardInterrupt                 # ... then interrupted
+
+    with pytest.raises(KeyboardInterrupt):
+        build_once(tmp_path / "model", crash)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+    calls = []
+    def build(out: Path) -> None:
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+
+    assert (build_once(tmp_path / "model", build) / "config.json").is_file()
+    build_once(tmp_path / "model", build)
+    assert len(calls) == 1
+
+
+def test_model_specs_that_are_not_models_fail_clearly(tmp_path):
+    with pytest.raises(BackboneError, match="not found"):
+        resolve_model_path("./no/such/folder", CACHE)
+    with pytest.raises(BackboneError, match="GGUF file not found"):
+        resolve_model_path(str(tmp_path / "x.gguf"), CACHE)
+    with pytest.raises(BackboneError, match="config.json"):
+        resolve_model_path(str(tmp_path), CACHE)
+    assert resolve_model_path("Qwen/Qwen2.5-1.5B-Instruct", CACHE) == "Qwen/Qwen2.5-1.5B-Instruct"
+    with pytest.raises(BackboneError, match="model.dtype"):
+        load_model(ModelConfig(base="tiny-llama", dtype="fp8", cache_dir=CACHE, device="cpu"))
+    with pytest.raises(BackboneError, match="model.device"):
+        load_model(ModelConfig(base="tiny-llama", cache_dir=CACHE, device="tpu"))
+
+
+def test_loads_in_fp32_bf16_and_nf4():
+    stats = {dtype: describe(load_model(tiny(dtype))) for dtype in ("fp32", "bf16", "nf4")}
+    assert stats["fp32"]["dtypes"] == {"float32": stats["fp32"]["params"]}
+    assert stats["bf16"]["dtypes"] == {"bfloat16": stats["fp32"]["params"]}
+    assert stats["bf16"]["weight_bytes"] == stats["fp32"]["weight_bytes"] // 2
+    nf4 = stats["nf4"]
+    assert nf4["linear4bit"] == 2 * 7 and nf4["params"] == stats["fp32"]["params"]
+    assert nf4["dtypes"]["nf4"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # q,o + k,v + mlp
+    assert nf4["weight_bytes"] < stats["fp32"]["weight_bytes"]
+
+
+# ------------------------------------------------------------------ the bitsandbytes CPU gradient trap
+
+def layer0_grads(tokenizer, guard: bool = True, generate: bool = True, random_b: bool = False) -> dict:
+    """Optionally generate() with a 4-bit LoRA model, then one training forward/backward: layer-0 gradients."""
+    model = load_model(tiny("nf4"), for_training=True)
+    if not guard:  # undo what load_model did
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = True
+    torch.manual_seed(0)
+    model = get_peft_model(model, lora_config(TrainConfig(lora_dropout=0.0), []))
+    if random_b:  # LoRA starts with B = 0, which zeroes A's gradient; make both visible
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    batch = tokenizer(["Toy Story, Heat and Casino"], return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unguarded run warns "an autograd kernel was not registered"
+        if generate:
+            model.eval()
+            model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()
+            if "layers.0." in n and p.requires_grad and p.grad is not None}
+
+
+def test_guarded_4bit_model_keeps_exact_layer0_gradients_after_generate(tokenizer):
+    grads = layer0_grads(tokenizer, random_b=True)
+    for proj in ("q_proj", "v_proj", "gate_proj"):  # reached only through 4-bit o_proj / down_proj
+        for part in ("lora_A", "lora_B"):
+            (grad,) = [g for n, g in grads.items() if f"{proj}.{part}" in n]
+            assert grad.abs().sum() > 0, f"no gradient reached layer 0 {proj}.{part}"
+    reference = layer0_grads(tokenizer, generate=False, random_b=True)  # a model that never generated
+    assert grads.keys() == reference.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference[name])
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the trap needs a CPU with avx512_bf16")
+def test_unguarded_4bit_model_loses_layer0_gradients_and_guard_repairs_it(tokenizer):
+    guarded, unguarded = layer0_grads(tokenizer), layer0_grads(tokenizer, guard=False)
+    for proj in ("q_proj", "v_proj"):
+        (name,) = [n for n in guarded if f"{proj}.lora_B" in n]
+        assert guarded[name].abs().sum() > 0
+        assert unguarded[name].abs().sum() == 0  # the trap, reproduced: nothing reaches layer 0
+
+    # guard_4bit_cpu also converts weights that were already repacked back to the trainable layout
+    model = load_model(tiny("nf4"))
+    batch = tokenizer(["Heat"], return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**batch).logits
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
+    with torch.no_grad():
+        model(**batch)  # repacks every 4-bit weight
+    assert guard_4bit_cpu(model) == 14
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    logits.sum().backward()
+    assert embeds.grad.abs().sum() > 0
+    # the repacking rounded the block scales to bf16, so the repaired weights are close, not identical
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(logits.detach(), reference, rtol=0, atol=0.02 * scale)
+
+
+# ------------------------------------------------------------------ index tokens
+
+def test_index_tokens_stay_single_tokens_and_decode_as_text():
+    model = load_model(tiny())
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama", CACHE))
+    ids = add_index_tokens(model, tok, CODES)
+    assert ids == list(range(49152, 49152 + len(CODES)))
+    assert tok.encode("<a_12><b_3>", add_special_tokens=False) == [ids[0], ids[2]]
+    text = "Try <a_3><b_40><c_7> next."
+    assert tok.decode(tok.encode(text, add_special_tokens=False), skip_special_tokens=True) == text
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied after the resize
+    assert add_index_tokens(model, tok, CODES[:2] + ["<d_1>"]) == ids[:2] + [ids[-1] + 1]  # idempotent
+    with pytest.raises(ValueError, match="whitespace"):
+        add_index_tokens(model, tok, ["<a 1>"])
+
+
+def test_title_mean_init_is_the_mean_of_the_titles_embeddings():
+    model = load_model(tiny())
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama", CACHE))
+    old = model.get_input_embeddings().weight.detach().clone()
+    titles = {"<a_12>": ["Toy Story", "Heat (1995)"], "<b_3>": ["Casino"]}
+    ids = add_index_tokens(model, tok, CODES, init="title_mean", init_texts=titles)
+    weight = model.get_input_embeddings().weight.detach()
+
+    def mean_of(text: str) -> torch.Tensor:
+        return old[tok.encode(text, add_special_tokens=False)].mean(0)
+
+    torch.testing.assert_close(weight[ids[0]], (mean_of("Toy Story") + mean_of("Heat (1995)")) / 2)
+    torch.testing.assert_close(weight[ids[2]], mean_of("Casino"))
+    fallback = weight[[ids[1], ids[3], ids[4]]]  # no titles: near the mean row, but distinct
+    assert torch.allclose(fallback.mean(0), old.mean(0), atol=3 * old.std(0).max().item())
+    assert torch.linalg.matrix_rank(fallback - fallback.mean(0)) == 2
+    torch.testing.assert_close(weight[:49152], old)
+    torch.testing.assert_close(model.get_output_embeddings().weight[ids[2]].detach(), mean_of("Casino"))
+
+
+def train_one_step(model, tokenizer, ids: list[int]):
+    peft_model = get_peft_model(model, lora_config(TrainConfig(lora_dropout=0.0), ids, model=model))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tokenizer(["liked <a_12><b_3><c_7>, then <a_3><b_40><c_7>"], return_tensors="pt")
+    peft_model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    return peft_model, batch
+
+
+def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path):
+    model = load_model(tiny(), for_training=True)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama", CACHE))
+    ids = add_index_tokens(model, tok, CODES, init_texts={"<a_12>": ["Toy Story"]})
+    before = model.get_input_embeddings().weight.detach().clone()
+    peft_model, batch = train_one_step(model, tok, ids)
+    with torch.no_grad():
+        logits = peft_model(**batch).logits
+
+    save_adapter(peft_model, tok, tmp_path / "adapter")
+    size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size < 200_000  # LoRA + 5 rows, not the 12.6 MB embedding matrix
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-llama", CACHE))
+    base.resize_token_embeddings(len(tok))  # plain transformers/peft, random new rows
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
+    model2, tok2 = load_finetuned(tiny(), tmp_path / "adapter")
+    assert tok2.convert_tokens_to_ids(CODES) == ids
+    with torch.no_grad():
+        torch.testing.assert_close(model2(**batch).logits, logits, rtol=0, atol=0)
+
+    merged = peft_model.merge_and_unload()
+    after_in, after_out = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    assert not torch.isclose(after_in[ids], before[ids]).all(dim=1).any(), "a new row did not train"
+    torch.testing.assert_close(after_in[:49152], before[:49152], rtol=0, atol=0)
+    torch.testing.assert_close(after_out, after_in)  # the tied head learned the same rows ...
+    with torch.no_grad():  # ... and the adapter's forward already used them in the head
+        torch.testing.assert_close(merged(**batch).logits, logits)
+
+
+def test_untied_head_gets_its_new_rows_trained_too():
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama", CACHE))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = add_index_tokens(model, tok, CODES)
+    assert lora_config(TrainConfig(), ids, model=model).trainable_token_indices == \
+        {"embed_tokens": ids, "lm_head": ids}
+    head_before = model.lm_head.weight.detach().clone()
+    peft_model, _ = train_one_step(model, tok, ids)
+    head_after = peft_model.merge_and_unload().lm_head.weight
+    assert not torch.isclose(head_after[ids], head_before[ids]).all(dim=1).any()
+    torch.testing.assert_close(head_after[:49152], head_before[:49152], rtol=0, atol=0)
