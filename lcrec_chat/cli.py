@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.stage == "serve":
-        from .chat import serve
+        from .ui import serve
         if args.host:
             cfg.chat.host = args.host
         if args.port:

@@ -51,6 +51,10 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.counts = trie.alive(allowed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, expected = input_ids.shape[0], self.counts[0].shape[0] * self.num_beams
+        if rows != expected:
+            raise ValueError(f"TrieLogitsProcessor was built for {self.counts[0].shape[0]} requests x "
+                             f"{self.num_beams} beams = {expected} rows, got {rows}")
         step = input_ids.shape[1] - self.prompt_length
         if step >= self.trie.depth:
             out = torch.full_like(scores, float("-inf"))
@@ -102,44 +106,49 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attent
     sorted by score, item -1 / score -inf where fewer than num_beams items are allowed."""
     counts = trie.alive(allowed)
     batch, device = input_ids.shape[0], input_ids.device
-    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
-    nodes = torch.zeros(batch, dtype=torch.long)             # one row per request before the first step
-    scores = torch.zeros(batch)
-    request = torch.arange(batch)
+    # before the first code token there is one row per request; afterwards num_beams rows per request
+    nodes, scores, request = torch.zeros(batch, dtype=torch.long), torch.zeros(batch), torch.arange(batch)
     last_position = positions[:, -1]
     for level in range(trie.depth):
-        rows_per_request = nodes.shape[0] // batch
         tokens, childs, valid = trie.candidates(nodes, level, counts[level + 1], request)
         logits = logits.float()  # log-probs normalised over the whole vocabulary, read only at the candidates
-        picked = logits.gather(1, tokens.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)
-        cand = scores[:, None] + picked.cpu()
-        cand = cand.masked_fill(~valid, float("-inf")).view(batch, -1)   # (B, rows_per_request * D)
-        if cand.shape[1] < num_beams:
-            cand = torch.nn.functional.pad(cand, (0, num_beams - cand.shape[1]), value=float("-inf"))
-        scores, flat = cand.topk(num_beams, dim=1)                        # sorted, best first
-        width = tokens.shape[1]
-        parent_row = (flat // width).clamp(max=rows_per_request - 1) + torch.arange(batch)[:, None] * rows_per_request
-        pick = (parent_row * width + flat % width).clamp(max=tokens.numel() - 1)
-        alive = torch.isfinite(scores)
-        nodes = torch.where(alive, childs.view(-1)[pick], -1).view(-1)
-        scores = scores.view(-1)
+        log_probs = logits.gather(1, tokens.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)
+        scores, parent, column = _best_continuations(scores[:, None] + log_probs.cpu(), valid, batch, num_beams)
+        nodes = torch.where(torch.isfinite(scores), childs[parent, column], -1)
         request = torch.arange(batch).repeat_interleave(num_beams)
         if level == trie.depth - 1:
             break
-        parent_flat = parent_row.view(-1)
-        cache.reorder_cache(parent_flat.to(device))                      # also expands B -> B * num_beams
-        next_tokens = tokens.view(-1)[pick].view(-1, 1).to(device)
-        attention = torch.cat([attention[parent_flat.to(device)],
-                               torch.ones_like(next_tokens)], dim=1)
-        last_position = last_position[parent_flat.to(device)] + 1
+        parent_dev = parent.to(device)
+        cache.reorder_cache(parent_dev)  # the first time, this also expands each request's prompt to its beams
+        next_tokens = tokens[parent, column].view(-1, 1).to(device)
+        attention = torch.cat([attention[parent_dev], torch.ones_like(next_tokens)], dim=1)
+        last_position = last_position[parent_dev] + 1
         out = model(input_ids=next_tokens, attention_mask=attention, position_ids=last_position[:, None],
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     items = torch.where(nodes >= 0, trie.leaf_item[nodes.clamp(min=0)], -1)
     return items.view(batch, num_beams), scores.view(batch, num_beams)
+
+
+def _best_continuations(cand: torch.Tensor, valid: torch.Tensor, batch: int, num_beams: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the best ``num_beams`` (row, candidate) pairs of each request.
+
+    ``cand`` (R, D) are the accumulated scores of every candidate of every row, rows grouped by request.
+    Returns (scores, parent row, candidate column), each (batch * num_beams,), best first within a request;
+    when a request has fewer valid candidates the rest have score -inf.
+    """
+    rows_per_request, width = cand.shape[0] // batch, cand.shape[1]
+    flat = cand.masked_fill(~valid, float("-inf")).view(batch, rows_per_request * width)
+    if flat.shape[1] < num_beams:
+        flat = torch.nn.functional.pad(flat, (0, num_beams - flat.shape[1]), value=float("-inf"))
+    scores, index = flat.topk(num_beams, dim=1)
+    parent = (index // width).clamp(max=rows_per_request - 1) + torch.arange(batch)[:, None] * rows_per_request
+    return scores.view(-1), parent.view(-1), (index % width).view(-1)
 
 
 # ---- transformers generate ------------------------------------------------------------------------------------

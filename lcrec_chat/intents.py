@@ -1,0 +1,450 @@
+"""Reading a chat message: plain rules, no model output (the model only ever ranks items).
+
+A message is read in this order; the first rule that applies wins.
+
+0. **help** ("help", "hi", an empty message) and **thanks** ("thanks", "ok", "great"): a short answer.
+1. **reset**: "start over", "restart", "reset", "new search", "forget everything" (what follows, as in
+   "start over: 80s comedies", is then read as a new message).
+2. **item commands**, which point at the cards on screen by number ("#2", "number 2", "the second one",
+   "the 3rd", "the last one") or at the item last talked about ("that one", "this movie", "it"):
+   - *reject*: "not #2", "no to the second one", "seen #3", "skip that one", "I don't like #1";
+   - *like*: "more like the second one", "I loved #1", "#2 looks good";
+   - *info*: "what is #3?", "tell me about the first one", "#2?" (an item reference with no verb).
+3. **more**: "more", "show me more", "something else", "other ones".
+4. **refine**: a message made only of filter phrases and filler words changes the filters of the current
+   request and keeps its history and intention: "only comedies", "no horror", "something older" / "newer",
+   "from the 80s", "before 1990", "between 1980 and 1990", "any genre", "any year".
+5. **request**: anything else. The engine resolves titles in it through the catalogue and decides what is a
+   pasted history and what is an intention (see :func:`split_request` and ``chat.ChatEngine``); filter words
+   inside the intention part become that request's filters.
+
+Numbers and ordinals count as item references only in forms a title rarely takes ("#2", "number 2", "the
+second one", "the second" at the end of a message), so "First Knight" or "The Last of the Mohicans" stay titles.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .tasks import GENRE_ADJECTIVE, GENRE_NOUN
+
+MAX_QUERY_CHARS = 200
+
+# word or phrase -> catalogue genre (MovieLens names); phrases the intention templates use are included
+# (tasks.GENRE_ADJECTIVE / GENRE_NOUN), so what the model was tuned on maps back to the same genre.
+GENRE_WORDS: dict[str, tuple[str, ...]] = {
+    "Comedy": ("comedy", "comedies", "funny", "funnier", "comedic", "humor", "humour", "hilarious", "laugh",
+               "laughs", "rom-com", "romcom", "rom-coms"),
+    "Horror": ("horror", "horrors", "scary", "scarier", "frightening", "creepy", "spooky", "terrifying"),
+    "Romance": ("romance", "romances", "romantic", "love story", "love stories", "rom-com", "romcom", "rom-coms"),
+    "Action": ("action", "action-packed", "action movies"),
+    "Thriller": ("thriller", "thrillers", "suspense", "suspenseful", "edge of my seat"),
+    "Animation": ("animation", "animated", "cartoon", "cartoons", "anime"),
+    "Children's": ("children's", "childrens", "children", "kids", "kid", "family", "family-friendly"),
+    "Sci-Fi": ("sci-fi", "scifi", "science fiction", "science-fiction"),
+    "Fantasy": ("fantasy", "magical"),
+    "Musical": ("musical", "musicals"),
+    "Mystery": ("mystery", "mysteries", "mysterious", "whodunit", "whodunnit"),
+    "War": ("war",),
+    "Western": ("western", "westerns", "cowboy", "cowboys"),
+    "Crime": ("crime", "gangster", "gangsters", "heist", "heists", "mafia"),
+    "Adventure": ("adventure", "adventures", "adventurous"),
+    "Drama": ("drama", "dramas", "dramatic"),
+    "Film-Noir": ("noir", "film noir", "film-noir", "films noirs"),
+    "Documentary": ("documentary", "documentaries"),
+}
+for _g, _w in GENRE_ADJECTIVE.items():
+    GENRE_WORDS[_g] = tuple(dict.fromkeys(GENRE_WORDS.get(_g, ()) + (_w,)))
+for _g, _w in GENRE_NOUN.items():
+    GENRE_WORDS[_g] = tuple(dict.fromkeys(GENRE_WORDS.get(_g, ()) + (_w.removesuffix(" movie"),)))
+
+_ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
+             "eighth": 8, "ninth": 9, "tenth": 10, "last": -1}
+_DECADE_WORDS = {"twenties": 1920, "thirties": 1930, "forties": 1940, "fifties": 1950, "sixties": 1960,
+                 "seventies": 1970, "eighties": 1980, "nineties": 1990}
+_NOUN = r"(?:one|movie|film|title|item|pick|suggestion|recommendation|option)s?"
+_ORD = "|".join(_ORDINALS)
+# item references; group "n" holds the number or ordinal word
+_REF_PATTERNS = [
+    re.compile(r"#\s?(?P<n>\d{1,2})\b"),
+    re.compile(r"\b(?:number|no\.|nr\.?|item|option|pick)\s?(?P<n>\d{1,2})\b", re.I),
+    re.compile(rf"\b(?:the\s+)?(?P<n>{_ORD}|\d{{1,2}}(?:st|nd|rd|th))\s+{_NOUN}\b", re.I),
+    re.compile(rf"\bthe\s+(?P<n>{_ORD}|\d{{1,2}}(?:st|nd|rd|th))\b(?=\s*(?:$|[?.!,;]|and\b|or\b))", re.I),
+]
+_FOCUS_REF = re.compile(rf"\b(?:that|this|the\s+same)\s+{_NOUN}\b|^\W*(?:that|this)\W*$|"
+                        r"\b(?:about|like|liked|love|loved|not|seen|skip|drop)\s+(?:it|that|this)\W*$", re.I)
+_BARE_NUMBER = re.compile(r"^\W*(?:not|no|skip|drop|hide|remove|seen|more\s+like|like|what\s+is|what's|"
+                          r"tell\s+me\s+about|about|info|details)?\s*(?P<n>\d{1,2})\s*[?.!]*\s*$", re.I)
+
+_RESET = re.compile(r"^\W*(?:please\s+)?(?:let'?s\s+)?(?:start\s+(?:over|again|afresh)|restart|reset|"
+                    r"new\s+(?:search|conversation|chat|session)|forget\s+(?:it|that|everything|all)|"
+                    r"begin\s+again|clear(?:\s+(?:all|everything|the\s+chat))?)\b[\s:,.!-]*", re.I)
+_REJECT = re.compile(r"\b(?:not|no|nope|never|without|skip|drop|remove|hide|exclude|hate|hated|dislike|"
+                     r"disliked|don'?t|didn'?t|seen|saw|watched|already|boring|meh)\b", re.I)
+_LIKE = re.compile(r"\b(?:more\s+like|like|liked|love|loved|enjoy|enjoyed|similar|yes|good|great|nice|"
+                   r"perfect|keep)\b", re.I)
+_INFO = re.compile(r"\b(?:what|which|who|tell|about|info|information|details?|describe|explain|why)\b|\?", re.I)
+_MORE = re.compile(r"^\W*(?:(?:show|give)\s+(?:me\s+)?)?(?:some\s+)?(?:more|others?|other\s+ones|"
+                   r"something\s+else|anything\s+else|different\s+ones|next(?:\s+ones)?|more\s+please|"
+                   r"more\s+(?:recommendations|suggestions|movies|films|picks))(?:\s+please)?\W*$", re.I)
+
+_THANKS = re.compile(r"\W*(?:(?:thanks?|thank\s+you|thx|ok(?:ay)?|cool|nice|great|awesome|perfect|got\s+it|"
+                     r"a\s+lot|so\s+much|much\s+appreciated)[\s,!.]*)+", re.I)
+
+_YEAR = r"(1[89]\d\d|20\d\d)"
+_YEAR_RANGE = [
+    (re.compile(rf"\bbetween\s+{_YEAR}\s+and\s+{_YEAR}\b", re.I), "between"),
+    (re.compile(rf"\bfrom\s+{_YEAR}\s+(?:to|until|till)\s+{_YEAR}\b", re.I), "between"),
+    (re.compile(rf"\b{_YEAR}\s*(?:-|–|to)\s*{_YEAR}\b", re.I), "between"),
+    (re.compile(rf"\b(?:before|until|till|older\s+than|earlier\s+than|pre-?)\s*{_YEAR}\b", re.I), "before"),
+    (re.compile(rf"\b(?:after|newer\s+than|later\s+than|post-?)\s*{_YEAR}\b", re.I), "after"),
+    (re.compile(rf"\bsince\s+{_YEAR}\b", re.I), "since"),
+    (re.compile(rf"\b(?:from|in|of)\s+{_YEAR}\b(?!s)", re.I), "in"),
+]
+_DECADE = re.compile(r"(?<![\w])(?:the\s+)?(?:'|’)?(?P<c>19|20)?(?P<d>\d)0(?:'|’)?s\b|"
+                     r"\b(?:the\s+)?(?P<w>" + "|".join(_DECADE_WORDS) + r")\b", re.I)
+_OLDER = re.compile(r"\b(?:older|earlier|less\s+recent|not\s+so\s+(?:new|recent))\b", re.I)
+_NEWER = re.compile(r"\b(?:newer|more\s+recent|recent|modern|later|latest|less\s+old)\b", re.I)
+_ANY_GENRE = re.compile(r"\b(?:any|all|every)\s+(?:genres?|kinds?|types?)\b", re.I)
+_ANY_YEAR = re.compile(r"\b(?:any|all)\s+(?:years?|decades?|eras?|time)\b", re.I)
+_CLEAR_FILTERS = re.compile(r"\b(?:clear|remove|drop|reset|no)\s+(?:the\s+)?filters?\b", re.I)
+_NEGATION = (r"(?:no|not|without|nothing|non|except|but\s+not|anything\s+but|not\s+too|nothing\s+too|hate|dislike|"
+             r"avoid|don'?t\s+(?:like|want)|can'?t\s+stand|not\s+into)")
+
+# words that carry no request of their own (a refinement is filter phrases plus these)
+_FILLER = frozenset("""
+a an the only just something anything some more movies movie films film ones one please pls show me give
+make it them those these instead but and or now then from in of with about maybe lets let's let try rather
+ok okay i want would like prefer could you can bit little slightly stuff that are is be to what how also
+really very much too so thanks thank same kind sort type types kinds genre genres year years decade decades
+era eras time ones please stick keep keeping limit restrict filter filtered by only that's thats which
+""".split())
+
+# an unknown piece of a pasted history is part of an intention when it holds one of these (or a filter word)
+_INTENTION_WORDS = re.compile(
+    r"\b(?:movies?|films?|something|anything|want|wanna|need|looking|look|recommend|suggest|mood|tonight|"
+    r"night|evening|weekend|watch|classic|old|new|recent|good|great|fun|light|dark|feel-good|date|friends|"
+    r"scarier|funnier|darker|lighter|similar|different|about|set\s+in|starring|with\s+a|for\s+a)\b", re.I)
+# where a pasted history turns into a wish: split there so each side is read on its own
+_CLAUSE_SPLIT = re.compile(r"\s*(?:[.!?;\n]+|,?\s+\b(?:but|now|though|although|however|except)\b)\s*", re.I)
+_LIKE_PREAMBLE = re.compile(r"\b((?:something|anything|stuff|more|movies?|films?|ones?|titles?)\s+"
+                            r"(?:like|similar\s+to|such\s+as|in\s+the\s+vein\s+of))\s+", re.I)
+HISTORY_CUE = re.compile(r"\b(?:loved?|liked|like|enjoy(?:ed)?|adored?|watched|seen|saw|favou?rites?|"
+                         r"fan\s+of|similar\s+to|such\s+as|into|rewatched|grew\s+up\s+with)\b", re.I)
+_LEADING_CONNECTOR = re.compile(r"^(?:(?:and|but|now|so|then|also|though|although|however|except|well|ok|"
+                                r"okay|plus)\b[\s,]*)+", re.I)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Catalogue constraints of the current request; empty = anything goes."""
+    genres: tuple[str, ...] = ()            # item must have one of these
+    excluded_genres: tuple[str, ...] = ()   # item must have none of these
+    year_min: int | None = None
+    year_max: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.genres or self.excluded_genres or self.year_min or self.year_max)
+
+    def catalog_filters(self) -> dict | None:
+        """The keyword arguments for Catalog.filter_indices / Recommender.recommend(filters=...)."""
+        out: dict = {}
+        if self.genres:
+            out["genres"] = list(self.genres)
+        if self.year_min is not None:
+            out["year_min"] = self.year_min
+        if self.year_max is not None:
+            out["year_max"] = self.year_max
+        return out or None
+
+    def describe(self) -> str:
+        parts = []
+        if self.genres:
+            parts.append(" or ".join(self.genres))
+        if self.excluded_genres:
+            parts.append("no " + ", no ".join(self.excluded_genres))
+        if self.year_min is not None and self.year_max is not None:
+            parts.append(str(self.year_min) if self.year_min == self.year_max else f"{self.year_min}–{self.year_max}")
+        elif self.year_min is not None:
+            parts.append(f"{self.year_min} or later")
+        elif self.year_max is not None:
+            parts.append(f"{self.year_max} or earlier")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Wish:
+    """One filter phrase of a message ("funny" -> Comedy, "90s" -> 1990-1999), kept to explain picks."""
+    text: str
+    genres: tuple[str, ...] = ()
+    year_min: int | None = None
+    year_max: int | None = None
+    negated: bool = False
+
+    def fits(self, item: dict) -> bool:
+        if self.genres:
+            return bool(set(self.genres) & set(item.get("genres") or [])) != self.negated
+        year = item.get("year")
+        return year is not None and (self.year_min is None or year >= self.year_min) and \
+            (self.year_max is None or year <= self.year_max)
+
+    def meaning(self) -> str:
+        if self.genres:
+            return ("not " if self.negated else "") + " or ".join(self.genres)
+        return Filters(year_min=self.year_min, year_max=self.year_max).describe()
+
+
+@dataclass
+class FilterChange:
+    """Filter phrases found in a message, before they are applied to a session's filters."""
+    genres: list[str] = field(default_factory=list)
+    excluded_genres: list[str] = field(default_factory=list)
+    year_min: int | None = None
+    year_max: int | None = None
+    shift: str = ""                    # "older" | "newer": relative to what was shown
+    clear_genres: bool = False
+    clear_years: bool = False
+    wishes: list[Wish] = field(default_factory=list)       # each phrase as written and what it means
+
+    def __bool__(self) -> bool:
+        return bool(self.genres or self.excluded_genres or self.year_min is not None or self.year_max is not None
+                    or self.shift or self.clear_genres or self.clear_years)
+
+    def apply(self, base: Filters, reference_years: Iterable[int] = ()) -> tuple[Filters, str]:
+        """New filters from ``base`` plus this change; the note says what could not be applied."""
+        genres, excluded = list(base.genres), list(base.excluded_genres)
+        year_min, year_max = base.year_min, base.year_max
+        note = ""
+        if self.clear_genres:
+            genres, excluded = [], []
+        if self.clear_years:
+            year_min = year_max = None
+        if self.genres:
+            genres = list(dict.fromkeys(self.genres))
+            excluded = [g for g in excluded if g not in genres]
+        if self.excluded_genres:
+            excluded = list(dict.fromkeys(excluded + self.excluded_genres))
+            genres = [g for g in genres if g not in excluded]
+        if self.year_min is not None or self.year_max is not None:
+            year_min, year_max = self.year_min, self.year_max
+        if self.shift:
+            years = sorted(y for y in reference_years if y)
+            if not years:
+                note = f"'{self.shift}' needs something to compare with; ask for some movies first."
+            else:
+                median = years[len(years) // 2]
+                if self.shift == "older":
+                    year_max = min(median - 1, year_max if year_max is not None else median - 1)
+                    year_min = year_min if year_min is not None and year_min <= year_max else None
+                else:
+                    year_min = max(median + 1, year_min if year_min is not None else median + 1)
+                    year_max = year_max if year_max is not None and year_max >= year_min else None
+        return Filters(tuple(genres), tuple(excluded), year_min, year_max), note
+
+
+@dataclass
+class Command:
+    """A message that acts on the conversation rather than asking for new items."""
+    kind: str                           # reset | reject | like | info | more | refine | help | thanks
+    refs: list[int] = field(default_factory=list)   # 1-based card positions; -1 = the last card
+    focus: bool = False                 # refers to "that one" (the item last talked about)
+    change: FilterChange | None = None  # refine
+    rest: str = ""                      # reset: the message after "start over"
+
+
+class Vocabulary:
+    """Genre words of one catalogue: only genres the catalogue has are recognised."""
+
+    def __init__(self, genres: Iterable[str]):
+        known = {g.casefold(): g for g in genres}
+        table: dict[str, set[str]] = {}
+        for genre, words in GENRE_WORDS.items():
+            if genre.casefold() in known:
+                for w in words:
+                    table.setdefault(w.casefold(), set()).add(known[genre.casefold()])
+        for folded, genre in known.items():      # the catalogue's own names (Amazon categories, ...)
+            if folded and folded != "unknown":
+                for w in (folded, folded + "s"):
+                    table.setdefault(w, set()).add(genre)
+        self.words = {w: tuple(sorted(gs)) for w, gs in table.items()}
+        alternatives = sorted(self.words, key=len, reverse=True)
+        self._pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in alternatives) + r")(?![\w-])",
+                                   re.I) if alternatives else None
+        self._negated = re.compile(rf"\b{_NEGATION}\s+(?:(?:a|an|any|more|so|very|too)\s+)?(" +
+                                   "|".join(re.escape(w) for w in alternatives) + r")(?![\w-])",
+                                   re.I) if alternatives else None
+
+    def genre_mentions(self, text: str) -> list[tuple[str, tuple[str, ...], bool]]:
+        """(word as written, genres, negated) for every genre word in ``text``."""
+        if not self._pattern:
+            return []
+        negated_spans = [m.span(1) for m in self._negated.finditer(text)]
+        return [(m.group(1), self.words[m.group(1).casefold()], m.span(1) in negated_spans)
+                for m in self._pattern.finditer(text)]
+
+
+# ---------------------------------------------------------------------------------------------- filters
+
+def extract_filters(text: str, vocab: Vocabulary) -> tuple[FilterChange, str]:
+    """Filter phrases in ``text`` and the text left once they are removed."""
+    change = FilterChange()
+    rest = text
+    for pattern, kind in _YEAR_RANGE:
+        m = pattern.search(rest)
+        if not m:
+            continue
+        a = int(m.group(1))
+        if kind == "between":
+            b = int(m.group(2))
+            change.year_min, change.year_max = min(a, b), max(a, b)
+        elif kind == "before":
+            change.year_max = a - 1
+        elif kind == "after":
+            change.year_min = a + 1
+        elif kind == "since":
+            change.year_min = a
+        else:
+            change.year_min = change.year_max = a
+        change.wishes.append(Wish(m.group(0).strip(), year_min=change.year_min, year_max=change.year_max))
+        rest = rest[:m.start()] + " " + rest[m.end():]
+        break
+    decades = []
+    for m in _DECADE.finditer(rest):
+        if m.group("w"):
+            start = _DECADE_WORDS[m.group("w").casefold()]
+        else:
+            d = int(m.group("d"))
+            century = int(m.group("c")) * 100 if m.group("c") else (2000 if d <= 2 else 1900)
+            start = century + d * 10
+        decades.append(start)
+        text = re.sub(r"^the\s+", "", m.group(0).strip(), flags=re.I)
+        change.wishes.append(Wish(text, year_min=start, year_max=start + 9))
+    if decades:
+        change.year_min, change.year_max = min(decades), max(decades) + 9
+        rest = _DECADE.sub(" ", rest)
+    if _OLDER.search(rest):
+        change.shift = "older"
+        rest = _OLDER.sub(" ", rest)
+    elif _NEWER.search(rest):
+        change.shift = "newer"
+        rest = _NEWER.sub(" ", rest)
+    if _ANY_GENRE.search(rest) or _CLEAR_FILTERS.search(rest):
+        change.clear_genres = True
+    if _ANY_YEAR.search(rest) or _CLEAR_FILTERS.search(rest):
+        change.clear_years = True
+    rest = _CLEAR_FILTERS.sub(" ", _ANY_YEAR.sub(" ", _ANY_GENRE.sub(" ", rest)))
+    for word, genres, negated in vocab.genre_mentions(rest):
+        (change.excluded_genres if negated else change.genres).extend(genres)
+        change.wishes.append(Wish(word, genres=genres, negated=negated))
+    change.genres = list(dict.fromkeys(g for g in change.genres if g not in change.excluded_genres))
+    change.excluded_genres = list(dict.fromkeys(change.excluded_genres))
+    if vocab._pattern:
+        rest = vocab._pattern.sub(" ", rest)
+    return change, rest
+
+
+def _only_filler(text: str) -> bool:
+    words = re.findall(r"[\w']+", text.casefold())
+    return all(w in _FILLER or re.fullmatch(_NEGATION, w) for w in words)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def _refs(text: str) -> list[int]:
+    found: list[tuple[int, int]] = []
+    for pattern in _REF_PATTERNS:
+        for m in pattern.finditer(text):
+            word = m.group("n").casefold()
+            n = _ORDINALS.get(word)
+            if n is None:
+                n = int(re.match(r"\d+", word).group(0))
+            if n != 0:
+                found.append((m.start(), n))
+    if not found:
+        m = _BARE_NUMBER.match(text)
+        if m and int(m.group("n")) > 0:
+            found.append((0, int(m.group("n"))))
+    return list(dict.fromkeys(n for _, n in sorted(found)))
+
+
+def parse_command(text: str, vocab: Vocabulary) -> Command | None:
+    """The command a message gives, or None when it is a request (titles and/or an intention)."""
+    stripped = text.strip()
+    if not stripped or re.fullmatch(r"\W*(?:help|\?|hi|hello|hey)\W*", stripped, re.I):
+        return Command("help")
+    if _THANKS.fullmatch(stripped):
+        return Command("thanks")
+    m = _RESET.match(stripped)
+    if m:
+        return Command("reset", rest=stripped[m.end():].strip())
+    refs = _refs(stripped)
+    focus = not refs and bool(_FOCUS_REF.search(stripped))
+    if refs or focus:
+        if _REJECT.search(stripped) and not re.search(r"\b(?:more\s+like|not\s+bad)\b", stripped, re.I):
+            return Command("reject", refs, focus)
+        if _LIKE.search(stripped):
+            return Command("like", refs, focus)
+        return Command("info", refs, focus)
+    if _MORE.match(stripped):
+        return Command("more")
+    change, rest = extract_filters(stripped, vocab)
+    if change and _only_filler(rest):
+        return Command("refine", change=change)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+def split_request(text: str) -> list[str]:
+    """Clauses of a request, cut where a history turns into a wish ("I loved X, but now something
+    scary") and after "something like" (so "movies like Toy Story" gives the title on its own)."""
+    clauses = []
+    for clause in _CLAUSE_SPLIT.split(text):
+        clause = _LIKE_PREAMBLE.sub(lambda m: m.group(1) + "; ", clause)
+        clauses.extend(c.strip() for c in clause.split(";"))
+    return [c for c in clauses if c]
+
+
+def is_intention_piece(piece: str, vocab: Vocabulary) -> bool:
+    """Whether text left over after title resolution reads as a wish rather than an unknown title."""
+    if _INTENTION_WORDS.search(piece) or vocab.genre_mentions(piece):
+        return True
+    change, _ = extract_filters(piece, vocab)
+    return bool(change)
+
+
+def has_content(piece: str) -> bool:
+    """False for pieces made only of filler ("I want something like")."""
+    return not _only_filler(re.sub(HISTORY_CUE, " ", piece))
+
+
+def sanitize_query(text: str, max_chars: int = MAX_QUERY_CHARS) -> str:
+    """Make user text safe to quote inside the model's prompt: one line, no quote marks, brackets or
+    pipes (so it cannot close the prompt's quoting, imitate index tokens like ``<a_1>`` or chat markers like
+    ``<|im_start|>``), no control characters, at most ``max_chars`` characters (cut at a word)."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    text = re.sub(r"[\"“”„‟«»`´\\<>{}\[\]|]", " ", text)
+    text = _LEADING_CONNECTOR.sub("", re.sub(r"\s+", " ", text).strip(" ,;:-"))
+    if len(text) > max_chars:
+        text = text[:max_chars].rsplit(" ", 1)[0]
+    return text.strip(" ,;:-")
+
+
+def resolve_refs(refs: list[int], shown: list[int]) -> tuple[list[int], list[int]]:
+    """Card positions -> item indices of the list on screen; also returns the positions out of range."""
+    items, bad = [], []
+    for n in refs:
+        pos = len(shown) if n == -1 else n
+        if 1 <= pos <= len(shown):
+            items.append(shown[pos - 1])
+        else:
+            bad.append(n)
+    return list(dict.fromkeys(items)), bad
+
+
+__all__ = ["Command", "FilterChange", "Filters", "Wish", "Vocabulary", "extract_filters", "parse_command",
+           "split_request", "is_intention_piece", "has_content", "sanitize_query", "resolve_refs",
+           "HISTORY_CUE", "GENRE_WORDS", "MAX_QUERY_CHARS"]

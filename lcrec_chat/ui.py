@@ -1,0 +1,229 @@
+"""The Gradio 6 app around ``chat.ChatEngine``: page, streaming chat handler, a stateless JSON API, ``serve``.
+
+Endpoints (``gradio_client.Client(url).predict(..., api_name=...)``):
+  /chat       message -> (chat messages, last reply as JSON); stateful per client session, streamed.
+  /recommend  message, history (titles or item indices, optional), k -> {"text", "items", ...}; stateless.
+  /reset      forget this session.
+
+Safety: every catalogue or user string shown is HTML-escaped here; messages longer than
+``chat.max_message_chars`` are refused on the server (the browser limit alone can be bypassed); user state
+lives only in per-session ``gr.State`` (deleted when the tab closes or after ``STATE_TTL_S``); the server binds
+``chat.host`` (127.0.0.1 by default) and serves no files beyond ``assets/``.
+"""
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from .chat import ChatEngine, Reply, Session  # noqa: E402
+from .config import Config  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+STATE_TTL_S = 2 * 3600          # a session's state is dropped after 2 h without a message
+MAX_SHOWN_MESSAGES = 60         # chat messages kept per session (older ones scroll away)
+STATE_SESSIONS = 2000           # sessions whose state the server keeps at most
+SHOWN_USER_CHARS = 300
+# run folder artifacts the app needs, and the stage that writes each
+REQUIRED = {"catalog.sqlite": "prepare", "split.json": "prepare", "codes.json": "index", "adapter": "train"}
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def render_reply(reply: Reply) -> str:
+    """A reply as one line of HTML (no blank lines, so markdown leaves it alone); every string escaped."""
+    parts = ['<div class="lcrec-reply">']
+    parts += [f'<p class="lcrec-line">{_esc(line)}</p>' for line in reply.lines if line]
+    if reply.cards:
+        parts.append('<ol class="lcrec-cards">')
+        for c in reply.cards:
+            year = f' <span class="lcrec-year">({_esc(c.year)})</span>' if c.year else ""
+            genres = "".join(f'<span class="lcrec-genre">{_esc(g)}</span>' for g in c.genres if g != "unknown")
+            parts.append(f'<li class="lcrec-card" data-idx="{int(c.idx)}"><div class="lcrec-title">'
+                         f'<span class="lcrec-rank">{int(c.rank)}.</span>{_esc(c.title)}{year}</div>'
+                         f'<div class="lcrec-genres">{genres}</div>'
+                         f'<div class="lcrec-reason">{_esc(c.reason)}</div></li>')
+        parts.append("</ol>")
+    elif not reply.done:
+        parts.append('<p class="lcrec-pending">…</p>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def render_user(message: str) -> str:
+    shown = message if len(message) <= SHOWN_USER_CHARS else \
+        f"{message[:SHOWN_USER_CHARS]}… ({len(message):,} characters)"
+    return _esc(shown)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def serving_dtype(requested: str = "nf4", device: str = "auto") -> str:
+    """The backbone precision to serve in: 4-bit NF4 where bitsandbytes runs on this hardware (a CUDA GPU),
+    else bf16 on a GPU that has it, else fp32.
+
+    On CPU 4-bit is not chosen even though bitsandbytes 0.50 has a CPU backend: the backbone's guard against
+    its CPU gradient trap disables the fast kernel, so 4-bit generation runs ~2.5x slower than fp32, and a
+    135M-parameter model needs only ~0.5 GB in fp32. An explicit fp32/bf16 request is kept as is.
+    """
+    if requested != "nf4":
+        return requested
+    import torch
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            return "nf4"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32"
+
+
+def missing_artifacts(run_dir: str | Path) -> list[str]:
+    run = Path(run_dir)
+    return [f"{name} (written by the '{stage}' stage)" for name, stage in REQUIRED.items()
+            if not (run / name).exists()]
+
+
+def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
+    """The engine for ``cfg.run_dir`` and a status line for the page. Never raises: a missing run folder or
+    a model that fails to load gives an engine that says so (titles still resolve when the catalogue loads)."""
+    from .catalog import Catalog, CatalogError
+    run = Path(cfg.run_dir)
+    how = f"build it with `python -m lcrec_chat pipeline --config <preset> --set run_dir={run}`"
+    if not run.is_dir():
+        msg = f"run folder `{run}` not found; {how}."
+        return ChatEngine(None, None, cfg.chat, model_error=msg, catalog_error=msg), f"⚠ {msg}"
+    missing = missing_artifacts(run)
+    catalog, catalog_error = None, ""
+    try:
+        catalog = Catalog(run / "catalog.sqlite")
+    except CatalogError as e:
+        catalog_error = str(e)
+    if missing:
+        msg = f"run folder `{run}` is incomplete, missing: {', '.join(missing)}; {how}."
+        return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error or msg), f"⚠ {msg}"
+    try:
+        from .recommender import Recommender
+        rec = Recommender.from_run(cfg, run)
+    except Exception as e:   # any failure to load must leave a running page that explains it
+        log.exception("model failed to load from %s", run)
+        msg = f"the model failed to load from `{run}` ({type(e).__name__}: {e})"
+        return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
+    engine = ChatEngine(rec.catalog, rec.recommend, cfg.chat)
+    status = (f"Model `{cfg.model.base}` ({cfg.model.dtype}) with the adapter of `{run}` · "
+              f"{len(rec.catalog):,} items from {rec.catalog.dataset_name or 'the catalogue'}")
+    return engine, status
+
+
+# --------------------------------------------------------------------------------------------- the page
+
+def _examples() -> dict:
+    try:
+        return json.loads((ASSETS / "examples.json").read_text())
+    except (OSError, ValueError):
+        return {"prompts": [], "conversations": []}
+
+
+def _how_it_works() -> str:
+    try:
+        text = (ASSETS / "how_it_works.md").read_text()
+    except OSError:
+        text = ""
+    convs = _examples().get("conversations") or []
+    if convs:
+        text += "\n\n**Example conversations** (one message per arrow):\n\n" + "\n".join(
+            "- " + " → ".join(f"“{m}”" for m in conv) for conv in convs)
+    return text
+
+
+def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
+    """The page. Handlers close over the shared engine only; everything per user is in gr.State."""
+
+    def on_message(message: str, session: Session | None, messages: list | None) -> Iterator[tuple]:
+        session = session if isinstance(session, Session) else engine.new_session()
+        message = message if isinstance(message, str) else ""
+        history = list(messages or [])[-MAX_SHOWN_MESSAGES:]
+        history.append({"role": "user", "content": render_user(message)})
+        for reply in engine.respond(message, session):
+            shown = history + [{"role": "assistant", "content": render_reply(reply)}]
+            yield "", shown, session, shown, reply.as_dict()
+
+    def on_reset() -> tuple:
+        return [], engine.new_session(), [], {}
+
+    def recommend(message: str, history: list[str | int] | None = None, k: int = cfg.chat.default_k) -> dict:
+        """Stateless recommendations. message: a wish and/or titles, as typed in the chat (may be empty when
+        history is given). history: titles or catalogue item indices the user liked, oldest first. k: number of
+        items (capped by the server). Returns {"text", "kind", "items": [{"rank", "idx", "title", "year",
+        "genres", "reason", "score"}], "recognised", "unknown", "request"}."""
+        if not isinstance(message, str):
+            message = ""
+        try:
+            k = int(k)
+        except (TypeError, ValueError):
+            k = cfg.chat.default_k
+        return engine.answer(message, history if isinstance(history, list) else None, k)
+
+    examples = _examples().get("prompts") or []
+    with gr.Blocks(title="LC-Rec chat: movie recommendations") as demo:
+        gr.Markdown("## LC-Rec chat\nA small language model tuned to recommend by writing item codes. "
+                    "Tell it what you liked or what you are in the mood for.")
+        gr.Markdown(status, elem_classes=["lcrec-status-error"] if status.startswith("⚠") else ["lcrec-status"],
+                    elem_id="lcrec-status")
+        session_state = gr.State(None, time_to_live=STATE_TTL_S)
+        messages_state = gr.State([], time_to_live=STATE_TTL_S)
+        chatbot = gr.Chatbot(show_label=False, elem_id="lcrec-chat", height=560, feedback_options=None, layout="panel",
+                             buttons=["copy"], placeholder="Ask for a movie, or paste a few you liked.")
+        with gr.Row():
+            box = gr.Textbox(show_label=False, placeholder="e.g. I loved Toy Story and Aladdin — or — something "
+                             "scary from the 80s", max_length=cfg.chat.max_message_chars, lines=1, scale=6,
+                             elem_id="lcrec-input", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="lcrec-send")
+            clear = gr.Button("Start over", scale=1, elem_id="lcrec-reset")
+        if examples:
+            gr.Examples(examples=[[p] for p in examples], inputs=[box], label="Try")
+        with gr.Accordion("How it works", open=False):
+            gr.Markdown(_how_it_works())
+        with gr.Accordion("Last reply as data (what the API returns)", open=False):
+            data = gr.JSON(label="reply", elem_id="lcrec-json")
+
+        outputs = [box, chatbot, session_state, messages_state, data]
+        inputs = [box, session_state, messages_state]
+        box.submit(on_message, inputs, outputs, api_name="chat")
+        send.click(on_message, inputs, outputs, api_visibility="private")
+        clear.click(on_reset, None, [chatbot, session_state, messages_state, data], api_name="reset")
+        gr.api(recommend, api_name="recommend")
+    return demo
+
+
+def launch(demo: gr.Blocks, cfg: Config, block: bool = True, port: int | None = None) -> str:
+    """Queue and start the server; returns its local URL (with block=False the call returns at once)."""
+    css = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").exists() else None
+    demo.queue(max_size=cfg.chat.queue_size, default_concurrency_limit=cfg.chat.concurrency)
+    _, url, _ = demo.launch(server_name=cfg.chat.host, server_port=port if port is not None else cfg.chat.port,
+                            share=cfg.chat.share, allowed_paths=[str(ASSETS)], css=css, theme=gr.themes.Soft(),
+                            prevent_thread_lock=not block, ssr_mode=False, show_error=False, quiet=not block,
+                            state_session_capacity=STATE_SESSIONS, max_file_size="1mb")
+    return url
+
+
+def serve(cfg: Config, block: bool = True, port: int | None = None) -> tuple[gr.Blocks, str]:
+    """Load the run in ``cfg.run_dir`` and serve the chat on ``cfg.chat.host:port``."""
+    engine, status = load_engine(cfg)
+    log.info("chat: %s", status)
+    demo = build_app(engine, cfg, status)
+    url = launch(demo, cfg, block=block, port=port)
+    return demo, url
