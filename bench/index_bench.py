@@ -65,7 +65,7 @@ def print_table(r: dict) -> None:
          f"{r['neighbour_same_first_code']['share']:.3f} ({r['neighbour_same_first_code']['chance']:.3f})"),
         ("epochs run / best", f"{r['training']['epochs_run']} / {r['training']['best_epoch']}"),
         *((f"time {k[:-2]} (s)", v) for k, v in r["times_s"].items()),
-        ("peak RSS (MB)", r["peak_rss_mb"]), ("torch threads", r["torch_threads"]),
+        ("peak RSS (MB)", r["peak_rss_mb"]), ("torch threads (training)", r["training"]["threads"]),
     ]
     width = max(len(k) for k, _ in rows)
     print(f"\n== index stage: {r['dataset']} {r['tag']}")

@@ -101,13 +101,17 @@ def load_encoder(name: str):
 
 
 def _encode(model, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
+    """Batches of similar length (little padding), our own progress bar, vectors back in input order."""
     from tqdm.auto import tqdm
 
-    out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
-        out.append(model.encode(texts[start:start + batch_size], batch_size=batch_size,
-                                convert_to_numpy=True, show_progress_bar=False))
-    return np.concatenate(out).astype(np.float32)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    parts = [model.encode([texts[i] for i in order[start:start + batch_size]], batch_size=batch_size,
+                          convert_to_numpy=True, show_progress_bar=False)
+             for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False)]
+    stacked = np.concatenate(parts)
+    out = np.empty_like(stacked, dtype=np.float32)
+    out[order] = stacked
+    return out
 
 
 def texts_key(cfg: IndexConfig, texts: list[str] | list[list[str]]) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import Config, IndexConfig
 from ..embed import item_dict, texts_key, check_embeddings, embed_items, item_texts
-from .fit import fit_rqvae
+from .fit import FitResult, fit_rqvae, torch_threads
 from .report import code_usage, neighbour_first_code_share, plot_code_usage
 from .rqvae import RQVAE, validate_index_config
 from .sinkhorn import collision_rate, lcrec_reassign
@@ -108,9 +108,15 @@ def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: 
 
     t = time.perf_counter()
     fit = fit_rqvae(emb, icfg, progress=progress)
-    model = fit.model
     times["train_s"] = time.perf_counter() - t
 
+    with torch_threads(1):   # from here on only small ops (one encoder pass, Sinkhorn on small groups)
+        return _assign_and_save(cfg, items, emb, fit, fingerprint, key, times)
+
+
+def _assign_and_save(cfg: Config, items: Sequence[Any], emb: np.ndarray, fit: FitResult, fingerprint: dict,
+                     key: str, times: dict[str, float]) -> dict:
+    icfg, run, model = cfg.index, cfg.run_path, fit.model
     t = time.perf_counter()
     x = torch.from_numpy(emb)
     greedy, _ = model.greedy_codes(x)
@@ -149,7 +155,7 @@ def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: 
         "recon_mse_final": _recon_mse(model, x, final),
         "neighbour_same_first_code": neighbour_first_code_share(emb, final),
         "training": {"epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
-                     "stopped_early": fit.stopped_early, "history": fit.history},
+                     "stopped_early": fit.stopped_early, "threads": fit.threads, "history": fit.history},
         "embedding_dim": int(emb.shape[1]),
         "times_s": {k: round(v, 2) for k, v in times.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
