@@ -20,6 +20,7 @@ import torch
 
 from lcrec_chat import backbone, stages
 from lcrec_chat.config import load_config
+from lcrec_chat.indexing import index_token_strings
 from lcrec_chat.train import IGNORE, SupervisedLoss, collate, encode, length_grouped_batches
 
 
@@ -85,7 +86,7 @@ def main() -> None:
 
     tokenizer = backbone.load_tokenizer(cfg.model)
     model = backbone.load_model(cfg.model, for_training=True)
-    tokens = sorted({t for c in builder.code_text for t in c.replace(">", "> ").split()})
+    tokens = index_token_strings(codes)
     ids = backbone.add_index_tokens(model, tokenizer, tokens)
     from peft import get_peft_model
     model = get_peft_model(model, backbone.lora_config(cfg.train, ids, model))

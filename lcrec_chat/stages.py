@@ -90,6 +90,7 @@ def prepare(cfg: Config, force: bool = False) -> dict:
 def index(cfg: Config, force: bool = False) -> dict:
     from .indexing import run_index
     run = cfg.run_path
+    cfg.save(run / "config.yaml")
     items = load_items(run)
     record = StageRecord(run)
     fp = _fingerprint(cfg.index, _file_stamp(run / "split.json"))
@@ -133,10 +134,13 @@ def validation_samples(builder, split: Split, cfg: Config) -> list:
 
 def train(cfg: Config, force: bool = False) -> dict:
     from . import backbone
-    from .indexing import code_tokens, index_token_strings
+    from .indexing import index_token_strings
+    from .indexing.tokens import index_token
     from .plots import plot_training
     from .train import train as run_training
     run = cfg.run_path
+    if os.environ.get("RANK", "0") == "0":
+        cfg.save(run / "config.yaml")
     record = StageRecord(run)
     # max_minutes is left out: a run stopped by the clock resumes when started again with more time
     train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k != "max_minutes"}
@@ -147,6 +151,7 @@ def train(cfg: Config, force: bool = False) -> dict:
     if force or record.data.get("train_started") != fp:   # a changed config must not resume an old checkpoint
         for stale in ("checkpoint/state.pt", "train_log.jsonl"):
             (run / stale).unlink(missing_ok=True)
+    record.data.pop("train", None)        # until this run completes, the stage is not done
     record.done("train_started", fp)
     split = load_split(run)
     builder, codes = task_builder(run, cfg, split)
@@ -158,8 +163,8 @@ def train(cfg: Config, force: bool = False) -> dict:
     model = backbone.load_model(cfg.model, for_training=True)
     init_texts: dict[str, list[str]] = {}
     for idx, code in enumerate(codes):
-        for token in code_tokens(code).replace(">", "> ").split():
-            init_texts.setdefault(token, []).append(builder.describer.display(idx))
+        for level, c in enumerate(code):
+            init_texts.setdefault(index_token(level, c), []).append(builder.describer.display(idx))
     new_ids = backbone.add_index_tokens(model, tokenizer, index_token_strings(codes),
                                         init=cfg.train.new_token_init, init_texts=init_texts)
     from peft import get_peft_model

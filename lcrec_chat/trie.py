@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .indexing.tokens import index_token  # noqa: F401  (re-exported: the trie speaks these tokens)
+
 logger = logging.getLogger(__name__)
 
-DENSE_LIMIT = 1 << 22  # dense transition tables up to 4M entries (16 MB of int32) per level
+DENSE_LIMIT = 1 << 22  # dense transition tables up to 4M entries (32 MB of int64) per level
 
 
 class TrieError(ValueError):
@@ -38,18 +40,6 @@ class NoItemsLeft(ValueError):
         super().__init__(f"request {request}: no item left to recommend ({reason})")
         self.request = request
         self.reason = reason
-
-
-def level_letter(level: int) -> str:
-    """Level 0 -> 'a', 1 -> 'b', ... (the index-token convention ``<a_12><b_3>...``)."""
-    if not 0 <= level < 26:
-        raise TrieError(f"code level {level} has no letter (levels 0..25 are supported)")
-    return chr(ord("a") + level)
-
-
-def index_token(level: int, code: int) -> str:
-    """The added token that writes ``code`` at ``level``, e.g. ``index_token(0, 12) == '<a_12>'``."""
-    return f"<{level_letter(level)}_{code}>"
 
 
 @dataclass(frozen=True)
@@ -105,8 +95,9 @@ class TrieLevel:
 class CodeTrie:
     """Prefix trie of item codes; item ``i`` is ``codes[i]``.
 
-    ``token_ids[l][c]`` is the vocabulary id of the token writing code ``c`` at level ``l``; build it from a
-    tokenizer with :meth:`from_tokenizer`. ``dense_limit`` caps the entries of a dense transition table.
+    ``token_ids[l][c]`` is the vocabulary id of the token writing code ``c`` at level ``l`` (-1 allowed for a
+    code no item uses); build it from a tokenizer with :meth:`from_tokenizer`. ``dense_limit`` caps the entries
+    of a dense transition table.
     """
 
     def __init__(self, codes: Sequence[Sequence[int]] | torch.Tensor,
@@ -127,7 +118,7 @@ class CodeTrie:
         self.leaf_item = torch.empty(self.num_items, dtype=torch.long)
         self.leaf_item[nodes] = torch.arange(self.num_items)
         self.item_leaf = nodes
-        self.token_ids = _as_token_tables(token_ids, [lv.codebook for lv in self.levels])
+        self.token_ids = _as_token_tables(token_ids, self.levels)
         self.code_of_token = _inverse_token_table(self.token_ids)
         logger.debug("trie: %d items, %d levels, nodes per depth %s, dense levels %s", self.num_items, self.depth,
                      [lv.num_nodes for lv in self.levels] + [self.num_items],
@@ -140,13 +131,16 @@ class CodeTrie:
         code_tensor = _as_code_tensor(codes)
         token_ids = []
         for level in range(code_tensor.shape[1]):
-            names = [index_token(level, c) for c in range(int(code_tensor[:, level].max()) + 1)]
+            used = torch.unique(code_tensor[:, level]).tolist()
+            names = [index_token(level, c) for c in used]
             ids = tokenizer.convert_tokens_to_ids(names)
             missing = [n for n, i in zip(names, ids) if i is None or tokenizer.convert_ids_to_tokens(i) != n]
             if missing:
                 raise TrieError(f"{len(missing)} index tokens are not in the tokenizer (first: {missing[0]}); "
                                 "add them before building the trie")
-            token_ids.append(ids)
+            table = torch.full((used[-1] + 1,), -1, dtype=torch.long)  # -1: a code no item uses at this level
+            table[used] = torch.tensor(ids, dtype=torch.long)
+            token_ids.append(table)
         return cls(code_tensor, token_ids, dense_limit)
 
     # ---- walking ------------------------------------------------------------------------------------------
@@ -216,6 +210,8 @@ class CodeTrie:
                    request: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Allowed next tokens of every row: (token ids, child nodes, valid), each (R, D).
 
+        Invalid entries hold token 0 and child -1, so the tokens can index a logits row as they are.
+
         ``nodes`` (R,) are depth-``level`` nodes, ``request`` (R,) the request of each row, ``alive_next``
         (B, nodes at depth level+1) the leaf counts of the next depth for those requests.
         """
@@ -223,17 +219,20 @@ class CodeTrie:
         codes, childs, valid = lv.children(nodes)
         counts = alive_next[request[:, None], childs.clamp(min=0)]
         valid = valid & (counts > 0)
-        return self.token_ids[level][codes], torch.where(valid, childs, -1), valid
+        tokens = torch.where(valid, self.token_ids[level][codes], 0)
+        return tokens, torch.where(valid, childs, -1), valid
 
     def mask_scores(self, scores: torch.Tensor, nodes: torch.Tensor, level: int, alive_next: torch.Tensor,
-                    request: torch.Tensor) -> torch.Tensor:
-        """Copy of ``scores`` (R, V) with -inf wherever the token does not extend the row's prefix to an
-        allowed item (all -inf for rows whose prefix is already invalid)."""
+                    request: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``scores`` (R, V) with -inf wherever the token does not extend the row's prefix to an allowed item
+        (all -inf for rows whose prefix is already invalid); a copy unless ``inplace``."""
         tokens, _, valid = self.candidates(nodes, level, alive_next, request)
         rows = torch.arange(scores.shape[0])[:, None].expand_as(tokens)
         flat = (rows * scores.shape[1] + tokens)[valid].to(scores.device)
-        out = torch.full_like(scores, float("-inf"))
-        out.view(-1)[flat] = scores.reshape(-1)[flat]
+        kept = scores.reshape(-1)[flat]  # a small copy of the allowed entries
+        out = scores if inplace and scores.is_contiguous() else torch.empty(scores.shape, dtype=scores.dtype,
+                                                                             device=scores.device)
+        out.fill_(float("-inf")).view(-1)[flat] = kept
         return out
 
 
@@ -280,18 +279,21 @@ def _duplicate_message(leaf_of_item: torch.Tensor) -> str:
             "codes must be distinct (resolve collisions in indexing first)")
 
 
-def _as_token_tables(token_ids, codebooks: list[int]) -> list[torch.Tensor]:
-    if len(token_ids) != len(codebooks):
-        raise TrieError(f"token_ids has {len(token_ids)} levels, codes have {len(codebooks)}")
+def _as_token_tables(token_ids, levels: list[TrieLevel]) -> list[torch.Tensor]:
+    if len(token_ids) != len(levels):
+        raise TrieError(f"token_ids has {len(token_ids)} levels, codes have {len(levels)}")
     tables = []
-    for level, (ids, size) in enumerate(zip(token_ids, codebooks)):
+    for level, (ids, lv) in enumerate(zip(token_ids, levels)):
         t = torch.as_tensor(ids, dtype=torch.long).flatten()
-        if t.numel() < size:
-            raise TrieError(f"level {level} uses codes up to {size - 1} but token_ids has only {t.numel()} ids")
-        if (t[:size] < 0).any():
-            raise TrieError(f"level {level}: negative token id for code {int((t[:size] < 0).nonzero()[0])}")
-        tables.append(t[:size])
+        if t.numel() < lv.codebook:
+            raise TrieError(f"level {level} uses codes up to {lv.codebook - 1} but token_ids has only {t.numel()} ids")
+        t = t[:lv.codebook]
+        used = torch.unique(lv.keys % lv.codebook)
+        if (t[used] < 0).any():
+            raise TrieError(f"level {level}: no token id for code {int(used[t[used] < 0][0])}, which items use")
+        tables.append(t)
     every = torch.cat(tables)
+    every = every[every >= 0]
     if torch.unique(every).numel() != every.numel():
         raise TrieError("token_ids repeat a token id; every (level, code) needs its own token")
     return tables
@@ -302,5 +304,6 @@ def _inverse_token_table(tables: list[torch.Tensor]) -> torch.Tensor:
     width = int(max(int(t.max()) for t in tables)) + 1
     inverse = torch.full((len(tables), width), -1, dtype=torch.long)
     for level, t in enumerate(tables):
-        inverse[level, t] = torch.arange(t.numel())
+        codes = (t >= 0).nonzero().flatten()
+        inverse[level, t[codes]] = codes
     return inverse

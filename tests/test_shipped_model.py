@@ -6,7 +6,7 @@ import pytest
 
 from lcrec_chat.catalog import Catalog
 from lcrec_chat.config import load_config
-from lcrec_chat.indexing import code_tokens, load_codes
+from lcrec_chat.indexing import index_token_strings, load_codes
 
 SHIPPED = Path("models/ml-100k")
 pytestmark = pytest.mark.skipif(not (SHIPPED / "adapter").exists(), reason="no shipped run in models/ml-100k")
@@ -30,7 +30,7 @@ def test_adapter_matches_base_model_and_recommends_real_items():
     rec = Recommender.from_run(cfg, SHIPPED)        # fails if shapes or vocabulary disagree with the base
     codes = load_codes(SHIPPED)
     vocab = rec.tokenizer.get_vocab()
-    assert all(t in vocab for c in codes for t in code_tokens(c).replace(">", "> ").split())
+    assert all(t in vocab for t in index_token_strings(codes))
     toy_story = 0
     recs = rec.recommend(history=[toy_story], k=5, num_beams=5)
     assert len(recs) == 5 and all(0 <= r.idx < 1682 and r.idx != toy_story for r in recs)

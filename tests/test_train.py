@@ -8,6 +8,7 @@ import torch
 
 from lcrec_chat import backbone, stages
 from lcrec_chat.config import load_config
+from lcrec_chat.indexing import index_token_strings
 from lcrec_chat.tasks import TASKS
 from lcrec_chat.train import SupervisedLoss, collate, encode
 
@@ -32,10 +33,10 @@ def test_tiny_run_trains_with_falling_loss_and_saves_everything(tiny_run):
 
 
 def test_loss_is_on_the_response_only(tiny_run):
-    builder, _ = stages.task_builder(tiny_run.run_path, tiny_run)
+    builder, codes = stages.task_builder(tiny_run.run_path, tiny_run)
     tokenizer = backbone.load_tokenizer(tiny_run.model)
     backbone.add_index_tokens(backbone.load_model(tiny_run.model), tokenizer,
-                              sorted({t for c in builder.code_text for t in c.replace(">", "> ").split()}))
+                              index_token_strings(codes))
     sample = builder.seqrec([0, 1, 2], 3, __import__("random").Random(0))
     (enc,) = encode(tokenizer, [sample], 256)
     supervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
@@ -52,7 +53,7 @@ def test_gradients_reach_new_token_rows_and_first_layer(tiny_run):
     builder, codes = stages.task_builder(tiny_run.run_path, tiny_run)
     tokenizer = backbone.load_tokenizer(tiny_run.model)
     model = backbone.load_model(tiny_run.model, for_training=True)
-    tokens = sorted({t for c in builder.code_text for t in c.replace(">", "> ").split()})
+    tokens = index_token_strings(codes)
     ids = backbone.add_index_tokens(model, tokenizer, tokens)
     model = get_peft_model(model, backbone.lora_config(tiny_run.train, ids, model))
     sample = builder.seqrec([0, 1, 2], 3, __import__("random").Random(0))

@@ -13,15 +13,20 @@ def level_letter(level: int) -> str:
     return chr(ord("a") + level)
 
 
+def index_token(level: int, code: int) -> str:
+    """The added token that writes ``code`` at ``level``: index_token(0, 12) == "<a_12>"."""
+    return f"<{level_letter(level)}_{int(code)}>"
+
+
 def code_tokens(code: Sequence[int]) -> str:
     """[12, 3, 200, 7] -> "<a_12><b_3><c_200><d_7>"."""
-    return "".join(f"<{level_letter(level)}_{int(c)}>" for level, c in enumerate(code))
+    return "".join(index_token(level, c) for level, c in enumerate(code))
 
 
 def index_token_strings(codes: Iterable[Sequence[int]]) -> list[str]:
     """Every (level, code) token used by any item, ordered by level then code number."""
     used = {(level, int(c)) for code in codes for level, c in enumerate(code)}
-    return [f"<{level_letter(level)}_{c}>" for level, c in sorted(used)]
+    return [index_token(level, c) for level, c in sorted(used)]
 
 
 def parse_code_tokens(text: str) -> list[int]:
