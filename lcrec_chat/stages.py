@@ -133,6 +133,8 @@ def validation_samples(builder, split: Split, cfg: Config) -> list:
 
 
 def train(cfg: Config, force: bool = False) -> dict:
+    import torch
+
     from . import backbone
     from .indexing import index_token_strings
     from .indexing.tokens import index_token
@@ -168,6 +170,7 @@ def train(cfg: Config, force: bool = False) -> dict:
     new_ids = backbone.add_index_tokens(model, tokenizer, index_token_strings(codes),
                                         init=cfg.train.new_token_init, init_texts=init_texts)
     from peft import get_peft_model
+    torch.manual_seed(cfg.train.seed)    # LoRA's random init: the same config gives the same run
     model = get_peft_model(model, backbone.lora_config(cfg.train, new_ids, model))
     summary = run_training(cfg, samples, valid, tokenizer, model, run)
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder
