@@ -118,22 +118,28 @@ def beam_states(tokenizer, trie, prompts: list[str], seed: int = 0) -> list[tupl
 
 
 def bench_masking(tokenizer, trie, prompts_of, reps: int) -> dict:
+    """Per-step cost of masking 20 / 160 beams: TrieLogitsProcessor (new tensor, and in place) vs the dict trie
+    behind transformers' PrefixConstrainedLogitsProcessor."""
     out = {}
     for batch in (1, 8):
         states = beam_states(tokenizer, trie, prompts_of(batch))
         width = states[0][0].shape[1]
         ours = TrieLogitsProcessor(trie, width, BEAMS, tokenizer.eos_token_id, batch_size=batch)
+        ours_inplace = TrieLogitsProcessor(trie, width, BEAMS, tokenizer.eos_token_id, batch_size=batch,
+                                           inplace=True)
         naive = PrefixConstrainedLogitsProcessor(python_trie_prefix_fn(trie, width, tokenizer.eos_token_id), BEAMS)
         for (ids, scores) in states:  # the two must agree on what they allow
             assert torch.equal(ours(ids, scores).isfinite(), naive(ids, scores).isfinite())
-        t_ours = timed(lambda: [ours(ids, s) for ids, s in states], reps, warmup=2)
-        t_naive = timed(lambda: [naive(ids, s) for ids, s in states], reps, warmup=2)
-        entry = {"rows": batch * BEAMS}
+        timings = {"tensor_trie": timed(lambda: [ours(ids, s) for ids, s in states], reps, warmup=2),
+                   "python_trie": timed(lambda: [naive(ids, s) for ids, s in states], reps, warmup=2),
+                   "tensor_trie_inplace": timed(lambda: [ours_inplace(ids, s) for ids, s in states], reps,
+                                                warmup=2)}
+        entry: dict = {"rows": batch * BEAMS}
         for stat, f in (("median", statistics.median), ("min", min)):  # min: robust to other jobs on the cores
-            ms_ours = f(t_ours) / LEVELS * 1e3
-            ms_naive = f(t_naive) / LEVELS * 1e3
-            entry[stat] = {"ms_per_step_tensor_trie": ms_ours, "ms_per_step_python_trie": ms_naive,
-                           "speedup": ms_naive / ms_ours}
+            ms = {name: f(t) / LEVELS * 1e3 for name, t in timings.items()}
+            entry[stat] = {f"ms_per_step_{name}": v for name, v in ms.items()}
+            entry[stat]["speedup"] = ms["python_trie"] / ms["tensor_trie"]
+            entry[stat]["speedup_inplace"] = ms["python_trie"] / ms["tensor_trie_inplace"]
         out[f"batch{batch}"] = entry
     return out
 
@@ -145,7 +151,7 @@ def bench_overhead(model, tokenizer, trie, prompt: str, reps: int) -> dict:
     kwargs = dict(input_ids=input_ids, attention_mask=attention, num_beams=BEAMS, num_return_sequences=BEAMS,
                   do_sample=False, max_new_tokens=LEVELS, length_penalty=0.0,
                   pad_token_id=tokenizer.pad_token_id)
-    processor = TrieLogitsProcessor(trie, width, BEAMS, tokenizer.eos_token_id, batch_size=1)
+    processor = TrieLogitsProcessor(trie, width, BEAMS, tokenizer.eos_token_id, batch_size=1, inplace=True)
     naive_fn = python_trie_prefix_fn(trie, width, tokenizer.eos_token_id)
     calls: list[float] = []
     naive_calls: list[float] = []
@@ -212,7 +218,8 @@ def bench_latency(model, tokenizer, trie, prompts: list[str], methods) -> dict:
             start = time.perf_counter()
             generate_items(model, tokenizer, trie, [prompt], num_beams=BEAMS, k=TOP_K, method=method)
             times.append(time.perf_counter() - start)
-        out[method] = {"p50_s": statistics.median(times), "p95_s": percentile(times, 0.95), "reps": method_reps}
+        out[method] = {"p50_s": statistics.median(times), "p95_s": percentile(times, 0.95), "min_s": min(times),
+                       "reps": method_reps}
     return out
 
 
@@ -223,7 +230,8 @@ def bench_throughput(model, tokenizer, trie, prompts: list[str], methods) -> dic
         times = timed(lambda: generate_items(model, tokenizer, trie, batch, num_beams=BEAMS, k=TOP_K,
                                              batch_size=8, method=method), method_reps, warmup=0)
         out[method] = {"requests_per_s": len(batch) / statistics.median(times),
-                       "batch_s": statistics.median(times), "reps": method_reps}
+                       "requests_per_s_best": len(batch) / min(times), "batch_s": statistics.median(times),
+                       "reps": method_reps}
     return out
 
 
@@ -236,8 +244,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20, help="repetitions of the fast measurements")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated model dtypes to measure")
     parser.add_argument("--quick", action="store_true", help="few repetitions, fp32 only (smoke run)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = 3 if args.quick else args.reps
     slow_reps = 2 if args.quick else max(3, reps // 5)   # generate() is many times slower
     dtypes = ["fp32"] if args.quick else args.dtypes.split(",")
@@ -276,7 +287,7 @@ def main() -> None:
         report[dtype] = result
         for method in ("loop", "generate"):
             lat, thr = result["latency"][method], result["throughput_batch8"][method]
-            rows.append((dtype, method, lat["p50_s"], lat["p95_s"], thr["requests_per_s"]))
+            rows.append((dtype, method, lat["p50_s"], lat["p95_s"], lat["min_s"], thr["requests_per_s"]))
         del model
     report["setup"]["load_avg_after"] = os.getloadavg()
     print_table(report, rows, dtypes[0])
@@ -290,19 +301,21 @@ def print_table(report: dict, rows: list[tuple], first: str) -> None:
     print(f"\nSmolLM2-135M, {NUM_ITEMS} items x {LEVELS} levels x {CODEBOOK} codes, {BEAMS} beams, top {TOP_K}, "
           f"prompt ~{setup['prompt_tokens_mean']:.0f} tokens, {setup['torch_threads']} threads, "
           f"load avg {setup['load_avg_before'][0]:.1f} -> {setup['load_avg_after'][0]:.1f}")
-    print(f"{'dtype':6} {'method':9} {'p50 s':>7} {'p95 s':>7} {'req/s @8':>9}")
-    for dtype, method, p50, p95, rps in rows:
-        print(f"{dtype:6} {method:9} {p50:7.3f} {p95:7.3f} {rps:9.2f}")
+    print(f"{'dtype':6} {'method':9} {'p50 s':>7} {'p95 s':>7} {'min s':>7} {'req/s @8':>9}")
+    for dtype, method, p50, p95, best, rps in rows:
+        print(f"{dtype:6} {method:9} {p50:7.3f} {p95:7.3f} {best:7.3f} {rps:9.2f}")
     for dtype in [d for d in ("fp32", "bf16") if d in report]:
         b = report[dtype]["breakdown"]
         print(f"{dtype}: prefill of one prompt {b['prefill_s']:.3f} s, one decode step of {BEAMS} beams "
               f"{b['decode_step_20_rows_s']:.3f} s")
-    print("\nmasking per step (ms, median | min):  rows   tensor trie        python trie        speedup")
+    print("\nmasking per beam-search step, ms (median | min over repetitions)")
+    print(f"{'rows':>6} {'tensor trie':>17} {'tensor, in place':>17} {'python dict trie':>17} {'speedup':>15}")
     for entry in report[first]["masking"].values():
         med, low = entry["median"], entry["min"]
-        print(f"{'':38}{entry['rows']:4d}  {med['ms_per_step_tensor_trie']:7.3f} | {low['ms_per_step_tensor_trie']:6.3f}"
-              f"  {med['ms_per_step_python_trie']:8.3f} | {low['ms_per_step_python_trie']:7.3f}"
-              f"  {med['speedup']:5.1f}x | {low['speedup']:5.1f}x")
+        cells = [f"{med[f'ms_per_step_{n}']:7.3f} | {low[f'ms_per_step_{n}']:7.3f}"
+                 for n in ("tensor_trie", "tensor_trie_inplace", "python_trie")]
+        print(f"{entry['rows']:6d} {cells[0]:>17} {cells[1]:>17} {cells[2]:>17} "
+              f"{med['speedup']:5.1f}x/{med['speedup_inplace']:5.1f}x")
     ov = report[first]["overhead"]
     print(f"\ngenerate(): unconstrained {ov['generate_unconstrained_s']:.3f} s, constrained "
           f"{ov['generate_constrained_s']:.3f} s ({ov['generate_overhead_pct']:+.1f}%), processor itself "

@@ -6,7 +6,8 @@ Two interchangeable ways to run the beam search over the L code tokens:
   is then repeated for the beams; each of the L steps scores only the trie's candidate tokens of every beam
   (one gather) and keeps the best ``num_beams`` per request. ``generate`` instead repeats each prompt
   ``num_beams`` times *before* the prefill, so it pays the prompt ``num_beams`` times: for 20 beams and a
-  150-token prompt that dominates the cost on CPU (see bench/decoding_bench.py).
+  150-token prompt that dominates the cost on CPU (see bench/decoding_bench.py). The loop also writes a
+  preallocated KV cache in place and reorders only the few code positions when beams move.
 * ``method="generate"``: ``model.generate`` beam search with :class:`TrieLogitsProcessor`, for parity with
   the library and for model classes whose cache our loop does not handle.
 
@@ -21,8 +22,9 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import StaticCache, StaticLayer
 
-from lcrec_chat.trie import CodeTrie, NoItemsLeft, TrieError, index_token  # noqa: F401  (re-exported)
+from .trie import CodeTrie, NoItemsLeft, TrieError, index_token  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +38,15 @@ class TrieLogitsProcessor(LogitsProcessor):
     ``generate``'s flattened ``(batch * num_beams, ...)`` layout, ``allowed`` an optional (B, num_items) bool
     mask. Each call derives every row's trie node from its generated tokens by table lookups (no state is
     carried between calls, so beam reordering cannot desynchronise it); after L code tokens only EOS remains.
+
+    ``inplace=True`` masks ``scores`` itself instead of a fresh (rows, vocab) tensor: on CPU a new tensor of
+    that size costs more than the masking (page faults). Safe in ``generate``'s beam search, which hands the
+    processors a fresh log-softmax each step; not with greedy/sampling and ``output_logits=True``, which
+    keep the very tensor the processors receive.
     """
 
     def __init__(self, trie: CodeTrie, prompt_length: int, num_beams: int, eos_token_id: int,
-                 allowed: torch.Tensor | None = None, batch_size: int | None = None):
+                 allowed: torch.Tensor | None = None, batch_size: int | None = None, inplace: bool = False):
         if allowed is None:
             if batch_size is None:
                 raise ValueError("give either allowed (B, num_items) or batch_size")
@@ -48,6 +55,7 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.prompt_length = prompt_length
         self.num_beams = num_beams
         self.eos_token_id = eos_token_id
+        self.inplace = inplace
         self.counts = trie.alive(allowed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -57,13 +65,13 @@ class TrieLogitsProcessor(LogitsProcessor):
                              f"{self.num_beams} beams = {expected} rows, got {rows}")
         step = input_ids.shape[1] - self.prompt_length
         if step >= self.trie.depth:
-            out = torch.full_like(scores, float("-inf"))
-            out[:, self.eos_token_id] = 0.0
+            out = scores if self.inplace else torch.empty_like(scores)
+            out.fill_(float("-inf"))[:, self.eos_token_id] = 0.0
             return out
         codes = self.trie.codes_of_tokens(input_ids[:, self.prompt_length:].cpu())
         nodes = self.trie.walk(codes)
         request = torch.arange(input_ids.shape[0]) // self.num_beams
-        return self.trie.mask_scores(scores, nodes, step, self.counts[step + 1], request)
+        return self.trie.mask_scores(scores, nodes, step, self.counts[step + 1], request, inplace=self.inplace)
 
 
 def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int = 20, k: int = 10,
@@ -83,10 +91,7 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     masks = trie.allowed_mask(allowed, len(prompts))
-    try:
-        trie.alive(masks)  # fail before any model work, with the prompt's own index
-    except NoItemsLeft as err:
-        raise NoItemsLeft(err.request, err.reason) from None
+    trie.alive(masks)  # raises NoItemsLeft naming the prompt before any model work
     run = _beam_loop if method == "loop" else _beam_generate
     results: list[list[tuple[int, float]]] = []
     starts = range(0, len(prompts), batch_size)
@@ -96,6 +101,7 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
             items, scores = run(model, tokenizer, trie, input_ids, attention, num_beams,
                                 masks[start:start + batch_size])
             results.extend(_top_k(items, scores, k))
+    logger.debug("generated top-%d of %d beams for %d prompts (%s)", k, num_beams, len(prompts), method)
     return results
 
 
@@ -107,8 +113,10 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attent
     counts = trie.alive(allowed)
     batch, device = input_ids.shape[0], input_ids.device
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+    prompt_width = input_ids.shape[1]
+    cache = _preallocated_cache(model, prompt_width + trie.depth - 1)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+                past_key_values=cache, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     # before the first code token there is one row per request; afterwards num_beams rows per request
     nodes, scores, request = torch.zeros(batch, dtype=torch.long), torch.zeros(batch), torch.arange(batch)
@@ -123,7 +131,7 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attent
         if level == trie.depth - 1:
             break
         parent_dev = parent.to(device)
-        cache.reorder_cache(parent_dev)  # the first time, this also expands each request's prompt to its beams
+        _reorder_beams(cache, parent_dev, level, prompt_width)
         next_tokens = tokens[parent, column].view(-1, 1).to(device)
         attention = torch.cat([attention[parent_dev], torch.ones_like(next_tokens)], dim=1)
         last_position = last_position[parent_dev] + 1
@@ -132,6 +140,37 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attent
         cache, logits = out.past_key_values, out.logits[:, -1]
     items = torch.where(nodes >= 0, trie.leaf_item[nodes.clamp(min=0)], -1)
     return items.view(batch, num_beams), scores.view(batch, num_beams)
+
+
+def _preallocated_cache(model, max_length: int) -> StaticCache | None:
+    """A cache whose layers are written in place, or None (the model's own DynamicCache) where the model has
+    layer kinds other than plain attention. A DynamicCache concatenates every layer's whole cache at each
+    step, which costs a quarter of a 20-beam decode step on CPU."""
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=max_length)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+    return cache if all(type(layer) is StaticLayer for layer in cache.layers) else None
+
+
+def _reorder_beams(cache, parent: torch.Tensor, level: int, prompt_width: int) -> None:
+    """Make cache row r hold the history of row ``parent[r]`` after the code token of ``level`` was chosen.
+
+    After the first token each request's prompt rows are repeated for its beams. From then on beams only move
+    within their own request, whose prompt rows are identical, so a preallocated cache needs to move just the
+    code positions written so far.
+    """
+    if not isinstance(cache, StaticCache):
+        cache.reorder_cache(parent)
+        return
+    generated = slice(prompt_width, prompt_width + level)
+    for layer in cache.layers:
+        if level == 0:
+            layer.keys, layer.values = layer.keys[parent], layer.values[parent]
+            layer.batch_size = parent.shape[0]
+        else:
+            layer.keys[:, :, generated] = layer.keys[parent, :, generated]
+            layer.values[:, :, generated] = layer.values[parent, :, generated]
 
 
 def _best_continuations(cand: torch.Tensor, valid: torch.Tensor, batch: int, num_beams: int
@@ -157,7 +196,7 @@ def _beam_generate(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, at
     """Same contract as :func:`_beam_loop`, through ``model.generate`` and :class:`TrieLogitsProcessor`."""
     batch, width = input_ids.shape
     eos = _eos_id(tokenizer)
-    processor = TrieLogitsProcessor(trie, width, num_beams, eos, allowed=allowed)
+    processor = TrieLogitsProcessor(trie, width, num_beams, eos, allowed=allowed, inplace=True)
     config = GenerationConfig(
         num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,  # do_sample=False: real beams
         max_new_tokens=trie.depth, min_new_tokens=0, length_penalty=0.0,       # score = plain sum of log-probs

@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from lcrec_chat.backbone import add_index_tokens, load_model, load_tokenizer
 from lcrec_chat.config import ModelConfig
@@ -92,6 +94,26 @@ def test_beams_covering_every_item_give_the_exact_ranking(lm, method):
         assert torch.allclose(torch.tensor([s for _, s in ranked]), exact[expected], atol=1e-3)
 
 
+def test_models_with_sliding_window_layers_use_a_growing_cache_and_stay_exact(lm):
+    """A tiny Qwen2 with a sliding-window layer cannot use the preallocated cache; the loop falls back to the
+    model's own cache and must still give the exhaustive ranking."""
+    _, tokenizer = lm
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                         layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    layers = StaticCache(config=model.config, max_cache_len=32).layers
+    assert not all(type(layer) is StaticLayer for layer in layers)  # so the preallocated cache is not used
+    trie = CodeTrie.from_tokenizer(random_codes(10, 3, seed=7), tokenizer)
+    prompts = [chat(tokenizer, "something short"), chat(tokenizer, "x")]
+    results = generate_items(model, tokenizer, trie, prompts, num_beams=10, k=10)
+    for prompt, ranked in zip(prompts, results):
+        exact = exact_scores(model, tokenizer, trie, prompt)
+        assert [i for i, _ in ranked] == exact.argsort(descending=True).tolist()
+        assert torch.allclose(torch.tensor([s for _, s in ranked]), exact.sort(descending=True).values, atol=1e-3)
+
+
 def test_methods_and_batch_sizes_agree(lm):
     model, tokenizer = lm
     trie = CodeTrie.from_tokenizer(random_codes(200, 4, seed=3), tokenizer)
@@ -153,3 +175,13 @@ def test_bad_arguments_are_rejected(lm):
         generate_items(model, tokenizer, trie, ["a"], num_beams=2, k=1, method="greedy")
     with pytest.raises(TrieError, match="<a_8>"):
         CodeTrie.from_tokenizer([[8, 0]], tokenizer)  # only <a_0>..<a_7> were added
+
+
+def test_only_the_tokens_of_used_codes_are_needed(lm):
+    """The indexing stage adds tokens only for codes some item uses (index_token_strings)."""
+    model, tokenizer = lm
+    trie = CodeTrie.from_tokenizer([[5, 1], [2, 7]], tokenizer)
+    assert trie.token_ids[0].tolist() == [-1, -1, tokenizer.convert_tokens_to_ids("<a_2>"), -1, -1,
+                                          tokenizer.convert_tokens_to_ids("<a_5>")]
+    ranked = generate_items(model, tokenizer, trie, [chat(tokenizer, "go")], num_beams=2, k=2)[0]
+    assert sorted(i for i, _ in ranked) == [0, 1]

@@ -25,8 +25,11 @@ def code_sets(draw, max_items: int = 40):
     codes = draw(st.lists(st.sampled_from(space), min_size=n, max_size=n, unique=True))
     ids = draw(st.permutations(range(100, VOCAB)))
     token_ids, start = [], 0
-    for s in sizes:
-        token_ids.append(ids[start:start + s])
+    for level, s in enumerate(sizes):
+        used = {c[level] for c in codes}
+        # a code no item uses may have no token at all (-1), as when only used tokens were added
+        token_ids.append([i if c in used or draw(st.booleans()) else -1
+                          for c, i in enumerate(ids[start:start + s])])
         start += s
     dense_limit = draw(st.sampled_from([0, 1 << 22]))  # 0: every level sparse (CSR + searchsorted)
     return codes, token_ids, dense_limit
@@ -168,6 +171,9 @@ def test_malformed_codes_are_rejected(codes, message):
 def test_token_tables_must_cover_the_codes_and_be_distinct():
     with pytest.raises(TrieError, match="only 2 ids"):
         CodeTrie([[0, 2]], [[10], [20, 21]])
+    with pytest.raises(TrieError, match="no token id for code 2"):
+        CodeTrie([[0, 2]], [[10], [20, 21, -1]])
+    assert CodeTrie([[0, 2]], [[10], [-1, -1, 22]]).items_of_codes(torch.tensor([[0, 2]])).tolist() == [0]
     with pytest.raises(TrieError, match="repeat a token id"):
         CodeTrie([[0, 1]], [[10], [20, 10]])
 
@@ -181,3 +187,14 @@ def test_processor_rejects_a_batch_it_was_not_built_for():
     processor = TrieLogitsProcessor(trie, 1, num_beams=2, eos_token_id=EOS, batch_size=1)
     with pytest.raises(ValueError, match="1 requests x 2 beams = 2 rows, got 3"):
         processor(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, VOCAB))
+
+
+def test_inplace_masking_gives_the_same_scores_in_the_same_tensor():
+    trie = CodeTrie([[0, 1], [1, 0], [1, 1]], [[100, 101], [110, 111]])
+    copy = TrieLogitsProcessor(trie, 1, 2, EOS, batch_size=1)
+    inplace = TrieLogitsProcessor(trie, 1, 2, EOS, batch_size=1, inplace=True)
+    for ids in (torch.tensor([[5], [6]]), torch.tensor([[5, 101], [6, 100]]), torch.tensor([[5, 101, 110]] * 2)):
+        scores = torch.randn(2, VOCAB)
+        expected = copy(ids, scores)
+        assert expected is not scores and torch.isfinite(scores).all()          # the default leaves its input alone
+        assert inplace(ids, scores) is scores and torch.equal(scores, expected)
