@@ -16,12 +16,15 @@ import random
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
-from lcrec_chat import backbone, stages
-from lcrec_chat.config import load_config
-from lcrec_chat.indexing import index_token_strings
-from lcrec_chat.train import IGNORE, SupervisedLoss, collate, encode, length_grouped_batches
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcrec_chat import backbone, stages  # noqa: E402
+from lcrec_chat.config import load_config  # noqa: E402
+from lcrec_chat.indexing import index_token_strings  # noqa: E402
+from lcrec_chat.train import IGNORE, SupervisedLoss, collate, encode, length_grouped_batches  # noqa: E402
 
 
 def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 10) -> float:
