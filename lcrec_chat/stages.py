@@ -79,7 +79,6 @@ def prepare(cfg: Config, force: bool = False) -> dict:
     Catalog.build(run / "catalog.sqlite", dataset, split.item_popularity(len(dataset.items)))
     stats = {**dataset.stats(), **split.stats(), "seconds": round(time.time() - started, 1)}
     (run / "stats.json").write_text(json.dumps(stats, indent=1))
-    record.done("prepare", fp)
     # codes and everything downstream depend on the catalogue: force them to rerun
     for later in ("index", "train", "evaluate"):
         record.data.pop(later, None)
