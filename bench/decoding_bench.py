@@ -21,6 +21,7 @@ import os
 import platform
 import random
 import statistics
+from math import nan
 import sys
 import time
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from lcrec_chat.trie import index_token  # noqa: E402
 NUM_ITEMS, LEVELS, CODEBOOK = 1682, 4, 64
 BEAMS, TOP_K, HISTORY = 20, 10, 20
 RESULTS = Path(__file__).resolve().parent / "results" / "decoding.json"
+SECTIONS = ("masking", "breakdown", "latency", "throughput", "overhead")
 
 
 def random_codes(seed: int = 0) -> list[list[int]]:
@@ -245,6 +247,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated model dtypes to measure")
     parser.add_argument("--quick", action="store_true", help="few repetitions, fp32 only (smoke run)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (e.g. latency only when the "
+                             "machine is quiet for a short while)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.threads:
@@ -252,13 +257,17 @@ def main() -> None:
     reps = 3 if args.quick else args.reps
     slow_reps = 2 if args.quick else max(3, reps // 5)   # generate() is many times slower
     dtypes = ["fp32"] if args.quick else args.dtypes.split(",")
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
+    report_sections = sorted(sections)
     load_before = os.getloadavg()
 
     codes = random_codes()
     report: dict = {"setup": {"items": NUM_ITEMS, "levels": LEVELS, "codebook": CODEBOOK, "beams": BEAMS,
                               "top_k": TOP_K, "history_items": HISTORY, "torch_threads": torch.get_num_threads(),
                               "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                              "load_avg_before": load_before}}
+                              "load_avg_before": load_before, "sections": report_sections}}
     rows = []
     for dtype in dtypes:
         progress(f"loading SmolLM2-135M ({dtype})")
@@ -271,23 +280,29 @@ def main() -> None:
         prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         report["setup"]["prompt_tokens_mean"] = statistics.mean(prompt_tokens)
         result: dict = {}
-        if dtype == dtypes[0]:
+        if dtype == dtypes[0] and "masking" in sections:
             progress("masking: tensor trie vs python dict trie")
             result["masking"] = bench_masking(tokenizer, trie, lambda b: prompts[:b], reps)
-        progress("prefill / decode-step breakdown")
-        result["breakdown"] = bench_breakdown(model, tokenizer, prompts[0], max(3, reps // 4))
-        progress("latency of one recommendation")
-        result["latency"] = bench_latency(model, tokenizer, trie, prompts, [("loop", reps), ("generate", slow_reps)])
-        progress("throughput at batch 8")
-        result["throughput_batch8"] = bench_throughput(model, tokenizer, trie, prompts,
-                                                       [("loop", max(2, reps // 5)), ("generate", 1)])
-        if dtype == dtypes[0]:
+        if "breakdown" in sections:
+            progress("prefill / decode-step breakdown")
+            result["breakdown"] = bench_breakdown(model, tokenizer, prompts[0], max(3, reps // 4))
+        if "latency" in sections:
+            progress("latency of one recommendation")
+            result["latency"] = bench_latency(model, tokenizer, trie, prompts,
+                                              [("loop", reps), ("generate", slow_reps)])
+        if "throughput" in sections:
+            progress("throughput at batch 8")
+            result["throughput_batch8"] = bench_throughput(model, tokenizer, trie, prompts,
+                                                           [("loop", max(2, reps // 5)), ("generate", 1)])
+        if dtype == dtypes[0] and "overhead" in sections:
             progress("constrained vs unconstrained")
             result["overhead"] = bench_overhead(model, tokenizer, trie, prompts[0], slow_reps)
         report[dtype] = result
         for method in ("loop", "generate"):
-            lat, thr = result["latency"][method], result["throughput_batch8"][method]
-            rows.append((dtype, method, lat["p50_s"], lat["p95_s"], lat["min_s"], thr["requests_per_s"]))
+            lat = result.get("latency", {}).get(method, {})
+            thr = result.get("throughput_batch8", {}).get(method, {})
+            rows.append((dtype, method, lat.get("p50_s", nan), lat.get("p95_s", nan), lat.get("min_s", nan),
+                         thr.get("requests_per_s", nan)))
         del model
     report["setup"]["load_avg_after"] = os.getloadavg()
     print_table(report, rows, dtypes[0])
@@ -304,19 +319,28 @@ def print_table(report: dict, rows: list[tuple], first: str) -> None:
     print(f"{'dtype':6} {'method':9} {'p50 s':>7} {'p95 s':>7} {'min s':>7} {'req/s @8':>9}")
     for dtype, method, p50, p95, best, rps in rows:
         print(f"{dtype:6} {method:9} {p50:7.3f} {p95:7.3f} {best:7.3f} {rps:9.2f}")
-    for dtype in [d for d in ("fp32", "bf16") if d in report]:
+    for dtype in [d for d in ("fp32", "bf16") if "breakdown" in report.get(d, {})]:
         b = report[dtype]["breakdown"]
         print(f"{dtype}: prefill of one prompt {b['prefill_s']:.3f} s, one decode step of {BEAMS} beams "
               f"{b['decode_step_20_rows_s']:.3f} s")
+    if "masking" in report[first]:
+        print_masking(report[first]["masking"])
+    if "overhead" in report[first]:
+        print_overhead(report[first]["overhead"])
+
+
+def print_masking(masking: dict) -> None:
     print("\nmasking per beam-search step, ms (median | min over repetitions)")
     print(f"{'rows':>6} {'tensor trie':>17} {'tensor, in place':>17} {'python dict trie':>17} {'speedup':>15}")
-    for entry in report[first]["masking"].values():
+    for entry in masking.values():
         med, low = entry["median"], entry["min"]
         cells = [f"{med[f'ms_per_step_{n}']:7.3f} | {low[f'ms_per_step_{n}']:7.3f}"
                  for n in ("tensor_trie", "tensor_trie_inplace", "python_trie")]
         print(f"{entry['rows']:6d} {cells[0]:>17} {cells[1]:>17} {cells[2]:>17} "
               f"{med['speedup']:5.1f}x/{med['speedup_inplace']:5.1f}x")
-    ov = report[first]["overhead"]
+
+
+def print_overhead(ov: dict) -> None:
     print(f"\ngenerate(): unconstrained {ov['generate_unconstrained_s']:.3f} s, constrained "
           f"{ov['generate_constrained_s']:.3f} s ({ov['generate_overhead_pct']:+.1f}%), processor itself "
           f"{ov['processor_s_per_search'] * 1e3:.2f} ms = {ov['processor_share_pct']:.2f}%; with the python trie "
