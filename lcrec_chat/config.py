@@ -38,6 +38,10 @@ class IndexConfig:
     embed_fields: list[str] = field(default_factory=lambda: ["title", "genres"])  # of title, genres, description, brand
     embed_separately: bool = False          # LC-Rec: embed each field alone and average the vectors
     embed_batch_size: int = 128
+    # share of collaborative signal in the vectors the RQ-VAE indexes (indexing/collab.py): 0 = text only,
+    # as LC-Rec; 1 = a truncated SVD of the training user-item matrix weighted equally with the text
+    collab_weight: float = 0.0
+    collab_dim: int = 64
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128])  # encoder MLP; decoder mirrors it
     code_dim: int = 32
     # One size per level; their product must reach the item count (checked up front). 3 x 64 for

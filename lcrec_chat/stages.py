@@ -96,7 +96,8 @@ def index(cfg: Config, force: bool = False) -> dict:
     if not force and record.fresh("index", fp) and (run / "codes.json").exists():
         log.info("index: up to date (use --force to rerun)")
         return json.loads((run / "index_report.json").read_text())
-    report = run_index(cfg, items, force=force)
+    train_sequences = load_split(run).train_sequences() if cfg.index.collab_weight > 0 else None
+    report = run_index(cfg, items, force=force, train_sequences=train_sequences)
     codes = json.loads((run / "codes.json").read_text())["codes"]
     Catalog(run / "catalog.sqlite").set_codes(codes)
     record.done("index", fp)

@@ -17,6 +17,7 @@ from lcrec_chat.embed import EmbeddingError, embed_items, item_texts
 from lcrec_chat.indexing import (CapacityError, IndexArtifactError, code_tokens, dataset_fingerprint,
                                  index_token_strings, load_codes, load_rqvae, parse_code_tokens,
                                  resolve_collisions, run_index)
+from lcrec_chat.indexing.collab import collaborative_vectors, with_collaborative
 from lcrec_chat.indexing.fit import fit_rqvae
 from lcrec_chat.indexing.sinkhorn import collision_rate, lcrec_reassign, sinkhorn_assign
 
@@ -253,3 +254,47 @@ def test_incompatible_or_missing_artifacts_are_clear_errors(built, tmp_path):
     (tmp_path / "codes.json").write_text("{not json")
     with pytest.raises(IndexArtifactError, match="not a codes file"):
         load_codes(tmp_path)
+
+
+# ---------- collaborative vectors (index.collab_weight) ----------
+
+def test_collaborative_vectors_put_co_consumed_items_together():
+    # two taste groups (items 0-4 and 5-9) never mixed; item 10 never seen in training
+    sequences = [[0, 1, 2, 3, 4][u % 5:] + [0, 1, 2, 3, 4][:u % 5] for u in range(20)]
+    sequences += [[5, 6, 7, 8, 9][u % 5:] + [5, 6, 7, 8, 9][:u % 5] for u in range(20)]
+    vectors = collaborative_vectors(sequences, num_items=11, dim=4)
+    assert vectors.shape == (11, 4) and not vectors[10].any()
+    unit = vectors[:10] / np.linalg.norm(vectors[:10], axis=1, keepdims=True)
+    sim = unit @ unit.T
+    assert sim[:5, :5].min() > 0.99 and sim[5:, 5:].min() > 0.99 and abs(sim[:5, 5:]).max() < 0.01
+
+
+def test_collaborative_vectors_reject_bad_sequences():
+    with pytest.raises(ValueError, match="outside the catalogue"):
+        collaborative_vectors([[0, 7]], num_items=5, dim=2)
+    with pytest.raises(ValueError, match="need training interactions"):
+        collaborative_vectors([], num_items=5, dim=2)
+
+
+def test_blocks_are_weighted_by_collab_weight():
+    rng = np.random.default_rng(0)
+    text, collab = rng.normal(size=(30, 12)) * 5, rng.normal(size=(30, 3)) * 0.01
+    mixed = with_collaborative(text, collab, weight=4.0)
+    energy = lambda block: float((block ** 2).sum(1).mean())  # noqa: E731
+    assert mixed.shape == (30, 15)
+    assert energy(mixed[:, :12]) == pytest.approx(1.0, rel=1e-5)
+    assert energy(mixed[:, 12:]) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_stage_with_collaborative_signal_needs_and_uses_the_training_sequences(tmp_path):
+    icfg = replace(TINY, collab_weight=1.0, collab_dim=3)
+    cfg = Config(run_dir=str(tmp_path), index=icfg)
+    with pytest.raises(ValueError, match="training sequences"):
+        run_index(cfg, ITEMS, progress=False)
+    sequences = [[i % len(ITEMS), (i + 1) % len(ITEMS), (i + 3) % len(ITEMS)] for i in range(40)]
+    report = run_index(cfg, ITEMS, progress=False, train_sequences=sequences)
+    assert report["indexed_dim"] == report["embedding_dim"] + 3 and report["collision_rate_after_exact"] == 0
+    assert load_rqvae(tmp_path).in_mean.shape[0] == report["indexed_dim"]
+    assert run_index(cfg, ITEMS, progress=False, train_sequences=sequences)["skipped"]
+    # other training data, other codes' inputs: the stage reruns
+    assert not run_index(cfg, ITEMS, progress=False, train_sequences=sequences[:30])["skipped"]

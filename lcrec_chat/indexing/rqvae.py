@@ -39,6 +39,8 @@ def validate_index_config(cfg: IndexConfig) -> None:
         ("patience", cfg.patience >= 1, ">= 1"),
         ("grad_clip", cfg.grad_clip >= 0, ">= 0 (0 turns clipping off)"),
         ("embed_batch_size", cfg.embed_batch_size >= 1, ">= 1"),
+        ("collab_weight", cfg.collab_weight >= 0, ">= 0 (0 = text only)"),
+        ("collab_dim", cfg.collab_dim >= 1, ">= 1"),
     ]
     for key, ok, want in checks:
         if not ok:

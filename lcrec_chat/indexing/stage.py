@@ -20,6 +20,7 @@ import torch
 
 from ..config import Config, IndexConfig
 from ..embed import item_dict, texts_key, check_embeddings, embed_items, item_texts
+from .collab import collaborative_vectors, sequences_key, with_collaborative
 from .fit import FitResult, fit_rqvae, torch_threads
 from .report import code_usage, neighbour_first_code_share, plot_code_usage
 from .rqvae import RQVAE, validate_index_config
@@ -43,8 +44,9 @@ def dataset_fingerprint(items: Sequence[Any]) -> dict:
     return {"num_items": len(items), "titles_sha256": hashlib.sha256(titles.encode()).hexdigest()}
 
 
-def _stage_key(cfg: IndexConfig, texts_hash: str, fingerprint: dict) -> str:
-    payload = json.dumps({"index": asdict(cfg), "texts": texts_hash, "fingerprint": fingerprint}, sort_keys=True)
+def _stage_key(cfg: IndexConfig, texts_hash: str, fingerprint: dict, sequences_hash: str = "") -> str:
+    payload = json.dumps({"index": asdict(cfg), "texts": texts_hash, "fingerprint": fingerprint,
+                          "sequences": sequences_hash}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -81,8 +83,11 @@ def _recon_mse(model: RQVAE, x: torch.Tensor, codes: np.ndarray) -> float:
         return float(((model.decoder(z_q) - model.normalise(x)) ** 2).mean())
 
 
-def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: bool = True) -> dict:
+def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: bool = True,
+              train_sequences: Sequence[Sequence[int]] | None = None) -> dict:
     """Build distinct item codes for ``items`` (Item objects or catalogue dicts, in index order).
+
+    ``train_sequences`` (item indices per training user) are needed when ``index.collab_weight > 0``.
 
     Returns the report dict (also written as index_report.json); ``skipped`` is True when the run folder
     already held the artifacts of the same items and index config.
@@ -94,9 +99,11 @@ def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: 
     check_capacity(len(items), icfg.codebook_sizes)
     run = cfg.run_path
     run.mkdir(parents=True, exist_ok=True)
+    if icfg.collab_weight > 0 and not train_sequences:
+        raise ValueError("index.collab_weight > 0 needs the training sequences (run the prepare stage first)")
     fingerprint = dataset_fingerprint(items)
     key = _stage_key(icfg, texts_key(icfg, item_texts(items, icfg.embed_fields, icfg.embed_separately)),
-                     fingerprint)
+                     fingerprint, sequences_key(train_sequences) if icfg.collab_weight > 0 else "")
     if not force and (skipped := _try_skip(run, key)) is not None:
         return skipped
 
@@ -105,20 +112,27 @@ def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: 
     emb = embed_items(items, icfg, cache_dir=run)
     check_embeddings(emb)
     times["embed_s"] = time.perf_counter() - t
+    vectors = emb
+    if icfg.collab_weight > 0:
+        t = time.perf_counter()
+        vectors = with_collaborative(emb, collaborative_vectors(train_sequences, len(items), icfg.collab_dim),
+                                     icfg.collab_weight)
+        times["collab_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fit = fit_rqvae(emb, icfg, progress=progress)
+    fit = fit_rqvae(vectors, icfg, progress=progress)
     times["train_s"] = time.perf_counter() - t
 
     with torch_threads(1):   # from here on only small ops (one encoder pass, Sinkhorn on small groups)
-        return _assign_and_save(cfg, items, emb, fit, fingerprint, key, times)
+        return _assign_and_save(cfg, items, emb, vectors, fit, fingerprint, key, times)
 
 
-def _assign_and_save(cfg: Config, items: Sequence[Any], emb: np.ndarray, fit: FitResult, fingerprint: dict,
-                     key: str, times: dict[str, float]) -> dict:
+def _assign_and_save(cfg: Config, items: Sequence[Any], emb: np.ndarray, vectors: np.ndarray, fit: FitResult,
+                     fingerprint: dict, key: str, times: dict[str, float]) -> dict:
+    """``emb``: the text vectors (for the neighbour report); ``vectors``: what the RQ-VAE indexed."""
     icfg, run, model = cfg.index, cfg.run_path, fit.model
     t = time.perf_counter()
-    x = torch.from_numpy(emb)
+    x = torch.from_numpy(vectors)
     greedy, _ = model.greedy_codes(x)
     greedy = greedy.numpy().astype(np.int64)
     latents = model.latents(x).numpy()
@@ -157,6 +171,8 @@ def _assign_and_save(cfg: Config, items: Sequence[Any], emb: np.ndarray, fit: Fi
         "training": {"epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
                      "stopped_early": fit.stopped_early, "threads": fit.threads, "history": fit.history},
         "embedding_dim": int(emb.shape[1]),
+        "indexed_dim": int(vectors.shape[1]),
+        "collab_weight": icfg.collab_weight,
         "times_s": {k: round(v, 2) for k, v in times.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "skipped": False,
@@ -165,7 +181,7 @@ def _assign_and_save(cfg: Config, items: Sequence[Any], emb: np.ndarray, fit: Fi
         raise RuntimeError("index codes still collide after the exact step")
 
     t = time.perf_counter()
-    torch.save({"state_dict": model.state_dict(), "input_dim": int(emb.shape[1]), "index_config": asdict(icfg),
+    torch.save({"state_dict": model.state_dict(), "input_dim": int(vectors.shape[1]), "index_config": asdict(icfg),
                 "fingerprint": fingerprint, "stage_key": key}, run / MODEL_FILE)
     plot_code_usage(final, icfg.codebook_sizes, run / PLOT_FILE)
     report["times_s"]["save_s"] = round(time.perf_counter() - t, 2)
