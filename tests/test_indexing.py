@@ -298,3 +298,14 @@ def test_stage_with_collaborative_signal_needs_and_uses_the_training_sequences(t
     assert run_index(cfg, ITEMS, progress=False, train_sequences=sequences)["skipped"]
     # other training data, other codes' inputs: the stage reruns
     assert not run_index(cfg, ITEMS, progress=False, train_sequences=sequences[:30])["skipped"]
+
+
+def test_codes_built_before_a_setting_existed_load_with_its_default(built, tmp_path):
+    cfg, _ = built
+    data = json.loads((cfg.run_path / "codes.json").read_text())
+    for key in ("collab_weight", "collab_dim"):
+        del data["index_config"][key]
+    (tmp_path / "codes.json").write_text(json.dumps(data))
+    assert load_codes(tmp_path, index_cfg=TINY) == load_codes(cfg.run_path)
+    with pytest.raises(IndexArtifactError, match="index.collab_weight"):
+        load_codes(tmp_path, index_cfg=replace(TINY, collab_weight=1.0))

@@ -216,7 +216,8 @@ def load_codes(run_path: str | Path, expected_fingerprint: dict | None = None,
             f"{str(fp.get('titles_sha256'))[:12]}) than this one ({expected_fingerprint.get('num_items')} items, "
             f"titles hash {str(expected_fingerprint.get('titles_sha256'))[:12]}); rerun the index stage with force")
     if index_cfg is not None:
-        built = data.get("index_config") or {}
+        # a setting added after the codes were built counts as its default (what they were built with)
+        built = {**asdict(IndexConfig()), **(data.get("index_config") or {})}
         diff = sorted(k for k, v in asdict(index_cfg).items() if built.get(k) != v)
         if diff:
             raise IndexArtifactError(f"{path} was built with another index config (differs in: "
