@@ -82,8 +82,7 @@ def main() -> None:
         started = time.time()
         summary = stages.train(cfg)
         train_s = time.time() - started
-        cfg.model.dtype = args.eval_dtype
-        rec = Recommender.from_run(cfg, run)
+        rec = Recommender.from_run(cfg, run, dtype=args.eval_dtype)
         started = time.time()
         metrics = evaluate_sequential(rec, stages.load_split(run), "valid", "dense", 0, args.users)
         rows.append({"row": name, "tasks": list(tasks), "budget": budget, "scale": args.scale,

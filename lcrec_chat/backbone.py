@@ -427,11 +427,14 @@ def save_adapter(model, tokenizer, folder: str | Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool = False):
-    """Base model + the tokenizer saved with the adapter + the adapter; returns (peft_model, tokenizer).
+def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool = False, merge: bool = False):
+    """Base model + the tokenizer saved with the adapter + the adapter; returns (model, tokenizer).
 
     The base is resized to the adapter's vocabulary; the new rows' values come from the adapter, so how the
     resize initialises them does not matter. A base of another vocabulary or shape fails in PEFT's loader.
+    With ``merge`` (inference only) LoRA and the new token rows are folded into the weights and a plain
+    transformers model comes back: a decode step skips the adapter's extra matmuls. 4-bit weights stay
+    unmerged (folding into NF4 would re-quantize them).
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -447,4 +450,6 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=for_training)
     if not for_training:
         model.eval()
+        if merge and cfg.dtype != "nf4":
+            model = model.merge_and_unload()
     return model, tokenizer

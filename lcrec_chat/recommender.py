@@ -7,7 +7,7 @@ generation is constrained to the trie of real item codes, minus excluded and fil
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -54,13 +54,15 @@ class Recommender:
         self.batch_size = batch_size
 
     @classmethod
-    def from_run(cls, cfg: Config, run_dir: str | Path | None = None) -> "Recommender":
-        """Base model + index tokens + the run's adapter, in the dtype the config asks for."""
+    def from_run(cls, cfg: Config, run_dir: str | Path | None = None, dtype: str = "") -> "Recommender":
+        """Base model + index tokens + the run's adapter (merged into the weights unless 4-bit), in ``dtype``
+        (fp32 | bf16 | nf4; empty = the config's model.dtype)."""
         from . import backbone
         from .stages import task_builder
         run = Path(run_dir or cfg.run_dir)
         builder, codes = task_builder(run, cfg)
-        model, tokenizer = backbone.load_finetuned(cfg.model, run / "adapter")
+        model_cfg = replace(cfg.model, dtype=dtype or cfg.model.dtype)
+        model, tokenizer = backbone.load_finetuned(model_cfg, run / "adapter", merge=True)
         return cls(model, tokenizer, Catalog(run / "catalog.sqlite"), builder, codes,
                    num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size)
 

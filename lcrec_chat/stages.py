@@ -195,13 +195,13 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     run = cfg.run_path
     record = StageRecord(run)
     require(run, "adapter", "train")
-    fp = _fingerprint(cfg.eval, cfg.model.dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
+    fp = _fingerprint(cfg.eval, cfg.eval.dtype or cfg.model.dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
     if not force and record.fresh("evaluate", fp) and (run / "metrics.json").exists():
         log.info("evaluate: up to date (use --force to rerun)")
         return json.loads((run / "metrics.json").read_text())
     started = time.time()
     split = load_split(run)
-    rec = Recommender.from_run(cfg, run)
+    rec = Recommender.from_run(cfg, run, dtype=cfg.eval.dtype)
     ks = cfg.eval.topk
     table: dict[str, dict] = {}
     for style in cfg.eval.styles:

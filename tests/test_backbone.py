@@ -234,6 +234,10 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     assert tok2.convert_tokens_to_ids(CODES) == ids
     with torch.no_grad():
         torch.testing.assert_close(model2(**batch).logits, logits, rtol=0, atol=0)
+    folded, _ = load_finetuned(tiny(), tmp_path / "adapter", merge=True)   # what inference serves
+    assert not isinstance(folded, PeftModel)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**batch).logits, logits)
 
     merged = peft_model.merge_and_unload()
     after_in, after_out = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
