@@ -15,6 +15,7 @@ STAGES = {
     "evaluate": "full-ranking evaluation of the tuned model beside the baselines",
     "pipeline": "run prepare, index, train and evaluate in order (unchanged stages are skipped)",
     "serve": "start the Gradio chat app on a run folder",
+    "export": "copy a run's small servable artifacts (adapter, codes, catalogue, metrics...) to --to",
 }
 EXAMPLES = {
     "prepare": "python -m lcrec_chat prepare --config configs/ml-100k.yaml",
@@ -23,6 +24,7 @@ EXAMPLES = {
     "evaluate": "python -m lcrec_chat evaluate --config configs/ml-100k.yaml --set eval.max_users=200",
     "pipeline": "python -m lcrec_chat pipeline --config configs/ml-100k.yaml",
     "serve": "python -m lcrec_chat serve --config configs/ml-100k.yaml --set run_dir=models/ml-100k",
+    "export": "python -m lcrec_chat export --config configs/ml-100k.yaml --to models/ml-100k",
 }
 
 
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
             p.add_argument("--port", type=int)
             p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+        if name == "export":
+            p.add_argument("--to", required=True, help="folder to write (a model card already there is kept)")
     return parser
 
 
@@ -68,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         serve(cfg)
         return 0
     try:
-        result = run_stage(args.stage, cfg, args.force)
+        if args.stage == "export":
+            from .stages import export
+            result = export(cfg, args.to)
+        else:
+            result = run_stage(args.stage, cfg, args.force)
     except (FileNotFoundError, ValueError) as e:
         print(f"{args.stage} failed: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ A stage whose inputs and config section did not change is skipped (recorded in s
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -233,3 +234,37 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     (run / "report.md").write_text("\n".join(report))
     record.done("evaluate", fp)
     return metrics
+
+
+# what a run folder needs to be served and inspected; never the checkpoint or the base model
+EXPORTED = ("config.yaml", "catalog.sqlite", "split.json", "stats.json", "codes.json", "rqvae.pt", "item_emb.npy",
+            "item_emb.json", "index_report.json", "code_usage.png", "train_log.jsonl", "train_summary.json",
+            "loss_curves.png", "metrics.json", "report.md", "adapter")
+
+
+def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
+    """Copy the small, servable artifacts of ``cfg.run_dir`` into ``target`` (e.g. models/ml-100k), with a
+    config.yaml whose run_dir points at the target. A model card (README.md) already in ``target`` is kept."""
+    import shutil
+    run, target = cfg.run_path, Path(target)
+    require(run, "adapter", "train")
+    require(run, "codes.json", "index")
+    if target.resolve() == run.resolve():
+        raise ValueError("export target is the run folder itself")
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in EXPORTED:
+        src, dst = run / name, target / name
+        if not src.exists():
+            continue
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+        copied.append(name)
+    exported = dataclasses.replace(cfg, run_dir=str(target))
+    exported.save(target / "config.yaml")
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    log.info("exported %d artifacts of %s to %s (%.1f MB)", len(copied), run, target, size / 1e6)
+    return {"target": str(target), "copied": copied, "megabytes": round(size / 1e6, 1)}

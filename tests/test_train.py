@@ -109,3 +109,22 @@ def test_two_process_gloo_run(tiny_run, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 3
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert set(TASKS) >= set(json.loads((run / "train_summary.json").read_text())["task_samples"])
+
+
+def test_export_copies_a_servable_run_without_the_checkpoint(tiny_run, tmp_path):
+    from lcrec_chat.cli import main
+    from lcrec_chat.recommender import Recommender
+    target = tmp_path / "shipped"
+    target.mkdir()
+    (target / "README.md").write_text("model card")
+    assert main(["export", "--config", "configs/tiny.yaml", "--set", f"run_dir={tiny_run.run_dir}",
+                 "--to", str(target)]) == 0
+    assert (target / "README.md").read_text() == "model card"          # the card is kept
+    assert not (target / "checkpoint").exists() and (target / "adapter" / "adapter_config.json").exists()
+    shipped = load_config(target / "config.yaml")
+    assert shipped.run_dir == str(target) and shipped.train == tiny_run.train
+    rec = Recommender.from_run(shipped, target)
+    recs = rec.recommend(history=[0, 1, 2], k=3)
+    assert len({r.idx for r in recs}) == 3 and all(r.item["title"] for r in recs)
+    assert main(["export", "--config", "configs/tiny.yaml", "--set", f"run_dir={tmp_path / 'none'}",
+                 "--to", str(target)]) == 1                            # nothing trained there: a clear error
