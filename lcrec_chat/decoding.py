@@ -17,6 +17,7 @@ code tokens under the model, normalised over the whole vocabulary.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -74,15 +75,61 @@ class TrieLogitsProcessor(LogitsProcessor):
         return self.trie.mask_scores(scores, nodes, step, self.counts[step + 1], request, inplace=self.inplace)
 
 
+class SharedPrefix:
+    """The KV cache of the token prefix that prompts have in common (chat template, system prompt, instruction),
+    computed once and copied into every later batch, so a prefill pays only for each prompt's own tokens.
+
+    Keep one per model and pass it to :func:`generate_items` on every call. A causal model's KV of a prefix
+    does not depend on what follows, so when a batch shares only part of the stored prefix the stored KV is
+    cut to that part; when it shares less than ``min_tokens``, the batch's own common prefix replaces it.
+    """
+
+    def __init__(self, min_tokens: int = 8):
+        self.min_tokens = min_tokens
+        self.ids: list[int] = []
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.computed = 0   # how many times a prefix was run through the model (for tests and benchmarks)
+        self._lock = threading.Lock()   # the app serves concurrent requests with one model
+
+    def for_batch(self, model, token_lists: list[list[int]]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(P, per-layer (keys, values) of P tokens) that every prompt of the batch starts with; (0, []) if none."""
+        own = _common_prefix(token_lists, limit=min(len(t) for t in token_lists) - 1)
+        with self._lock:
+            shared = _common_prefix([own, self.ids], limit=len(own))
+            if len(shared) >= self.min_tokens:
+                if len(shared) < len(self.ids):
+                    self.ids = shared
+                    self.layers = [(k[:, :, :len(shared)], v[:, :, :len(shared)]) for k, v in self.layers]
+                return len(shared), self.layers
+            if len(own) < self.min_tokens:
+                return 0, []
+            out = model(input_ids=torch.tensor([own], device=_device(model)), use_cache=True)
+            self.ids, self.computed = own, self.computed + 1
+            self.layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            return len(own), self.layers
+
+
+def _common_prefix(lists: list[list[int]], limit: int) -> list[int]:
+    first, n = lists[0], max(0, limit)
+    for other in lists[1:]:
+        n = min(n, len(other))
+        for i in range(n):
+            if other[i] != first[i]:
+                n = i
+                break
+    return list(first[:n])
+
+
 def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int = 20, k: int = 10,
                    allowed: Sequence[torch.Tensor | None] | None = None, batch_size: int = 8,
-                   method: str = "loop") -> list[list[tuple[int, float]]]:
+                   method: str = "loop", shared_prefix: SharedPrefix | None = None
+                   ) -> list[list[tuple[int, float]]]:
     """Top-``k`` distinct allowed items for each prompt, best first, as (item index, summed code log-prob).
 
     ``prompts`` are fully formatted (chat template and response prefix included): the next tokens the model
     writes must be the item's L code tokens. ``allowed[i]`` is a (num_items,) bool mask for prompt i (None
     allows all). Each list has ``min(k, allowed items)`` entries. Raises :class:`NoItemsLeft` naming the first
-    prompt with no allowed item.
+    prompt with no allowed item. ``shared_prefix`` (loop only) reuses the KV of the prompts' common start.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -92,30 +139,51 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     masks = trie.allowed_mask(allowed, len(prompts))
     trie.alive(masks)  # raises NoItemsLeft naming the prompt before any model work
-    run = _beam_loop if method == "loop" else _beam_generate
     results: list[list[tuple[int, float]]] = []
     starts = range(0, len(prompts), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, desc="recommend", unit="batch", disable=len(starts) < 4, leave=False):
-            input_ids, attention = _left_pad(tokenizer, prompts[start:start + batch_size], _device(model))
-            items, scores = run(model, tokenizer, trie, input_ids, attention, num_beams,
-                                masks[start:start + batch_size])
+            batch_prompts, batch_masks = prompts[start:start + batch_size], masks[start:start + batch_size]
+            if method == "loop":
+                items, scores = _beam_loop(model, tokenizer, trie, batch_prompts, num_beams, batch_masks,
+                                           shared_prefix)
+            else:
+                input_ids, attention = _left_pad(tokenizer, batch_prompts, _device(model))
+                items, scores = _beam_generate(model, tokenizer, trie, input_ids, attention, num_beams, batch_masks)
             results.extend(_top_k(items, scores, k))
     logger.debug("generated top-%d of %d beams for %d prompts (%s)", k, num_beams, len(prompts), method)
     return results
 
 
 # ---- our beam loop --------------------------------------------------------------------------------------------
-def _beam_loop(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attention: torch.Tensor,
-               num_beams: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int, allowed: torch.Tensor,
+               shared_prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over the trie with one prefill per request; returns (items, scores), each (B, num_beams),
-    sorted by score, item -1 / score -inf where fewer than num_beams items are allowed."""
+    sorted by score, item -1 / score -inf where fewer than num_beams items are allowed.
+
+    With a shared prefix of P tokens the rows are laid out as [prefix | left-padded rest of each prompt]: the
+    pads sit between the two, masked, and positions count real tokens only, which is the same computation as
+    a left-padded prefill of the whole prompts."""
     counts = trie.alive(allowed)
-    batch, device = input_ids.shape[0], input_ids.device
-    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-    prompt_width = input_ids.shape[1]
-    cache = _preallocated_cache(model, prompt_width + trie.depth - 1)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+    device = _device(model)
+    token_lists = _encode(tokenizer, prompts)
+    cache = None
+    shared, prefix_kv = shared_prefix.for_batch(model, token_lists) if shared_prefix is not None else (0, [])
+    if shared:
+        cache = _preallocated_cache(model, max(len(t) for t in token_lists) + trie.depth - 1)
+        if cache is None:
+            shared = 0
+    rest, rest_attention = _left_pad_ids([t[shared:] for t in token_lists], _pad_id(tokenizer), device)
+    batch = rest.shape[0]
+    attention = torch.cat([torch.ones(batch, shared, dtype=rest_attention.dtype, device=device), rest_attention], 1)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0
+    prompt_width = attention.shape[1]
+    if shared:
+        for layer, (keys, values) in zip(cache.layers, prefix_kv):
+            layer.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+    else:
+        cache = _preallocated_cache(model, prompt_width + trie.depth - 1)
+    out = model(input_ids=rest, attention_mask=attention, position_ids=positions[:, shared:], use_cache=True,
                 past_key_values=cache, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     # before the first code token there is one row per request; afterwards num_beams rows per request
@@ -228,13 +296,20 @@ def _top_k(items: torch.Tensor, scores: torch.Tensor, k: int) -> list[list[tuple
     return results
 
 
-def _left_pad(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise without adding special tokens (the prompts are already formatted) and pad on the left."""
+def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Tokenise without adding special tokens (the prompts are already formatted)."""
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("an empty prompt cannot be continued")
+    return encoded
+
+
+def _left_pad(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _left_pad_ids(_encode(tokenizer, prompts), _pad_id(tokenizer), device)
+
+
+def _left_pad_ids(encoded: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in encoded)
-    pad = _pad_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
     return input_ids, attention

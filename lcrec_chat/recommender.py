@@ -15,7 +15,7 @@ import torch
 
 from .catalog import Catalog
 from .config import Config
-from .decoding import generate_items
+from .decoding import SharedPrefix, generate_items
 from .tasks import DENSE_PROMPT, SEQREC, TaskBuilder, chat_prompt, request_prompt
 from .trie import CodeTrie
 
@@ -52,6 +52,7 @@ class Recommender:
         self.num_items = len(codes)
         self.num_beams = num_beams
         self.batch_size = batch_size
+        self.shared_prefix = SharedPrefix()   # the chat template's KV, computed once for all requests
 
     @classmethod
     def from_run(cls, cfg: Config, run_dir: str | Path | None = None, dtype: str = "") -> "Recommender":
@@ -91,7 +92,7 @@ class Recommender:
         beams = max(k, num_beams or self.num_beams)
         results = generate_items(self.model, self.tokenizer, self.trie, [self.prompt(r) for r in requests],
                                  num_beams=beams, k=k, allowed=[self.allowed(r) for r in requests],
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, shared_prefix=self.shared_prefix)
         return [[Recommendation(idx, score) for idx, score in ranked] for ranked in results]
 
     def recommend(self, history: Sequence[int] = (), query: str = "", k: int = 10, exclude: Sequence[int] = (),

@@ -14,7 +14,8 @@ from transformers.cache_utils import StaticLayer
 
 from lcrec_chat.backbone import add_index_tokens, load_model, load_tokenizer
 from lcrec_chat.config import ModelConfig
-from lcrec_chat.decoding import METHODS, CodeTrie, NoItemsLeft, generate_items, python_trie_prefix_fn
+from lcrec_chat.decoding import (METHODS, CodeTrie, NoItemsLeft, SharedPrefix, generate_items,
+                                 python_trie_prefix_fn)
 from lcrec_chat.trie import TrieError, index_token
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,3 +186,27 @@ def test_only_the_tokens_of_used_codes_are_needed(lm):
                                           tokenizer.convert_tokens_to_ids("<a_5>")]
     ranked = generate_items(model, tokenizer, trie, [chat(tokenizer, "go")], num_beams=2, k=2)[0]
     assert sorted(i for i, _ in ranked) == [0, 1]
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_keeps_the_exact_ranking(lm):
+    """Prompts with a common start (the chat template) reuse its KV across calls; the rankings stay the
+    exhaustive ones, and a batch that shares too little of the stored prefix gets its own."""
+    model, tokenizer = lm
+    trie = CodeTrie.from_tokenizer(random_codes(12, 4, seed=4), tokenizer)
+    shared = SharedPrefix()
+    calls = [[chat(tokenizer, "My movies: <a_0><b_1><c_2><d_3>"), chat(tokenizer, "My movies: <a_1>, more words")],
+             [chat(tokenizer, "My movies: <a_2><b_2>")],                   # one prompt: reuses the stored start
+             [chat(tokenizer, "My movies: <a_3><b_3><c_3><d_3> and a long tail of extra words")]]
+    for prompts in calls:
+        results = generate_items(model, tokenizer, trie, prompts, num_beams=12, k=12, shared_prefix=shared)
+        for prompt, ranked in zip(prompts, results):
+            exact = exact_scores(model, tokenizer, trie, prompt)
+            assert [i for i, _ in ranked] == exact.argsort(descending=True).tolist()
+            assert torch.allclose(torch.tensor([s for _, s in ranked]), exact.sort(descending=True).values,
+                                  atol=1e-3)
+    assert shared.computed == 1
+    assert tokenizer.decode(shared.ids).rstrip().endswith("My movies:")   # cut to what all calls share
+    plain = [{"role": "system", "content": "Another system prompt entirely."}, {"role": "user", "content": "hi"}]
+    other = [tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)] * 2
+    generate_items(model, tokenizer, trie, other, num_beams=12, k=3, shared_prefix=shared)
+    assert shared.computed == 2 and "Another system prompt" in tokenizer.decode(shared.ids)
