@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from typing import Sequence
 
 from tqdm import tqdm
@@ -38,8 +39,10 @@ def evaluate_sequential(rec: Recommender, split, stage: str, style: str = "chat"
                         max_users: int = 0, ks: Sequence[int] = (1, 5, 10)) -> dict:
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     requests = [Request(history=h, exclude=e, style=style, template=template) for h, e in zip(histories, exclude)]
+    started = time.perf_counter()
     ranked = _generate(rec, requests, max(ks), f"{style} {stage}")
-    return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked)}
+    return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0, seed: int = 7,
@@ -48,9 +51,10 @@ def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0,
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     queries = intention_queries(rec.builder.describer, targets, seed)
     requests = [Request(query=q, exclude=e) for q, e in zip(queries, exclude)]
+    started = time.perf_counter()
     ranked = _generate(rec, requests, max(ks), f"itemsearch {stage}")
     return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
-            "example_queries": queries[:5]}
+            "example_queries": queries[:5], "seconds": round(time.perf_counter() - started, 1)}
 
 
 def template_spread(rec: Recommender, split, users: int, stage: str = "valid") -> dict:

@@ -231,6 +231,22 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     if "itemsearch" in metrics:
         report += ["## Itemsearch (held-out intentions)", "",
                    markdown_table({"LC-Rec itemsearch": metrics["itemsearch"]}, ks), ""]
+    generated = {f"{name} {stage}": m for name, per_stage in table.items() if name.startswith("LC-Rec")
+                 for stage, m in per_stage.items()}
+    generated.update({f"itemsearch {stage}": m for stage, m in metrics.get("itemsearch", {}).items()})
+    rates = {m["valid_item_rate"] for m in generated.values()}
+    report += ["## Generation", "", f"Valid item rate of every LC-Rec generation: {min(rates, default=1.0):.2%} "
+               f"(trie-constrained). Precision {cfg.eval.dtype or cfg.model.dtype}, {cfg.eval.num_beams} beams, "
+               f"batch {cfg.eval.batch_size}.", "", "| generation | users | seconds |", "|---|---|---|"]
+    report += [f"| {name} | {m['users']} | {m['seconds']:.1f} |" for name, m in generated.items()]
+    if "template_spread" in metrics:
+        spread = metrics["template_spread"]
+        report += ["", f"Instruction-template spread (LC-Rec seqrec prompts, {len(spread['ndcg@10_per_template'])} "
+                   f"templates, first {spread['users']} users, valid NDCG@10): mean {spread['mean']:.4f}, stdev "
+                   f"{spread['stdev']:.4f}, per template "
+                   + ", ".join(f"{v:.4f}" for v in spread["ndcg@10_per_template"]) + "."]
+    report += ["", f"Time: LC-Rec generation {metrics['seconds']['lcrec']:.0f} s, everything "
+               f"{metrics['seconds']['total']:.0f} s (baselines included)."]
     (run / "report.md").write_text("\n".join(report))
     record.done("evaluate", fp)
     return metrics
