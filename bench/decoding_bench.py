@@ -144,7 +144,8 @@ def bench_masking(tokenizer, trie, prompts_of, reps: int) -> dict:
                 tokens, _, valid = trie.candidates(nodes, step, counts[step + 1], request)
                 s.gather(1, tokens).masked_fill_(~valid, float("-inf"))
 
-        timings = {"beam_loop_candidates": timed(loop_masking, reps, warmup=2),"tensor_trie": timed(lambda: [ours(ids, s) for ids, s in states], reps, warmup=2),
+        timings = {"beam_loop_candidates": timed(loop_masking, reps, warmup=2),
+                   "tensor_trie": timed(lambda: [ours(ids, s) for ids, s in states], reps, warmup=2),
                    "python_trie": timed(lambda: [naive(ids, s) for ids, s in states], reps, warmup=2),
                    "tensor_trie_inplace": timed(lambda: [ours_inplace(ids, s) for ids, s in states], reps,
                                                 warmup=2)}
