@@ -42,7 +42,7 @@ def evaluate_sequential(rec: Recommender, split, stage: str, style: str = "chat"
     started = time.perf_counter()
     ranked = _generate(rec, requests, max(ks), f"{style} {stage}")
     return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0, seed: int = 7,
@@ -54,7 +54,7 @@ def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0,
     started = time.perf_counter()
     ranked = _generate(rec, requests, max(ks), f"itemsearch {stage}")
     return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
-            "example_queries": queries[:5], "seconds": round(time.perf_counter() - started, 1)}
+            "example_queries": queries[:5], "seconds": round(time.perf_counter() - started, 3)}
 
 
 def template_spread(rec: Recommender, split, users: int, stage: str = "valid") -> dict:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 STYLES = ("chat", "seqrec", "dense")
 
 
+STYLES = ("chat", "seqrec", "dense")   # prompts of a history without a query; see Request.style
+
+
 @dataclass
 class Request:
     history: Sequence[int] = ()
@@ -96,9 +99,14 @@ class Recommender:
         return [[Recommendation(idx, score) for idx, score in ranked] for ranked in results]
 
     def recommend(self, history: Sequence[int] = (), query: str = "", k: int = 10, exclude: Sequence[int] = (),
-                  filters: dict | None = None, num_beams: int | None = None) -> list[Recommendation]:
-        """Top-k items for one request, with catalogue rows attached."""
-        request = Request(history=history, query=query, exclude=list(exclude) + list(history), filters=filters)
+                  filters: dict | None = None, num_beams: int | None = None, style: str = "chat"
+                  ) -> list[Recommendation]:
+        """Top-k items for one request, with catalogue rows attached. ``style`` picks the prompt of a history
+        without a query (see Request); a query always gets the request prompt."""
+        if style not in STYLES:
+            raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
+        request = Request(history=history, query=query, exclude=list(exclude) + list(history), filters=filters,
+                          style=style)
         ranked = self.recommend_batch([request], k=k, num_beams=num_beams)[0]
         rows = self.catalog.items([r.idx for r in ranked])
         for rec, row in zip(ranked, rows):

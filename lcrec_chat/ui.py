@@ -12,6 +12,7 @@ lives only in per-session ``gr.State`` (deleted when the tab closes or after ``S
 """
 from __future__ import annotations
 
+import functools
 import html
 import importlib.util
 import json
@@ -109,6 +110,9 @@ def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
     if missing:
         msg = f"run folder `{run}` is incomplete, missing: {', '.join(missing)}; {how}."
         return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error or msg), f"⚠ {msg}"
+    if cfg.chat.history_prompt not in ("dense", "chat"):
+        msg = f"chat.history_prompt must be dense or chat, got {cfg.chat.history_prompt!r}"
+        return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
     try:
         from .recommender import Recommender
         rec = Recommender.from_run(cfg, run)
@@ -116,7 +120,7 @@ def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
         log.exception("model failed to load from %s", run)
         msg = f"the model failed to load from `{run}` ({type(e).__name__}: {e})"
         return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
-    engine = ChatEngine(rec.catalog, rec.recommend, cfg.chat)
+    engine = ChatEngine(rec.catalog, functools.partial(rec.recommend, style=cfg.chat.history_prompt), cfg.chat)
     status = (f"Model `{cfg.model.base}` ({cfg.model.dtype}) with the adapter of `{run}` · "
               f"{len(rec.catalog):,} items from {rec.catalog.dataset_name or 'the catalogue'}")
     return engine, status

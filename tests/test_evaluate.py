@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lcrec_chat import stages
 from lcrec_chat.config import load_config
 
@@ -28,3 +30,20 @@ def test_evaluate_stage_writes_metrics_and_report_for_every_method(tiny_run, tmp
         assert line in report, line
     assert json.loads((tiny_run.run_path / "metrics.json").read_text())["methods"].keys() == methods.keys()
     assert stages.evaluate(cfg) == json.loads((tiny_run.run_path / "metrics.json").read_text())  # up to date
+
+
+def test_history_prompt_styles_recommend_real_unseen_items(tiny_run):
+    from lcrec_chat.recommender import Recommender, Request
+    rec = Recommender.from_run(tiny_run, tiny_run.run_dir)
+    history = [0, 1, 2]
+    dense, chat = (rec.prompt(Request(history=history, style=s)) for s in ("dense", "chat"))
+    assert dense != chat and dense.endswith(rec.builder.dense_continuation(history).prefix)
+    # a wish always gets the request prompt, whatever the style
+    assert rec.prompt(Request(history=history, query="a comedy", style="dense")) == \
+        rec.prompt(Request(history=history, query="a comedy"))
+    for style in ("dense", "chat"):
+        recs = rec.recommend(history=history, k=4, num_beams=6, style=style)
+        assert len(recs) == 4 and all(0 <= r.idx < rec.num_items and r.idx not in history for r in recs)
+        assert all(r.item["title"] for r in recs)
+    with pytest.raises(ValueError, match="unknown prompt style 'fancy'"):
+        rec.recommend(history=history, style="fancy")

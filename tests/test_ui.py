@@ -105,6 +105,14 @@ def test_incomplete_run_and_broken_model_are_explained(tiny_run, tmp_path):
     assert "failed to load" in list(engine.respond("a scary movie", engine.new_session()))[-1].as_text()
 
 
+def test_unknown_history_prompt_is_explained(tiny_run):
+    cfg = copy.deepcopy(tiny_run)
+    cfg.chat.history_prompt = "poetry"
+    engine, status = load_engine(cfg)
+    assert "history_prompt must be dense or chat" in status and "poetry" in status
+    assert "history_prompt" in list(engine.respond("I loved Toy Story", engine.new_session()))[-1].as_text()
+
+
 # ------------------------------------------------------------------------------------------ gradio_client
 
 def test_intention(server):
