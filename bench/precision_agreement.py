@@ -1,10 +1,12 @@
-"""Do fp32 and bf16 inference rank the same items? (eval.dtype=bf16 is the shipped evaluation precision.)
+"""Do fp32, bf16 and NF4 inference rank the same items? (eval.dtype=bf16 is the shipped evaluation precision,
+NF4 the app's serving precision.)
 
-Loads a run twice (LoRA folded into fp32 weights, then into bf16 weights), generates the top 10 for the same
-valid users with the dense history prompt, and compares: top-1 agreement, mean overlap of the top-10 sets, and
-NDCG@10 / HR@10 of each precision, with the time each took.
+Loads a run once per precision (LoRA folded into fp32/bf16 weights; kept beside the 4-bit weights for nf4),
+generates the top 10 for the same valid users with the dense history prompt, and compares each precision with
+the first: top-1 agreement, mean overlap of the top-10 sets, and NDCG@10 / HR@10, with the time each took.
 
     python bench/precision_agreement.py --run-dir runs/ml-100k --config configs/ml-100k.yaml [--users 100]
+        [--dtypes fp32,bf16,nf4]
 
 Writes bench/results/precision_agreement.json and prints a markdown table.
 """
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/ml-100k")
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--stage", default="valid", choices=["valid", "test"])
+    parser.add_argument("--dtypes", default="fp32,bf16,nf4", help="comma-separated; the first is the reference")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.config)
@@ -45,7 +48,8 @@ def main() -> None:
 
     ranked: dict[str, list[list[int]]] = {}
     rows = {}
-    for dtype in ("fp32", "bf16"):
+    dtypes = args.dtypes.split(",")
+    for dtype in dtypes:
         rec = Recommender.from_run(cfg, args.run_dir, dtype=dtype)
         started = time.perf_counter()
         ranked[dtype] = [[r.idx for r in recs] for start in range(0, len(requests), rec.batch_size)
@@ -54,11 +58,12 @@ def main() -> None:
         metrics = rank_metrics(ranked[dtype], targets, (10,))
         rows[dtype] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"], "seconds": round(seconds, 1)}
         del rec
-    pairs = list(zip(ranked["fp32"], ranked["bf16"]))
-    agreement = {
-        "top1_same": sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
-        "top10_overlap": sum(len(set(a) & set(b)) / 10 for a, b in pairs) / len(pairs),
-    }
+    agreement = {}
+    for dtype in dtypes[1:]:
+        pairs = list(zip(ranked[dtypes[0]], ranked[dtype]))
+        agreement[f"{dtype}_vs_{dtypes[0]}"] = {
+            "top1_same": sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
+            "top10_overlap": sum(len(set(a) & set(b)) / 10 for a, b in pairs) / len(pairs)}
     result = {"users": len(requests), "stage": args.stage, "run_dir": args.run_dir, "precisions": rows,
               "agreement": agreement, "machine": {"cpu_count": os.cpu_count(), "torch_threads":
                                                   torch.get_num_threads(), "platform": platform.platform()}}
@@ -67,7 +72,8 @@ def main() -> None:
     print(f"| precision | users | NDCG@10 | HR@10 | seconds |\n|---|---|---|---|---|")
     for dtype, row in rows.items():
         print(f"| {dtype} | {len(requests)} | {row['ndcg@10']:.4f} | {row['hr@10']:.4f} | {row['seconds']} |")
-    print(f"\ntop-1 identical: {agreement['top1_same']:.0%}; top-10 overlap: {agreement['top10_overlap']:.0%}")
+    for pair, value in agreement.items():
+        print(f"{pair}: top-1 identical {value['top1_same']:.0%}, top-10 overlap {value['top10_overlap']:.0%}")
 
 
 if __name__ == "__main__":
