@@ -24,9 +24,6 @@ log = logging.getLogger(__name__)
 STYLES = ("chat", "seqrec", "dense")
 
 
-STYLES = ("chat", "seqrec", "dense")   # prompts of a history without a query; see Request.style
-
-
 @dataclass
 class Request:
     history: Sequence[int] = ()
