@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcrec_chat.config import load_config  # noqa: E402
+from lcrec_chat.evaluate import generate_ranked  # noqa: E402
 from lcrec_chat.metrics import rank_metrics, stage_inputs  # noqa: E402
 from lcrec_chat.recommender import Recommender, Request  # noqa: E402
 from lcrec_chat.stages import load_split  # noqa: E402
@@ -52,8 +53,7 @@ def main() -> None:
     for dtype in dtypes:
         rec = Recommender.from_run(cfg, args.run_dir, dtype=dtype)
         started = time.perf_counter()
-        ranked[dtype] = [[r.idx for r in recs] for start in range(0, len(requests), rec.batch_size)
-                         for recs in rec.recommend_batch(requests[start:start + rec.batch_size], k=10)]
+        ranked[dtype] = generate_ranked(rec, requests, 10, dtype)
         seconds = time.perf_counter() - started
         metrics = rank_metrics(ranked[dtype], targets, (10,))
         rows[dtype] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"], "seconds": round(seconds, 1)}

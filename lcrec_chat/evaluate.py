@@ -19,7 +19,8 @@ from .tasks import SEQREC, intention_queries
 log = logging.getLogger(__name__)
 
 
-def _generate(rec: Recommender, requests: Sequence[Request], k: int, desc: str) -> list[list[int]]:
+def generate_ranked(rec: Recommender, requests: Sequence[Request], k: int, desc: str) -> list[list[int]]:
+    """Top-k item indices per request, in batches of rec.batch_size, with a progress bar."""
     ranked = []
     step = rec.batch_size
     for start in tqdm(range(0, len(requests), step), desc=desc, leave=False):
@@ -40,7 +41,7 @@ def evaluate_sequential(rec: Recommender, split, stage: str, style: str = "chat"
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     requests = [Request(history=h, exclude=e, style=style, template=template) for h, e in zip(histories, exclude)]
     started = time.perf_counter()
-    ranked = _generate(rec, requests, max(ks), f"{style} {stage}")
+    ranked = generate_ranked(rec, requests, max(ks), f"{style} {stage}")
     return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
             "seconds": round(time.perf_counter() - started, 3)}
 
@@ -52,7 +53,7 @@ def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0,
     queries = intention_queries(rec.builder.describer, targets, seed)
     requests = [Request(query=q, exclude=e) for q, e in zip(queries, exclude)]
     started = time.perf_counter()
-    ranked = _generate(rec, requests, max(ks), f"itemsearch {stage}")
+    ranked = generate_ranked(rec, requests, max(ks), f"itemsearch {stage}")
     return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
             "example_queries": queries[:5], "seconds": round(time.perf_counter() - started, 3)}
 
