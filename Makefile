@@ -19,7 +19,8 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/python app.py
 
+# -rs: the summary lists every skipped test with its reason (the browser test says how to install chromium)
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 .PHONY: install run test

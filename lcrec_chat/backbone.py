@@ -16,6 +16,7 @@ a half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -31,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig, TrainConfig
+from .hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +244,7 @@ def _device_map(device: str) -> dict:
 
 
 def load_model(cfg: ModelConfig, for_training: bool = False):
-    """Load ``cfg.base`` in ``cfg.dtype`` (fp32 | bf16 | nf4) on ``cfg.device``.
+    """Load ``cfg.base`` in ``cfg.dtype`` (auto | fp32 | bf16 | nf4) on ``cfg.device``.
 
     nf4 is QLoRA's 4-bit NormalFloat with double quantization of the linear layers, which compute in bf16 on
     GPUs that support it and in fp32 otherwise; the other weights (embeddings, norms) are stored in that dtype.
@@ -255,6 +257,8 @@ def load_model(cfg: ModelConfig, for_training: bool = False):
     """
     from transformers import AutoModelForCausalLM
     device = resolve_device(cfg.device)
+    if cfg.dtype == "auto":   # bf16 where the processor runs it natively, fp32 elsewhere (hardware.py)
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype("auto", device))
     path = resolve_model_path(cfg.base, cfg.cache_dir)
     start = time.perf_counter()
     if cfg.dtype == "nf4":
@@ -269,7 +273,7 @@ def load_model(cfg: ModelConfig, for_training: bool = False):
     elif cfg.dtype in _DTYPES:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], device_map=_device_map(device))
     else:
-        raise BackboneError(f"model.dtype must be fp32, bf16 or nf4, not {cfg.dtype!r}")
+        raise BackboneError(f"model.dtype must be auto, fp32, bf16 or nf4, not {cfg.dtype!r}")
     model.eval()
     log.info("loaded %s (%s, %s) in %.1f s: %s", cfg.base, cfg.dtype, device, time.perf_counter() - start,
              describe(model))

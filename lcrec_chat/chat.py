@@ -14,36 +14,47 @@ How a request is read (``intents`` has the commands and filter phrases):
   "like", "favourites", ...) or when at least as many pieces resolved as stayed unknown (a bare list of
   titles). **Intention** = the intention pieces; a message with no recognised title and no history cue
   is an intention as a whole. Both present = a fused request (history + intention).
-* Genre and decade words of the intention become catalogue filters as well ("a funny 90s movie" only
-  returns Comedy items from 1990-1999); "any genre" / "any year" lift them.
+* Genre, mood and decade words of the intention become catalogue filters as well ("a funny 90s movie" only
+  returns Comedy items from 1990-1999, "a romantic comedy" items that are both); "any genre" / "any year" lift
+  them. A message in which nothing is recognised (no title, no wish, genre, mood or decade word, no word of the
+  catalogue's text) is answered with a request for titles or a wish, and changes nothing.
 
 What reaches the model: resolved item indices (as their codes) and the intention, cleaned by
 ``intents.sanitize_query`` (one line, no quotes/brackets, at most 200 characters) and quoted by the prompt
 template. Unrecognised text is only echoed back to the user, never sent. No SQL is built from user text.
 
 Which items may be shown:
-  always excluded: liked items (the history) and rejected items;
-  a new request: nothing else; a refinement or a rejection: items of earlier lists (the list on screen stays
-  eligible, so "not #2" keeps the rest and brings one new item); "more" / "more like #n": every item shown.
+  always excluded: every title the person named in the session (liked, capped out of the history, or read
+  inside a wish) and rejected items;
+  a new request with titles: nothing else; a rejection: items of earlier lists (the list on screen stays
+  eligible, so "not #2" keeps the rest and brings one new item); a refinement ("only comedies", "something
+  lighter"), a wish without titles after earlier turns, "more", "more like #n" and "more like <title>": every
+  item shown.
+
+Reasons on the cards come from catalogue data (wish words matched, genres and decade shared with a named title,
+co-viewing counts of the training split, popularity, the model's rank among the candidates), never from the
+model's raw scores.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from .catalog import Catalog
 from .config import ChatConfig
-from .intents import (HISTORY_CUE, Command, FilterChange, Filters, Vocabulary, Wish, extract_filters,
-                      has_content, is_intention_piece, parse_command, resolve_refs, sanitize_query,
-                      split_request)
+from .intents import (HISTORY_CUE, KNOWN_MOODS, Command, FilterChange, Filters, Vocabulary, Wish, asks_more_like,
+                      extract_filters, has_content, is_intention_piece, parse_command, resolve_refs, sanitize_query,
+                      split_request, unknown_mood_word)
 from .titles import display_title
 
 log = logging.getLogger(__name__)
 
 MAX_RESOLVE_PIECES = 60        # pieces of a pasted history examined per message
+MIN_COWATCH = 2                # "watched by 1 of the 3 people who watched X" says nothing
 
 
 class RecommendFn(Protocol):
@@ -64,12 +75,37 @@ class Session:
     shown: list[int] = field(default_factory=list)      # every item shown, in order
     current: list[int] = field(default_factory=list)    # the list on screen: "#2" points into it
     focus: int | None = None                            # the item last talked about ("that one")
+    named: list[int] = field(default_factory=list)      # every title the person named: never recommended back
+    last_named: list[int] = field(default_factory=list)  # the titles named by the message of turn last_named_turn
+    last_named_turn: int = 0
     k: int = 5
     turns: int = 0
 
     def summary(self) -> dict:
         return {"liked": list(self.liked), "query": self.query, "filters": self.filters.describe(),
-                "rejected": list(self.rejected), "shown": len(self.shown), "on_screen": list(self.current)}
+                "rejected": list(self.rejected), "shown": len(self.shown), "on_screen": list(self.current),
+                "named": list(self.named)}
+
+    def name(self, idxs: Iterable[int]) -> None:
+        self.named += [i for i in dict.fromkeys(idxs) if i not in self.named]
+
+
+class CoWatch:
+    """Who interacted with what in the training split: grounds "watched by 12 of the 40 people who watched
+    Fargo" in data (the model learnt from the same sequences). Item -> set of users, ~100k entries for ML-100K."""
+
+    def __init__(self, sequences: Iterable[Sequence[int]]):
+        by_item: dict[int, set[int]] = {}
+        for user, seq in enumerate(sequences):
+            for idx in seq:
+                by_item.setdefault(int(idx), set()).add(user)
+        self._users: dict[int, frozenset[int]] = {i: frozenset(u) for i, u in by_item.items()}
+
+    def viewers(self, idx: int) -> int:
+        return len(self._users.get(idx, ()))
+
+    def both(self, a: int, b: int) -> int:
+        return len(self._users.get(a, frozenset()) & self._users.get(b, frozenset()))
 
 
 @dataclass
@@ -116,14 +152,14 @@ HELP = [
 
 
 def _merge_wishes(old: list[Wish], change: FilterChange) -> list[Wish]:
-    """The wishes that still hold after a refinement: new genre words replace old ones, new years replace
-    old years, and a wish for a genre that is now excluded is dropped."""
-    new_genres = any(w.genres for w in change.wishes if not w.negated)
-    new_years = change.shift or any(not w.genres for w in change.wishes)
+    """The wishes that still hold after a refinement: new genre or mood words replace old ones, new years
+    replace old years, and a wish for a genre that is now excluded is dropped."""
+    new_genres = any(w.is_genre for w in change.wishes if not w.negated)
+    new_years = change.shift or any(not w.is_genre for w in change.wishes)
     kept = [w for w in old
-            if (w.genres and not new_genres and not change.clear_genres
-                and not set(w.genres) <= set(change.excluded_genres))
-            or (not w.genres and not new_years and not change.clear_years)]
+            if (w.is_genre and not new_genres and not change.clear_genres
+                and not (w.genres and set(w.genres) <= set(change.excluded_genres)))
+            or (not w.is_genre and not new_years and not change.clear_years)]
     return kept + [w for w in change.wishes if not w.negated]
 
 
@@ -140,7 +176,7 @@ class ChatEngine:
     """
 
     def __init__(self, catalog: Catalog | None, recommend: RecommendFn | Callable | None, cfg: ChatConfig,
-                 model_error: str = "", catalog_error: str = ""):
+                 model_error: str = "", catalog_error: str = "", cowatch: CoWatch | None = None):
         if cfg.default_k > cfg.max_k or cfg.max_k > cfg.max_beams:
             raise ValueError(f"chat: need default_k <= max_k <= max_beams, got {cfg.default_k}, {cfg.max_k}, "
                              f"{cfg.max_beams}")
@@ -150,6 +186,9 @@ class ChatEngine:
         self.model_error = model_error or ("" if recommend else "no model is loaded")
         self.catalog_error = catalog_error or ("" if catalog else "no catalogue is loaded")
         self.vocab = Vocabulary(catalog.genres() if catalog else [])
+        self.cowatch = cowatch
+        # every item's popularity, ascending: "one of the 5% most watched titles" in a reason
+        self._popularity = sorted(catalog.item(i)["popularity"] or 0 for i in range(len(catalog))) if catalog else []
 
     # ------------------------------------------------------------------------------------------ entry points
     def new_session(self) -> Session:
@@ -189,6 +228,7 @@ class ChatEngine:
                              kind="error").as_dict()
             idxs, notes = self._seed(liked)
             session.liked = idxs[-self.cfg.max_history_items:]
+            session.name(idxs)
             seeded.append(Reply(notes))
         text = message if message and message.strip() else ""
         if not text and not session.liked:
@@ -240,11 +280,31 @@ class ChatEngine:
                          (f" (I showed {len(session.current)})." if session.current else "; ask for something first."))
         return idxs, notes
 
+    def _position_notes(self, command: Command, session: Session) -> list[str]:
+        """Right after a pasted list, "the third one" could mean the third card shown or the third title named:
+        cards are what numbers point at, and the answer says so."""
+        if command.focus or session.last_named_turn != session.turns - 1 or len(session.last_named) < 2:
+            return []
+        notes = []
+        for n in command.refs:
+            card_pos, named_pos = (len(session.current), len(session.last_named)) if n == -1 else (n, n)
+            if not (1 <= card_pos <= len(session.current) and 1 <= named_pos <= len(session.last_named)):
+                continue
+            card = self.catalog.item(session.current[card_pos - 1])
+            named = self.catalog.item(session.last_named[named_pos - 1])
+            which = "the last one" if n == -1 else f"#{n}"
+            hint = f" Say \"more like {display_title(named['title'])}\" if you meant that one." \
+                if command.kind == "like" else ""
+            notes.append(f"I took {which} to be card #{card_pos} of my list, {_label(card)}, not "
+                         f"{_label(named)} from the titles you named.{hint}")
+        return notes
+
     def _item_command(self, command: Command, session: Session) -> Iterator[Reply]:
         idxs, notes = self._targets(command, session)
         if not idxs:
             yield Reply(notes, kind="error")
             return
+        notes = self._position_notes(command, session) + notes
         items = self.catalog.items(idxs)
         session.focus = idxs[-1]
         if command.kind == "info":
@@ -287,7 +347,8 @@ class ChatEngine:
         session.filters = filters
         session.wishes = _merge_wishes(session.wishes, change)
         what = filters.describe() or "no filters"
-        yield from self._recommend(session, lines + [f"Filters now: {what}."], exclude_shown="earlier")
+        # a refinement asks for something different: the cards already shown are not shown again
+        yield from self._recommend(session, lines + [f"Filters now: {what}."], exclude_shown="all")
 
     # ------------------------------------------------------------------------------------------ requests
     def _request(self, text: str, session: Session) -> Iterator[Reply]:
@@ -303,13 +364,44 @@ class ChatEngine:
                 wishes = [clause]            # the clause as written reads better than its filler-stripped pieces
             intention += wishes
             unknown_titles += [p for p in res.unknown if not is_intention_piece(p, self.vocab)]
+        # whatever the person named is never recommended back, a title read as part of a wish included
+        session.name([m.idx for m in matches] + [c["idx"] for _, cands in ambiguous for c in cands])
         if matches and not cue and len(matches) < len(intention):
             intention, matches, unknown_titles = [text], [], []   # a stray title match inside a wish
         if not matches and not cue and not ambiguous:
             intention, unknown_titles = [text], []              # no title named: the message is the wish
 
-        lines: list[str] = []
         recognised = [self.catalog.item(m.idx) for m in matches]
+        lines = self._understanding(recognised, matches, ambiguous, unknown_titles, skipped)
+        intention_text = " ".join(p for p in intention if has_content(p))
+        change, _ = extract_filters(intention_text, self.vocab) if intention_text else (FilterChange(), "")
+        query = sanitize_query(intention_text) if intention_text else ""
+        if not recognised and not query:
+            lines.append("I could not find any of those titles, so I have nothing to go on yet. "
+                         "Check the spelling, or tell me what you are in the mood for.")
+            yield Reply(lines, kind="error", unknown=unknown_titles)
+            return
+        if not recognised and not ambiguous and not self._understood(intention_text):
+            yield Reply(lines + self._not_understood(text, session), kind="error")
+            return
+
+        # a wish without titles after earlier turns refines them: show new items, not the same list again
+        follow_up = not recognised and bool(session.liked or session.query)
+        more_like = bool(recognised) and asks_more_like(text)
+        if recognised:
+            lines += self._add_liked([i["idx"] for i in recognised], session)
+        if more_like:
+            lines.append(f"More like {', '.join(_label(i) for i in recognised)}: new titles only.")
+        session.last_named, session.last_named_turn = [i["idx"] for i in recognised], session.turns
+        lines += self._set_wish(query, change, session)
+        yield from self._recommend(session, lines, exclude_shown="all" if more_like or follow_up else "none",
+                                   recognised=[{"idx": i["idx"], "title": i["title"], "year": i["year"]}
+                                               for i in recognised], unknown=unknown_titles)
+
+    def _understanding(self, recognised: list[dict], matches: list, ambiguous: list, unknown_titles: list[str],
+                       skipped: int) -> list[str]:
+        """The first lines of an answer: what was recognised, what could be several items, what was not found."""
+        lines: list[str] = []
         if recognised:
             lines.append("Recognised: " + ", ".join(
                 _label(i) + (f" [{m.note}]" if m.note and m.confidence < 1 else "")
@@ -323,38 +415,50 @@ class ChatEngine:
             lines.append(f"Not found in the catalogue: {shown}{more}.")
         if skipped:
             lines.append(f"(I only read the first {MAX_RESOLVE_PIECES} titles; {skipped} more were skipped.)")
+        return lines
 
-        intention_text = " ".join(p for p in intention if has_content(p))
-        change, _ = extract_filters(intention_text, self.vocab) if intention_text else (FilterChange(), "")
-        query = sanitize_query(intention_text) if intention_text else ""
-        if not recognised and not query:
-            lines.append("I could not find any of those titles, so I have nothing to go on yet. "
-                         "Check the spelling, or tell me what you are in the mood for.")
-            yield Reply(lines, kind="error", unknown=unknown_titles)
-            return
+    def _understood(self, wish: str) -> bool:
+        """Whether a wish holds anything to act on: a wish, genre, mood or year word, or a word that occurs in the
+        catalogue's titles, genres or descriptions. Gibberish holds none, and must not become a sticky wish."""
+        return is_intention_piece(wish, self.vocab) or bool(self.catalog.search(wish, limit=1))
 
-        if recognised:
-            new = [i["idx"] for i in recognised]
-            liked = [i for i in session.liked if i not in new] + new
-            if len(liked) > self.cfg.max_history_items:
-                lines.append(f"I keep the last {self.cfg.max_history_items} titles you liked.")
-            session.liked = liked[-self.cfg.max_history_items:]
-            session.rejected = [i for i in session.rejected if i not in new]
-        if query:
-            session.query = query
-            session.wishes = [w for w in change.wishes if not w.negated]
-            session.filters, _ = change.apply(Filters())
-            if session.filters:
-                lines.append(f"Reading \"{query}\" as your wish; filters: {session.filters.describe()}.")
-            else:
-                lines.append(f"Reading \"{query}\" as your wish.")
-        elif session.query or session.filters:
+    @staticmethod
+    def _not_understood(text: str, session: Session) -> list[str]:
+        shown = text if len(text) <= 60 else text[:60].rsplit(" ", 1)[0] + "…"
+        lines = [f"Sorry, I did not understand \"{shown}\": it holds no title, genre, decade or mood I know.",
+                 "Tell me a few titles you liked (\"I loved Toy Story and Fargo\") or what you are in the mood "
+                 "for (\"a funny 90s movie\", \"something dark from the 70s\")."]
+        if session.liked or session.query:
+            lines.append("Your earlier titles and wishes are unchanged.")
+        return lines
+
+    def _add_liked(self, new: list[int], session: Session) -> list[str]:
+        """Named titles join the history as its most recent entries."""
+        liked = [i for i in session.liked if i not in new] + new
+        session.liked = liked[-self.cfg.max_history_items:]
+        session.rejected = [i for i in session.rejected if i not in new]
+        if len(liked) > self.cfg.max_history_items:
+            return [f"I keep the last {self.cfg.max_history_items} titles you liked."]
+        return []
+
+    def _set_wish(self, query: str, change: FilterChange, session: Session) -> list[str]:
+        """A new wish replaces the old one (and its filters); no wish keeps the old one. Returns what to say."""
+        if not query:
+            if not (session.query or session.filters):
+                return []
             kept = [f"your wish \"{session.query}\""] if session.query else []
             kept += [f"filters {session.filters.describe()}"] if session.filters else []
-            lines.append(f"Still using {' and '.join(kept)} (say \"start over\" to drop it).")
-        yield from self._recommend(session, lines, exclude_shown="none",
-                                   recognised=[{"idx": i["idx"], "title": i["title"], "year": i["year"]}
-                                               for i in recognised], unknown=unknown_titles)
+            return [f"Still using {' and '.join(kept)} (say \"start over\" to drop it)."]
+        session.query = query
+        session.wishes = [w for w in change.wishes if not w.negated]
+        session.filters, _ = change.apply(Filters())
+        lines = [f"Reading \"{query}\" as your wish" +
+                 (f"; filters: {session.filters.describe()}." if session.filters else ".")]
+        mood = unknown_mood_word(query, self.vocab)
+        if mood:
+            lines.append(f"I have no filter for \"{mood}\" (moods I know: {KNOWN_MOODS}); the model reads it as "
+                         "part of your wish.")
+        return lines
 
     # ------------------------------------------------------------------------------------------ recommending
     def _clamp_k(self, k: int | None) -> int:
@@ -372,7 +476,7 @@ class ChatEngine:
         if not (session.liked or session.query):
             yield Reply(lines + ["Tell me a movie you liked or what you are in the mood for."], kind="error", **extra)
             return
-        exclude = set(session.rejected)
+        exclude = set(session.rejected) | set(session.named)
         if exclude_shown == "all":
             exclude |= set(session.shown)
         elif exclude_shown == "earlier":
@@ -398,7 +502,8 @@ class ChatEngine:
         for rank, rec in enumerate(ranked[:k], 1):
             item = rec.item or self.catalog.item(rec.idx)
             cards.append(Card(rank, rec.idx, display_title(item["title"]), item.get("year"),
-                              list(item.get("genres") or []), self.reason(item, session, rec.score), rec.score))
+                              list(item.get("genres") or []), self.reason(item, session, rank, len(pool)),
+                              rec.score))
         session.current = [c.idx for c in cards]
         session.shown += [i for i in session.current if i not in session.shown]
         session.focus = None
@@ -407,34 +512,73 @@ class ChatEngine:
         yield Reply(lines, cards, kind="recommend", request=request, **extra)
 
     # ------------------------------------------------------------------------------------------ explaining
-    def reason(self, item: dict, session: Session, score: float) -> str:
-        """One line grounded in the data: matched wish words, genres shared with the history, model score."""
+    def reason(self, item: dict, session: Session, rank: int = 1, candidates: int = 0) -> str:
+        """One line a person can check against the data: the wish words it fits, the genres it shares with a
+        title they named, how many viewers of that title watched it too, the same decade; else how widely it was
+        watched and where the model ranked it. No model probability: spread over a whole catalogue it reads as
+        "0.01%" for a good pick and says nothing to a person."""
         parts = []
         fits = [w for w in session.wishes if not w.negated and w.fits(item)]
         if fits:
             parts.append("fits " + ", ".join(f"\"{w.text}\" ({self._fit_detail(w, item)})" for w in fits[:3]))
+        named = self.catalog.items(list(reversed(session.liked)))   # the most recent title wins ties
+        parts += [p for p in (self._shared_genres(item, named), self._cowatched(item, named)) if p]
+        if not any(w.year_min is not None or w.year_max is not None for w in fits):
+            parts += [p for p in (self._same_decade(item, named),) if p]
+        if len(parts) < 2:
+            parts.append(self._standing(item, rank, candidates))
+        return "; ".join(parts[:3])
+
+    @staticmethod
+    def _shared_genres(item: dict, named: list[dict]) -> str:
         genres = set(item.get("genres") or []) - {"unknown"}
         best, shared = None, set()
-        for idx in reversed(session.liked):          # the most recent liked item wins ties
-            h = self.catalog.item(idx)
+        for h in named:
             common = genres & set(h.get("genres") or [])
             if len(common) > len(shared):
                 best, shared = h, common
-        if best is not None:
-            parts.append(f"{', '.join(sorted(shared))} like {display_title(best['title'])}")
-        if math.isfinite(score):
-            parts.append(f"model probability {self._percent(math.exp(score))}")
-        return "; ".join(parts) or "the model's pick"
+        return f"{', '.join(sorted(shared))}, like {display_title(best['title'])}" if best else ""
+
+    def _cowatched(self, item: dict, named: list[dict]) -> str:
+        """"watched by 12 of the 40 people who watched Fargo": the share, not the count, picks the title."""
+        if self.cowatch is None:
+            return ""
+        best = None
+        for h in named:
+            both, viewers = self.cowatch.both(h["idx"], item["idx"]), self.cowatch.viewers(h["idx"])
+            if both >= MIN_COWATCH and (best is None or both / viewers > best[0] / best[1]):
+                best = (both, viewers, h)
+        if best is None:
+            return ""
+        both, viewers, h = best
+        return f"watched by {both:,} of the {viewers:,} people who watched {display_title(h['title'])}"
+
+    @staticmethod
+    def _same_decade(item: dict, named: list[dict]) -> str:
+        year = item.get("year")
+        if not year:
+            return ""
+        same = next((h for h in named if h.get("year") and h["year"] // 10 == year // 10), None)
+        return f"also from the {year // 10 * 10}s, like {display_title(same['title'])}" if same else ""
+
+    def _standing(self, item: dict, rank: int, candidates: int) -> str:
+        pop = item.get("popularity") or 0
+        n = len(self._popularity)
+        place = n - bisect.bisect_right(self._popularity, pop) + 1      # 1 = the most watched item
+        if pop and place <= n * 0.1:
+            known = f"one of the {math.ceil(100 * place / n)}% most watched titles ({pop:,} viewers)"
+        else:
+            known = f"{pop:,} viewer{'s' if pop != 1 else ''} in the data" if pop else "a title few have rated"
+        of = f" of {candidates:,} candidates" if candidates else ""
+        return f"{known}; the model's pick #{rank}{of}"
 
     @staticmethod
     def _fit_detail(wish: Wish, item: dict) -> str:
         if wish.genres:
             return ", ".join(g for g in wish.genres if g in (item.get("genres") or []))
+        if wish.excluded:
+            return "no " + ", ".join(wish.excluded[:3]) + (" …" if len(wish.excluded) > 3 else "")
         return str(item.get("year"))
-
-    @staticmethod
-    def _percent(p: float) -> str:
-        return f"{p:.0%}" if p >= 0.01 else f"{p:.2%}" if p >= 0.0001 else f"{p:.1e}"
 
     def _describe(self, item: dict, session: Session) -> list[str]:
         pos = session.current.index(item["idx"]) + 1 if item["idx"] in session.current else None

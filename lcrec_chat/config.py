@@ -78,7 +78,9 @@ class IndexConfig:
 @dataclass
 class ModelConfig:
     base: str = "smollm2-135m"     # packaged default, or any HF model id / local folder
-    dtype: str = "fp32"            # fp32 | bf16 | nf4
+    # auto (bf16 where the processor runs it natively: avx512_bf16/AMX or a bf16 GPU; fp32 elsewhere, where
+    # bf16 is emulated and 5-300x slower) | fp32 | bf16 | nf4 (bitsandbytes 4-bit; QLoRA when training)
+    dtype: str = "fp32"
     cache_dir: str = ".cache/models"
     device: str = "auto"           # auto | cpu | cuda
 
@@ -108,7 +110,9 @@ class TrainConfig:
     eval_every: int = 200
     eval_samples: int = 64         # valid-loss samples per task
     save_every: int = 200
-    bf16_autocast: bool = False
+    # bf16 autocast of the forward/backward over fp32 weights: auto (only where bf16 is native, see
+    # hardware.py; 1.7x fp32's tokens/s on an avx512_bf16 CPU) | bf16 (always) | off
+    autocast: str = "off"
     pack: bool = True
     seed: int = 42
 
@@ -116,8 +120,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_beams: int = 20
-    # precision of the evaluated model; "" = model.dtype. bf16 decodes ~1.5x faster than fp32 on CPUs with
-    # avx512_bf16/AMX (bench/decoding_bench.py) and on GPUs; rankings were checked against fp32 (model card)
+    # precision of the evaluated model; "" = model.dtype; auto = bf16 where native, else fp32. bf16 decodes
+    # ~1.5x faster than fp32 on CPUs with avx512_bf16/AMX and on GPUs (rankings checked against fp32 in the model
+    # card), but several times slower on CPUs without them
     dtype: str = ""
     topk: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 8
@@ -125,8 +130,19 @@ class EvalConfig:
     styles: list[str] = field(default_factory=lambda: ["dense", "chat"])  # history prompts to evaluate
     itemsearch: bool = True        # also evaluate held-out intention queries
     template_users: int = 50       # users for the per-template spread of LC-Rec seqrec prompts (0 = skip)
-    sasrec_epochs: int = 200
-    sasrec_patience: int = 10
+    # Hybrid decoding (decoding.generate_items): each beam step adds w * the log of SASRec's next-item
+    # probability mass under the code prefix; w is picked from these on the first `hybrid_users` valid users
+    # (test never looked at) and reported as its own row beside pure LC-Rec. Empty list = no hybrid row.
+    hybrid_weights: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    hybrid_users: int = 300
+    # SASRec and GRU4Rec (RecBole's settings): at most `baseline_epochs`, early stopping after
+    # `baseline_patience` epochs without a better valid NDCG@10; one fit per seed, the row is the mean
+    baseline_epochs: int = 200
+    baseline_patience: int = 10
+    baseline_seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
+    # targets per training window (baselines.training_windows): 1 = RecBole's every-prefix augmentation;
+    # larger trains that many targets per forward pass, that many times cheaper
+    baseline_stride: int = 1
 
 
 @dataclass

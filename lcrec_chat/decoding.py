@@ -75,6 +75,32 @@ class TrieLogitsProcessor(LogitsProcessor):
         return self.trie.mask_scores(scores, nodes, step, self.counts[step + 1], request, inplace=self.inplace)
 
 
+class GenerationStats:
+    """What the beam search produced, counted before invalid or duplicate beams are dropped.
+
+    ``sequences``: every returned beam (num_beams per request); ``valid``: those that are a real item of the
+    catalogue with a finite score; ``duplicates``: valid beams repeating an item already in that request's list;
+    ``short``: requests that got fewer than k items.
+    """
+
+    def __init__(self) -> None:
+        self.sequences = self.valid = self.duplicates = self.requests = self.short = 0
+
+    def add(self, items: torch.Tensor, scores: torch.Tensor, ranked: list[list[tuple[int, float]]],
+            num_items: int, k: int) -> None:
+        real = (items >= 0) & (items < num_items) & torch.isfinite(scores)
+        self.sequences += items.numel()
+        self.valid += int(real.sum())
+        self.duplicates += int(real.sum()) - sum(len({i for i in row[ok].tolist()}) for row, ok in zip(items, real))
+        self.requests += len(ranked)
+        self.short += sum(len(r) < k for r in ranked)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"valid_item_rate": self.valid / max(1, self.sequences), "generated_sequences": self.sequences,
+                "duplicate_rate": self.duplicates / max(1, self.sequences),
+                "short_list_rate": self.short / max(1, self.requests)}
+
+
 class SharedPrefix:
     """The KV cache of the token prefix that prompts have in common (chat template, system prompt, instruction),
     computed once and copied into every later batch, so a prefill pays only for each prompt's own tokens.
@@ -122,14 +148,22 @@ def _common_prefix(lists: list[list[int]], limit: int) -> list[int]:
 
 def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int = 20, k: int = 10,
                    allowed: Sequence[torch.Tensor | None] | None = None, batch_size: int = 8,
-                   method: str = "loop", shared_prefix: SharedPrefix | None = None
-                   ) -> list[list[tuple[int, float]]]:
+                   method: str = "loop", shared_prefix: SharedPrefix | None = None,
+                   prior: torch.Tensor | None = None, prior_weight: float | torch.Tensor = 0.0,
+                   stats: "GenerationStats | None" = None) -> list[list[tuple[int, float]]]:
     """Top-``k`` distinct allowed items for each prompt, best first, as (item index, summed code log-prob).
 
     ``prompts`` are fully formatted (chat template and response prefix included): the next tokens the model
     writes must be the item's L code tokens. ``allowed[i]`` is a (num_items,) bool mask for prompt i (None
     allows all). Each list has ``min(k, allowed items)`` entries. Raises :class:`NoItemsLeft` naming the first
     prompt with no allowed item. ``shared_prefix`` (loop only) reuses the KV of the prompts' common start.
+
+    Hybrid decoding (loop only): ``prior`` (len(prompts), num_items) non-negative item weights, e.g. a sequential
+    model's next-item probabilities. Each code step then adds ``prior_weight`` (a number, or one per prompt) times
+    the log-probability of that step under the prior (its mass under the new prefix over the mass under the old),
+    so an item's score is log P_model(item) + w * log P_prior(item | allowed items).
+
+    ``stats``, if given, counts every beam the search ended with before anything is dropped (see GenerationStats).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -139,32 +173,53 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     masks = trie.allowed_mask(allowed, len(prompts))
     trie.alive(masks)  # raises NoItemsLeft naming the prompt before any model work
+    weights = None
+    if prior is not None:
+        if method != "loop":
+            raise ValueError("a decoding prior needs method='loop'")
+        if prior.shape != masks.shape:
+            raise ValueError(f"prior must be (prompts, items) = {tuple(masks.shape)}, got {tuple(prior.shape)}")
+        weights = torch.as_tensor(prior_weight, dtype=torch.float64).expand(len(prompts))
     results: list[list[tuple[int, float]]] = []
     starts = range(0, len(prompts), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, desc="recommend", unit="batch", disable=len(starts) < 4, leave=False):
             batch_prompts, batch_masks = prompts[start:start + batch_size], masks[start:start + batch_size]
             if method == "loop":
+                batch_prior = None
+                if weights is not None:
+                    end = start + len(batch_prompts)
+                    batch_prior = (prior[start:end].double() * batch_masks, weights[start:end])
                 items, scores = _beam_loop(model, tokenizer, trie, batch_prompts, num_beams, batch_masks,
-                                           shared_prefix)
+                                           shared_prefix, batch_prior)
             else:
                 input_ids, attention = _left_pad(tokenizer, batch_prompts, _device(model))
                 items, scores = _beam_generate(model, tokenizer, trie, input_ids, attention, num_beams, batch_masks)
-            results.extend(_top_k(items, scores, k))
+            ranked = _top_k(items, scores, k)
+            if stats is not None:
+                stats.add(items, scores, ranked, trie.num_items, k)
+            results.extend(ranked)
     logger.debug("generated top-%d of %d beams for %d prompts (%s)", k, num_beams, len(prompts), method)
     return results
 
 
 # ---- our beam loop --------------------------------------------------------------------------------------------
 def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int, allowed: torch.Tensor,
-               shared_prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               shared_prefix: SharedPrefix | None = None,
+               prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over the trie with one prefill per request; returns (items, scores), each (B, num_beams),
     sorted by score, item -1 / score -inf where fewer than num_beams items are allowed.
 
     With a shared prefix of P tokens the rows are laid out as [prefix | left-padded rest of each prompt]: the
     pads sit between the two, masked, and positions count real tokens only, which is the same computation as
-    a left-padded prefill of the whole prompts."""
+    a left-padded prefill of the whole prompts. ``prior`` = ((B, items) weights, (B,) prior weight): see
+    :func:`generate_items`."""
     counts = trie.alive(allowed)
+    log_mass = None
+    if prior is not None:
+        # a tiny floor keeps items the prior gives (numerically) zero reachable, at a large but finite cost
+        log_mass = [m.clamp(min=1e-300).log() for m in trie.mass(prior[0])]
+        prior_weight = prior[1]
     device = _device(model)
     token_lists = _encode(tokenizer, prompts)
     cache = None
@@ -192,8 +247,12 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
     for level in range(trie.depth):
         tokens, childs, valid = trie.candidates(nodes, level, counts[level + 1], request)
         logits = logits.float()  # log-probs normalised over the whole vocabulary, read only at the candidates
-        log_probs = logits.gather(1, tokens.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)
-        scores, parent, column = _best_continuations(scores[:, None] + log_probs.cpu(), valid, batch, num_beams)
+        log_probs = (logits.gather(1, tokens.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
+        if log_mass is not None:
+            step = log_mass[level + 1][request[:, None], childs.clamp(min=0)] \
+                - log_mass[level][request, nodes.clamp(min=0)][:, None]
+            log_probs = log_probs + (prior_weight[request][:, None] * step).float()
+        scores, parent, column = _best_continuations(scores[:, None] + log_probs, valid, batch, num_beams)
         nodes = torch.where(torch.isfinite(scores), childs[parent, column], -1)
         request = torch.arange(batch).repeat_interleave(num_beams)
         if level == trie.depth - 1:

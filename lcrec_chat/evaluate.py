@@ -12,38 +12,42 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from .metrics import rank_metrics, stage_inputs
+from .decoding import GenerationStats
+from .metrics import list_metrics, rank_metrics, stage_inputs
 from .recommender import Recommender, Request
 from .tasks import SEQREC, intention_queries
 
 log = logging.getLogger(__name__)
 
 
-def generate_ranked(rec: Recommender, requests: Sequence[Request], k: int, desc: str) -> list[list[int]]:
-    """Top-k item indices per request, in batches of rec.batch_size, with a progress bar."""
+def generate_ranked(rec: Recommender, requests: Sequence[Request], k: int, desc: str,
+                    prior_weight: float = 0.0, stats: GenerationStats | None = None) -> list[list[int]]:
+    """Top-k item indices per request, in batches of rec.batch_size, with a progress bar. ``prior_weight`` > 0
+    decodes with the recommender's collaborative prior (hybrid); ``stats`` counts the raw beams."""
     ranked = []
     step = rec.batch_size
     for start in tqdm(range(0, len(requests), step), desc=desc, leave=False):
-        for recs in rec.recommend_batch(requests[start:start + step], k=k):
+        for recs in rec.recommend_batch(requests[start:start + step], k=k, prior_weight=prior_weight, stats=stats):
             ranked.append([r.idx for r in recs])
     return ranked
 
 
-def valid_item_rate(rec: Recommender, ranked: list[list[int]]) -> float:
-    """Share of generated sequences that decode to a real item (the trie makes this 1.0 by construction;
-    measured anyway, from the returned indices against the catalogue size)."""
-    total = sum(len(r) for r in ranked)
-    return sum(0 <= i < rec.num_items for r in ranked for i in r) / max(1, total)
+def _scored(rec: Recommender, split, requests: list[Request], targets: list[int], ks: Sequence[int], desc: str,
+            prior_weight: float) -> dict:
+    stats = GenerationStats()
+    started = time.perf_counter()
+    ranked = generate_ranked(rec, requests, max(max(ks), 10), desc, prior_weight, stats)
+    return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, rec.num_items), **stats.as_dict(),
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def evaluate_sequential(rec: Recommender, split, stage: str, style: str = "chat", template: int = 0,
-                        max_users: int = 0, ks: Sequence[int] = (1, 5, 10)) -> dict:
+                        max_users: int = 0, ks: Sequence[int] = (1, 5, 10), prior_weight: float = 0.0) -> dict:
+    """Next-item metrics of one prompt style on one stage, with list and raw-beam statistics."""
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     requests = [Request(history=h, exclude=e, style=style, template=template) for h, e in zip(histories, exclude)]
-    started = time.perf_counter()
-    ranked = generate_ranked(rec, requests, max(ks), f"{style} {stage}")
-    return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
-            "seconds": round(time.perf_counter() - started, 3)}
+    name = f"{style}{' hybrid' if prior_weight else ''} {stage}"
+    return _scored(rec, split, requests, targets, ks, name, prior_weight)
 
 
 def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0, seed: int = 7,
@@ -52,10 +56,17 @@ def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0,
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     queries = intention_queries(rec.builder.describer, targets, seed)
     requests = [Request(query=q, exclude=e) for q, e in zip(queries, exclude)]
-    started = time.perf_counter()
-    ranked = generate_ranked(rec, requests, max(ks), f"itemsearch {stage}")
-    return {**rank_metrics(ranked, targets, ks), "valid_item_rate": valid_item_rate(rec, ranked),
-            "example_queries": queries[:5], "seconds": round(time.perf_counter() - started, 3)}
+    return {**_scored(rec, split, requests, targets, ks, f"itemsearch {stage}", 0.0), "example_queries": queries[:5]}
+
+
+def choose_prior_weight(rec: Recommender, split, style: str, weights: Sequence[float], users: int) -> dict:
+    """Valid NDCG@10 of hybrid decoding for each candidate weight on the first `users` users; the best wins
+    (ties go to the smaller weight, i.e. closer to pure LC-Rec). Test data is never looked at."""
+    scores = {float(w): evaluate_sequential(rec, split, "valid", style, 0, users, (10,), float(w))["ndcg@10"]
+              for w in weights}
+    best = max(sorted(scores), key=lambda w: scores[w])
+    log.info("hybrid prior weight: valid NDCG@10 %s -> %s", scores, best)
+    return {"weight": best, "valid_ndcg@10_per_weight": scores, "users": users}
 
 
 def template_spread(rec: Recommender, split, users: int, stage: str = "valid") -> dict:
@@ -65,16 +76,43 @@ def template_spread(rec: Recommender, split, users: int, stage: str = "valid") -
             "stdev": statistics.stdev(scores) if len(scores) > 1 else 0.0, "users": users}
 
 
-def markdown_table(results: dict[str, dict[str, dict]], ks: Sequence[int] = (1, 5, 10)) -> str:
-    """One row per method and stage: | method | stage | users | HR@k... | NDCG@5 | NDCG@10 |"""
-    cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks if k > 1]
-    lines = ["| method | stage | users | " + " | ".join(c.upper().replace("HR", "HR").replace("NDCG", "NDCG")
-                                                     for c in cols) + " |",
-             "|" + "---|" * (len(cols) + 3)]
-    for method, stages in results.items():
-        for stage in ("valid", "test"):
-            m = stages.get(stage)
-            if m:
-                lines.append(f"| {method} | {stage} | {m['users']} | "
-                             + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
-    return "\n".join(lines)
+def itemsearch_baselines(split, catalog, encoder, item_emb, stage: str, max_users: int = 0, seed: int = 7,
+                         ks: Sequence[int] = (1, 5, 10), describer=None) -> dict[str, dict]:
+    """What a person or a search box would do with the same held-out intentions as `evaluate_itemsearch`:
+
+    - "filter + popularity": the genres and years the query names (the app's own parser, intents.py) filter the
+      catalogue, the most popular matching items first, then the other items by popularity;
+    - "query text kNN": cosine between the query's sentence embedding and every item's text embedding.
+    Both rank the full catalogue with the user's known items excluded, as every method.
+    """
+    import numpy as np
+    import torch
+
+    from .intents import Filters, Vocabulary, extract_filters
+    from .metrics import topk_from_scores
+    histories, exclude, targets = stage_inputs(split, stage, max_users)
+    queries = intention_queries(describer, targets, seed)
+    num_items = len(item_emb)
+    popularity = torch.tensor(split.item_popularity(num_items), dtype=torch.float64)
+    popularity = popularity / (popularity.max() + 1)              # in [0, 1): a match always outranks a miss
+    vocab = Vocabulary(catalog.genres())
+    scores = popularity.repeat(len(queries), 1)
+    for row, query in enumerate(queries):
+        change, _ = extract_filters(query, vocab)
+        filters, _ = change.apply(Filters())
+        if not filters:
+            continue
+        keep = catalog.filter_indices(**(filters.catalog_filters() or {}))
+        if filters.excluded_genres:
+            keep -= catalog.filter_indices(genres=list(filters.excluded_genres))
+        scores[row, sorted(keep)] += 1.0
+    depth = max(max(ks), 10)
+    out = {}
+    ranked = topk_from_scores(scores, exclude, depth)
+    out["filter + popularity"] = {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, num_items)}
+    query_emb = np.asarray(encoder.encode(queries, convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+    unit = torch.nn.functional.normalize(torch.as_tensor(np.asarray(item_emb, dtype=np.float32)), dim=1)
+    cosine = torch.nn.functional.normalize(torch.as_tensor(query_emb), dim=1) @ unit.T
+    ranked = topk_from_scores(cosine, exclude, depth)
+    out["query text kNN"] = {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, num_items)}
+    return out

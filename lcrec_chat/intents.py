@@ -13,10 +13,16 @@ A message is read in this order; the first rule that applies wins.
 3. **more**: "more", "show me more", "something else", "other ones".
 4. **refine**: a message made only of filter phrases and filler words changes the filters of the current
    request and keeps its history and intention: "only comedies", "no horror", "something older" / "newer",
-   "from the 80s", "before 1990", "between 1980 and 1990", "any genre", "any year".
+   "from the 80s", "before 1990", "between 1980 and 1990", "any genre", "any year", and mood words
+   (``MOOD_WORDS``: "something lighter", "feel-good", "darker", "mind-bending", "not too gory").
 5. **request**: anything else. The engine resolves titles in it through the catalogue and decides what is a
    pasted history and what is an intention (see :func:`split_request` and ``chat.ChatEngine``); filter words
    inside the intention part become that request's filters.
+
+Genre phrases: adjacent genre words are one compound that needs every genre ("romantic comedy", "action-comedy",
+"sci-fi thriller", "a funny 90s drama", "rom-com" = Romance AND Comedy); words joined by "or"/"and"/commas need
+any of them ("comedy or romance"). A mood wants some genres and avoids others ("lighter": Comedy, Animation, ...
+and no Horror, War, Crime, Thriller); a genre the message names wins over the mood's wanted genres.
 
 Numbers and ordinals count as item references only in forms a title rarely takes ("#2", "number 2", "the
 second one", "the second" at the end of a message), so "First Knight" or "The Last of the Mohicans" stay titles.
@@ -26,7 +32,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .tasks import GENRE_ADJECTIVE, GENRE_NOUN
 
@@ -59,6 +65,28 @@ for _g, _w in GENRE_ADJECTIVE.items():
     GENRE_WORDS[_g] = tuple(dict.fromkeys(GENRE_WORDS.get(_g, ()) + (_w,)))
 for _g, _w in GENRE_NOUN.items():
     GENRE_WORDS[_g] = tuple(dict.fromkeys(GENRE_WORDS.get(_g, ()) + (_w.removesuffix(" movie"),)))
+
+# mood word -> (genres wanted, any of them; genres to avoid). A mood's wanted genres are a preference: they
+# only become the filter when the message names no genre itself ("a dark comedy" stays a comedy, minus the
+# kids' genres). Negated ("not too gory", "less dark", "nothing light") the wanted genres are avoided instead.
+_LIGHT = (("Comedy", "Animation", "Children's", "Musical"), ("Horror", "War", "Crime", "Thriller", "Film-Noir"))
+MOOD_WORDS: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {
+    ("light", "lighter", "lighthearted", "light-hearted", "feel-good", "feel good", "feelgood", "uplifting",
+     "cheerful", "happy", "happier", "heartwarming", "heart-warming", "wholesome", "cozy", "cosy", "relaxing",
+     "easygoing", "easy-going", "upbeat", "fun", "silly", "goofy"): _LIGHT,
+    ("dark", "darker", "gritty", "grittier", "grim", "bleak", "disturbing", "sinister"):
+        (("Crime", "Thriller", "Film-Noir", "Horror"), ("Children's", "Animation", "Musical")),
+    ("gory", "gorier", "gore", "bloody", "gruesome", "slasher", "splatter"): (("Horror",), ()),
+    ("violent", "violence"): (("Action", "Crime", "Horror", "War"), ()),
+    ("mind-bending", "mind bending", "mindbending", "mind-blowing", "mind blowing", "mind-bender", "trippy",
+     "twisty", "cerebral", "thought-provoking", "thought provoking", "surreal", "puzzling", "head-scratcher"):
+        (("Sci-Fi", "Mystery", "Thriller"), ()),
+    ("exciting", "thrilling", "intense", "gripping", "adrenaline", "fast-paced", "fast paced", "epic"):
+        (("Action", "Adventure", "Thriller"), ()),
+    ("sad", "sadder", "tearjerker", "tear-jerker", "weepy", "emotional", "touching", "melancholic", "moving"):
+        (("Drama",), ("Comedy", "Horror")),
+}
+KNOWN_MOODS = "lighter, feel-good, darker, scary, funny, mind-bending, exciting, sad, not too gory"
 
 _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
              "eighth": 8, "ninth": 9, "tenth": 10, "last": -1}
@@ -110,8 +138,12 @@ _NEWER = re.compile(r"\b(?:newer|more\s+recent|recent|modern|later|latest|less\s
 _ANY_GENRE = re.compile(r"\b(?:any|all|every)\s+(?:genres?|kinds?|types?)\b", re.I)
 _ANY_YEAR = re.compile(r"\b(?:any|all)\s+(?:years?|decades?|eras?|time)\b", re.I)
 _CLEAR_FILTERS = re.compile(r"\b(?:clear|remove|drop|reset|no)\s+(?:the\s+)?filters?\b", re.I)
-_NEGATION = (r"(?:no|not|without|nothing|non|except|but\s+not|anything\s+but|not\s+too|nothing\s+too|hate|dislike|"
-             r"avoid|don'?t\s+(?:like|want)|can'?t\s+stand|not\s+into)")
+_NEGATION = (r"(?:no|not|without|nothing|non|less|except|but\s+not|anything\s+but|not\s+too|nothing\s+too|hate|"
+             r"dislike|avoid|don'?t\s+(?:like|want)|can'?t\s+stand|not\s+into)")
+_NEGATION_GAP = r"(?:(?:a|an|any|more|so|very|too|that|overly)\s+)?"
+# between the two genre words of a compound: a space or a hyphen, optionally a decade ("a funny 90s drama",
+# the form the intention templates of tasks.py use for an item with both genres)
+_COMPOUND_GAP = r"(?:\s*-\s*|\s+(?:(?:'|’)?(?:19|20)?\d0(?:'|’)?s\s+)?)"
 
 # words that carry no request of their own (a refinement is filter phrases plus these)
 _FILLER = frozenset("""
@@ -132,7 +164,16 @@ _CLAUSE_SPLIT = re.compile(r"\s*(?:[.!?;\n]+|,?\s+\b(?:but|now|though|although|h
 _LIKE_PREAMBLE = re.compile(r"\b((?:something|anything|stuff|more|movies?|films?|ones?|titles?)\s+"
                             r"(?:like|similar\s+to|such\s+as|in\s+the\s+vein\s+of))\s+", re.I)
 HISTORY_CUE = re.compile(r"\b(?:loved?|liked|like|enjoy(?:ed)?|adored?|watched|seen|saw|favou?rites?|"
-                         r"fan\s+of|similar\s+to|such\s+as|into|rewatched|grew\s+up\s+with)\b", re.I)
+                         r"fan\s+of|similar\s+to|such\s+as|into|rewatched|grew\s+up\s+with|history|watchlist)\b",
+                         re.I)
+# "more like Raiders of the Lost Ark": steer towards named titles and show new items only
+_MORE_LIKE = re.compile(r"^\W*(?:(?:show|give)\s+(?:me\s+)?)?(?:some\s+)?(?:more|others?|other\s+ones)"
+                        r"(?:\s+(?:movies?|films?|ones?|titles?|stuff|things))?\s+(?:like|similar\s+to)\b", re.I)
+# a message shaped like a mood ("something quirky", "a bit more upbeat"): its one word should be a mood we know
+_MOOD_SHAPE = re.compile(r"^\W*(?:(?:i(?:'?d|\s+would)?\s+(?:want|like|prefer)|give\s+me|show\s+me|maybe)\s+)?"
+                         r"(?:something|anything|a\s+bit|a\s+little|more|less|not\s+(?:too|so)|nothing(?:\s+too)?)"
+                         r"\s+(?:more\s+|less\s+)?(?P<w>[a-z][a-z'-]*)"
+                         r"(?:\s+(?:one|ones|movies?|films?|please|instead|now|then|tonight))*\W*$", re.I)
 _LEADING_CONNECTOR = re.compile(r"^(?:(?:and|but|now|so|then|also|though|although|however|except|well|ok|"
                                 r"okay|plus)\b[\s,]*)+", re.I)
 
@@ -140,10 +181,11 @@ _LEADING_CONNECTOR = re.compile(r"^(?:(?:and|but|now|so|then|also|though|althoug
 @dataclass(frozen=True)
 class Filters:
     """Catalogue constraints of the current request; empty = anything goes."""
-    genres: tuple[str, ...] = ()            # item must have one of these
+    genres: tuple[str, ...] = ()            # item must have one of these (all of them with genres_mode "all")
     excluded_genres: tuple[str, ...] = ()   # item must have none of these
     year_min: int | None = None
     year_max: int | None = None
+    genres_mode: str = "any"                # "all" for a compound genre: a romantic comedy is Romance AND Comedy
 
     def __bool__(self) -> bool:
         return bool(self.genres or self.excluded_genres or self.year_min or self.year_max)
@@ -153,6 +195,8 @@ class Filters:
         out: dict = {}
         if self.genres:
             out["genres"] = list(self.genres)
+            if self.genres_mode == "all" and len(self.genres) > 1:
+                out["genres_mode"] = "all"
         if self.year_min is not None:
             out["year_min"] = self.year_min
         if self.year_max is not None:
@@ -162,7 +206,7 @@ class Filters:
     def describe(self) -> str:
         parts = []
         if self.genres:
-            parts.append(" or ".join(self.genres))
+            parts.append((" and " if self.genres_mode == "all" else " or ").join(self.genres))
         if self.excluded_genres:
             parts.append("no " + ", no ".join(self.excluded_genres))
         if self.year_min is not None and self.year_max is not None:
@@ -176,23 +220,37 @@ class Filters:
 
 @dataclass(frozen=True)
 class Wish:
-    """One filter phrase of a message ("funny" -> Comedy, "90s" -> 1990-1999), kept to explain picks."""
+    """One filter phrase of a message ("funny" -> Comedy, "90s" -> 1990-1999, "lighter" -> Comedy or ...
+    and no Horror, ...), kept to explain picks."""
     text: str
     genres: tuple[str, ...] = ()
     year_min: int | None = None
     year_max: int | None = None
     negated: bool = False
+    all_genres: bool = False                # a compound ("romantic comedy"): every genre, not any
+    excluded: tuple[str, ...] = ()          # a mood's genres to avoid ("lighter": no Horror, ...)
+
+    @property
+    def is_genre(self) -> bool:
+        """A genre or mood phrase (as opposed to a year phrase)."""
+        return bool(self.genres or self.excluded)
 
     def fits(self, item: dict) -> bool:
-        if self.genres:
-            return bool(set(self.genres) & set(item.get("genres") or [])) != self.negated
+        if self.is_genre:
+            have = set(item.get("genres") or [])
+            wanted = set(self.genres)
+            ok = (not wanted or (wanted <= have if self.all_genres else bool(wanted & have))) \
+                and not set(self.excluded) & have
+            return ok != self.negated
         year = item.get("year")
         return year is not None and (self.year_min is None or year >= self.year_min) and \
             (self.year_max is None or year <= self.year_max)
 
     def meaning(self) -> str:
-        if self.genres:
-            return ("not " if self.negated else "") + " or ".join(self.genres)
+        if self.is_genre:
+            parts = [(" and " if self.all_genres else " or ").join(self.genres)] if self.genres else []
+            parts += ["no " + ", no ".join(self.excluded)] if self.excluded else []
+            return ("not " if self.negated else "") + ", ".join(parts)
         return Filters(year_min=self.year_min, year_max=self.year_max).describe()
 
 
@@ -203,6 +261,7 @@ class FilterChange:
     excluded_genres: list[str] = field(default_factory=list)
     year_min: int | None = None
     year_max: int | None = None
+    genres_mode: str = "any"           # "all": one compound genre phrase ("romantic comedy")
     shift: str = ""                    # "older" | "newer": relative to what was shown
     clear_genres: bool = False
     clear_years: bool = False
@@ -216,13 +275,15 @@ class FilterChange:
         """New filters from ``base`` plus this change; the note says what could not be applied."""
         genres, excluded = list(base.genres), list(base.excluded_genres)
         year_min, year_max = base.year_min, base.year_max
+        mode = base.genres_mode
         note = ""
         if self.clear_genres:
-            genres, excluded = [], []
+            genres, excluded, mode = [], [], "any"
         if self.clear_years:
             year_min = year_max = None
         if self.genres:
             genres = list(dict.fromkeys(self.genres))
+            mode = self.genres_mode
             excluded = [g for g in excluded if g not in genres]
         if self.excluded_genres:
             excluded = list(dict.fromkeys(excluded + self.excluded_genres))
@@ -241,7 +302,8 @@ class FilterChange:
                 else:
                     year_min = max(median + 1, year_min if year_min is not None else median + 1)
                     year_max = year_max if year_max is not None and year_max >= year_min else None
-        return Filters(tuple(genres), tuple(excluded), year_min, year_max), note
+        mode = mode if len(genres) > 1 else "any"
+        return Filters(tuple(genres), tuple(excluded), year_min, year_max, mode), note
 
 
 @dataclass
@@ -254,8 +316,27 @@ class Command:
     rest: str = ""                      # reset: the message after "start over"
 
 
+class Mention(NamedTuple):
+    """A genre phrase of a message: one word ("funny") or a compound ("romantic comedy", "sci-fi thriller")."""
+    text: str
+    genres: tuple[str, ...]
+    negated: bool
+    all_genres: bool          # the item must have every genre (a compound, or one word for two: "rom-com")
+
+
+class Mood(NamedTuple):
+    """A mood phrase of a message ("something lighter", "not too gory"), negation included in ``text``."""
+    text: str
+    wanted: tuple[str, ...]   # any of these, when the message names no genre itself
+    avoided: tuple[str, ...]
+
+
+def _alternation(words: Iterable[str]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))   # longest first
+
+
 class Vocabulary:
-    """Genre words of one catalogue: only genres the catalogue has are recognised."""
+    """Genre and mood words of one catalogue: only genres the catalogue has are recognised."""
 
     def __init__(self, genres: Iterable[str]):
         known = {g.casefold(): g for g in genres}
@@ -269,20 +350,61 @@ class Vocabulary:
                 for w in (folded, folded + "s"):
                     table.setdefault(w, set()).add(genre)
         self.words = {w: tuple(sorted(gs)) for w, gs in table.items()}
-        alternatives = sorted(self.words, key=len, reverse=True)
-        self._pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in alternatives) + r")(?![\w-])",
-                                   re.I) if alternatives else None
-        self._negated = re.compile(rf"\b{_NEGATION}\s+(?:(?:a|an|any|more|so|very|too)\s+)?(" +
-                                   "|".join(re.escape(w) for w in alternatives) + r")(?![\w-])",
-                                   re.I) if alternatives else None
+        self.moods: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        for words, (wanted, avoided) in MOOD_WORDS.items():
+            wanted = tuple(known[g.casefold()] for g in wanted if g.casefold() in known)
+            avoided = tuple(known[g.casefold()] for g in avoided if g.casefold() in known)
+            if wanted or avoided:                # a mood this catalogue cannot express stays unknown
+                self.moods.update({w: (wanted, avoided) for w in words})
+        self._pattern = self._negated = self._compound = self._inner = self._mood = None
+        if self.words:
+            alt = _alternation(self.words)
+            self._pattern = re.compile(rf"(?<![\w-])({alt})(?![\w-])", re.I)
+            self._negated = re.compile(rf"\b{_NEGATION}\s+{_NEGATION_GAP}({alt})(?![\w-])", re.I)
+            self._compound = re.compile(rf"(?<![\w-])((?:{alt})(?:{_COMPOUND_GAP}(?:{alt}))+)(?![\w-])", re.I)
+            self._inner = re.compile(rf"(?<!\w)({alt})(?!\w)", re.I)
+        if self.moods:
+            self._mood = re.compile(rf"(?:\b(?P<neg>{_NEGATION})\s+{_NEGATION_GAP})?(?<![\w-])"
+                                    rf"(?P<w>{_alternation(self.moods)})(?![\w-])", re.I)
 
-    def genre_mentions(self, text: str) -> list[tuple[str, tuple[str, ...], bool]]:
-        """(word as written, genres, negated) for every genre word in ``text``."""
+    def genre_mentions(self, text: str) -> list[Mention]:
+        """Every genre phrase in ``text``, in order; adjacent genre words are one compound phrase."""
         if not self._pattern:
             return []
-        negated_spans = [m.span(1) for m in self._negated.finditer(text)]
-        return [(m.group(1), self.words[m.group(1).casefold()], m.span(1) in negated_spans)
-                for m in self._pattern.finditer(text)]
+        negated_starts = {m.start(1) for m in self._negated.finditer(text)}
+        found: list[tuple[int, Mention]] = []
+        compound_spans: list[tuple[int, int]] = []
+        for m in self._compound.finditer(text):
+            words = [w.group(1).casefold() for w in self._inner.finditer(m.group(1))]
+            genres = tuple(dict.fromkeys(g for w in words for g in self.words[w]))
+            phrase = re.sub(r"\s+", " ", m.group(1))
+            found.append((m.start(1), Mention(phrase, genres, m.start(1) in negated_starts, len(genres) > 1)))
+            compound_spans.append(m.span(1))
+        for m in self._pattern.finditer(text):
+            if any(a <= m.start(1) < b for a, b in compound_spans):
+                continue
+            genres = self.words[m.group(1).casefold()]
+            found.append((m.start(1), Mention(m.group(1), genres, m.start(1) in negated_starts, len(genres) > 1)))
+        return [mention for _, mention in sorted(found)]
+
+    def mood_mentions(self, text: str) -> list[Mood]:
+        """Every mood phrase in ``text``; a negated mood avoids what it would otherwise want."""
+        if not self._mood:
+            return []
+        out = []
+        for m in self._mood.finditer(text):
+            wanted, avoided = self.moods[m.group("w").casefold()]
+            if m.group("neg"):
+                wanted, avoided = (), wanted
+            out.append(Mood(m.group(0).strip(), wanted, avoided))
+        return out
+
+    def strip(self, text: str) -> str:
+        """``text`` without its genre and mood phrases."""
+        for pattern in (self._mood, self._compound, self._pattern):
+            if pattern:
+                text = pattern.sub(" ", text)
+        return text
 
 
 # ---------------------------------------------------------------------------------------------- filters
@@ -335,14 +457,34 @@ def extract_filters(text: str, vocab: Vocabulary) -> tuple[FilterChange, str]:
     if _ANY_YEAR.search(rest) or _CLEAR_FILTERS.search(rest):
         change.clear_years = True
     rest = _CLEAR_FILTERS.sub(" ", _ANY_YEAR.sub(" ", _ANY_GENRE.sub(" ", rest)))
-    for word, genres, negated in vocab.genre_mentions(rest):
-        (change.excluded_genres if negated else change.genres).extend(genres)
-        change.wishes.append(Wish(word, genres=genres, negated=negated))
+    _genre_filters(change, vocab, rest)
+    return change, vocab.strip(rest)
+
+
+def _genre_filters(change: FilterChange, vocab: Vocabulary, text: str) -> None:
+    """Genre and mood phrases of ``text`` into ``change``. One compound phrase ("romantic comedy", "a funny 90s
+    drama") means every genre of it; anything else ("comedy or romance", "comedies and dramas") means any."""
+    moods = vocab.mood_mentions(text)
+    mentions = vocab.genre_mentions(vocab._mood.sub(" ", text) if vocab._mood else text)
+    for m in mentions:
+        (change.excluded_genres if m.negated else change.genres).extend(m.genres)
+        change.wishes.append(Wish(m.text, genres=m.genres, negated=m.negated,
+                                  all_genres=m.all_genres and not m.negated))
+    groups = {frozenset(m.genres) for m in mentions if not m.negated}
+    groups = {g for g in groups if not any(g < other for other in groups)}   # "funny romantic comedy": one group
+    if len(groups) == 1 and any(m.all_genres for m in mentions if not m.negated):
+        change.genres_mode = "all"
+    named = {g for group in groups for g in group}
+    for mood in moods:
+        # a genre the message names wins over a mood: "a dark comedy" is a comedy, "light horror" is horror
+        wanted = () if named else mood.wanted
+        avoided = tuple(g for g in mood.avoided if g not in named)
+        change.genres.extend(wanted)
+        change.excluded_genres.extend(avoided)
+        if wanted or avoided:
+            change.wishes.append(Wish(mood.text, genres=wanted, excluded=avoided))
     change.genres = list(dict.fromkeys(g for g in change.genres if g not in change.excluded_genres))
     change.excluded_genres = list(dict.fromkeys(change.excluded_genres))
-    if vocab._pattern:
-        rest = vocab._pattern.sub(" ", rest)
-    return change, rest
 
 
 def _only_filler(text: str) -> bool:
@@ -409,10 +551,26 @@ def split_request(text: str) -> list[str]:
 
 def is_intention_piece(piece: str, vocab: Vocabulary) -> bool:
     """Whether text left over after title resolution reads as a wish rather than an unknown title."""
-    if _INTENTION_WORDS.search(piece) or vocab.genre_mentions(piece):
+    if _INTENTION_WORDS.search(piece) or vocab.genre_mentions(piece) or vocab.mood_mentions(piece):
         return True
     change, _ = extract_filters(piece, vocab)
     return bool(change)
+
+
+def asks_more_like(text: str) -> bool:
+    """"more like <title>", "others similar to <title>": the titles steer, and only new items are wanted."""
+    return bool(_MORE_LIKE.match(text))
+
+
+def unknown_mood_word(text: str, vocab: Vocabulary) -> str | None:
+    """The word of a mood-shaped message ("something quirky") when it is no genre, mood or wish word we know."""
+    m = _MOOD_SHAPE.match(text.strip())
+    if not m:
+        return None
+    word = m.group("w")
+    known = (word.casefold() in vocab.words or word.casefold() in vocab.moods or word.casefold() in _FILLER
+             or _INTENTION_WORDS.fullmatch(word) or extract_filters(word, vocab)[0])
+    return None if known else word
 
 
 def has_content(piece: str) -> bool:
@@ -445,6 +603,7 @@ def resolve_refs(refs: list[int], shown: list[int]) -> tuple[list[int], list[int
     return list(dict.fromkeys(items)), bad
 
 
-__all__ = ["Command", "FilterChange", "Filters", "Wish", "Vocabulary", "extract_filters", "parse_command",
-           "split_request", "is_intention_piece", "has_content", "sanitize_query", "resolve_refs",
-           "HISTORY_CUE", "GENRE_WORDS", "MAX_QUERY_CHARS"]
+__all__ = ["Command", "FilterChange", "Filters", "Wish", "Mention", "Mood", "Vocabulary", "extract_filters",
+           "parse_command", "split_request", "is_intention_piece", "has_content", "sanitize_query", "resolve_refs",
+           "asks_more_like", "unknown_mood_word", "HISTORY_CUE", "GENRE_WORDS", "MOOD_WORDS", "KNOWN_MOODS",
+           "MAX_QUERY_CHARS"]

@@ -60,6 +60,19 @@ def rank_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int],
     return out
 
 
+def list_metrics(ranked: Sequence[Sequence[int]], split: Split, num_items: int, depth: int = 10,
+                 popular: int = 50) -> dict[str, float]:
+    """What the top-`depth` lists look like as a whole: "coverage@10", the share of the catalogue that
+    appears in at least one user's list, and "top50_share@10", the share of all list slots held by the
+    `popular` most interacted items of the training parts (popularity-bound models score near 1)."""
+    lists = [list(items)[:depth] for items in ranked]
+    slots = sum(len(items) for items in lists)
+    counts = split.item_popularity(num_items)
+    top = set(sorted(range(num_items), key=lambda i: (-counts[i], i))[:popular])
+    return {f"coverage@{depth}": len({i for items in lists for i in items}) / max(1, num_items),
+            f"top{popular}_share@{depth}": sum(i in top for items in lists for i in items) / max(1, slots)}
+
+
 def _rank_of(items: Sequence[int], target: int, depth: int) -> int | None:
     """0-based position of `target` in the first `depth` entries, None if absent."""
     for i, item in enumerate(items[:depth]):

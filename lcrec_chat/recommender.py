@@ -15,7 +15,7 @@ import torch
 
 from .catalog import Catalog
 from .config import Config
-from .decoding import SharedPrefix, generate_items
+from .decoding import GenerationStats, SharedPrefix, generate_items
 from .tasks import DENSE_PROMPT, SEQREC, TaskBuilder, chat_prompt, request_prompt
 from .trie import CodeTrie
 
@@ -43,7 +43,7 @@ class Recommendation:
 
 class Recommender:
     def __init__(self, model, tokenizer, catalog: Catalog, builder: TaskBuilder, codes: Sequence[Sequence[int]],
-                 num_beams: int = 20, batch_size: int = 8):
+                 num_beams: int = 20, batch_size: int = 8, prior_model=None, prior_weight: float = 0.0):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.catalog = catalog
@@ -53,6 +53,10 @@ class Recommender:
         self.num_beams = num_beams
         self.batch_size = batch_size
         self.shared_prefix = SharedPrefix()   # the chat template's KV, computed once for all requests
+        # hybrid decoding: a sequential model (baselines.SequentialRecommender) whose next-item probabilities
+        # weight each code step by `prior_weight` (decoding.generate_items); 0 or no model = pure LC-Rec
+        self.prior_model = prior_model
+        self.prior_weight = prior_weight
 
     @classmethod
     def from_run(cls, cfg: Config, run_dir: str | Path | None = None, dtype: str = "") -> "Recommender":
@@ -87,12 +91,28 @@ class Recommender:
         mask[exclude] = False
         return mask
 
-    def recommend_batch(self, requests: Sequence[Request], k: int = 10,
-                        num_beams: int | None = None) -> list[list[Recommendation]]:
+    def prior(self, requests: Sequence[Request], weight: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(next-item probabilities of the prior model, (B,) weight) for hybrid decoding; requests without a
+        history get weight 0 (the prior knows nothing about them). (None, zeros) when there is no prior."""
+        weights = torch.zeros(len(requests))
+        if self.prior_model is None or weight <= 0 or not any(r.history for r in requests):
+            return None, weights
+        probs = torch.softmax(self.prior_model.score([list(r.history) or [0] for r in requests]).float(), dim=-1)
+        for row, r in enumerate(requests):
+            weights[row] = weight if r.history else 0.0
+        return probs, weights
+
+    def recommend_batch(self, requests: Sequence[Request], k: int = 10, num_beams: int | None = None,
+                        prior_weight: float | None = None, stats: GenerationStats | None = None
+                        ) -> list[list[Recommendation]]:
+        """``prior_weight`` overrides the recommender's own (0 = pure LC-Rec) for these requests; ``stats``
+        counts the raw beams (decoding.GenerationStats)."""
         beams = max(k, num_beams or self.num_beams)
+        prior, weights = self.prior(requests, self.prior_weight if prior_weight is None else prior_weight)
         results = generate_items(self.model, self.tokenizer, self.trie, [self.prompt(r) for r in requests],
                                  num_beams=beams, k=k, allowed=[self.allowed(r) for r in requests],
-                                 batch_size=self.batch_size, shared_prefix=self.shared_prefix)
+                                 batch_size=self.batch_size, shared_prefix=self.shared_prefix,
+                                 prior=prior, prior_weight=weights, stats=stats)
         return [[Recommendation(idx, score) for idx, score in ranked] for ranked in results]
 
     def recommend(self, history: Sequence[int] = (), query: str = "", k: int = 10, exclude: Sequence[int] = (),

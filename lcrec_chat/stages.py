@@ -187,67 +187,81 @@ def train(cfg: Config, force: bool = False) -> dict:
     return summary
 
 
+PROMPT_NAMES = {"dense": "dense prompt", "chat": "request prompt", "seqrec": "LC-Rec seqrec instruction"}
+BASELINE_NAMES = {"pop": "Popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "text_knn": "Text-embedding kNN"}
+
+
 def evaluate(cfg: Config, force: bool = False) -> dict:
+    """metrics.json and report.md: every method on valid and test under one protocol (metrics.py).
+
+    Baselines first (SASRec is also the hybrid's prior), then LC-Rec per prompt style, the hybrid with its weight
+    chosen on valid, itemsearch beside its two baselines, the template spread."""
     import numpy as np
 
-    from .baselines import run_baselines
-    from .evaluate import evaluate_itemsearch, evaluate_sequential, markdown_table, template_spread
+    from .baselines import SequentialRecommender, run_baselines
+    from .evaluate import (choose_prior_weight, evaluate_itemsearch, evaluate_sequential, itemsearch_baselines,
+                           template_spread)
+    from .hardware import describe, resolve_dtype
     from .recommender import Recommender
+    from .report import write_report
     run = cfg.run_path
     record = StageRecord(run)
     require(run, "adapter", "train")
-    fp = _fingerprint(cfg.eval, cfg.eval.dtype or cfg.model.dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
+    dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
+    fp = _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
     if not force and record.fresh("evaluate", fp) and (run / "metrics.json").exists():
         log.info("evaluate: up to date (use --force to rerun)")
         return json.loads((run / "metrics.json").read_text())
     started = time.time()
     split = load_split(run)
-    rec = Recommender.from_run(cfg, run, dtype=cfg.eval.dtype)
     ks = cfg.eval.topk
-    table: dict[str, dict] = {}
-    for style in cfg.eval.styles:
-        table[f"LC-Rec ({style})"] = {stage: evaluate_sequential(rec, split, stage, style, 0, cfg.eval.max_users, ks)
-                                      for stage in ("valid", "test")}
-    metrics: dict = {"methods": table}
-    if cfg.eval.itemsearch:
-        metrics["itemsearch"] = {stage: evaluate_itemsearch(rec, split, stage, cfg.eval.max_users, ks=ks)
-                                 for stage in ("valid", "test")}
-    if cfg.eval.template_users:
-        metrics["template_spread"] = template_spread(rec, split, cfg.eval.template_users)
-    llm_seconds = time.time() - started
     emb_path = run / "item_emb.npy"
     item_emb = np.load(emb_path) if emb_path.exists() else None
-    baselines = run_baselines(split, rec.num_items, item_emb, cfg.eval)
-    names = {"pop": "Popularity", "sasrec": "SASRec", "text_knn": "Text-embedding kNN"}
+    num_items = len(Catalog(run / "catalog.sqlite"))
+    baselines = run_baselines(split, num_items, item_emb, cfg.eval, save_dir=run)
+    baseline_seconds = time.time() - started
+
+    started_llm = time.time()
+    rec = Recommender.from_run(cfg, run, dtype=dtype)
+    codes = "text+collaborative codes" if cfg.index.collab_weight > 0 else "text codes"
+    table: dict[str, dict] = {}
+    for style in cfg.eval.styles:
+        table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}, {codes})"] = {
+            stage: evaluate_sequential(rec, split, stage, style, 0, cfg.eval.max_users, ks) for stage in ("valid", "test")}
+    metrics: dict = {"methods": table, "precision": dtype, "machine": describe(), "num_beams": cfg.eval.num_beams}
+    if cfg.eval.hybrid_weights and (run / "sasrec.pt").exists():
+        rec.prior_model = SequentialRecommender.load(run / "sasrec.pt")
+        style = cfg.eval.styles[0]
+        users = cfg.eval.hybrid_users if not cfg.eval.max_users else min(cfg.eval.hybrid_users, cfg.eval.max_users)
+        choice = choose_prior_weight(rec, split, style, cfg.eval.hybrid_weights, users)
+        metrics["hybrid"] = choice
+        table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={choice['weight']:g}"] = {
+            stage: evaluate_sequential(rec, split, stage, style, 0, cfg.eval.max_users, ks, choice["weight"])
+            for stage in ("valid", "test")}
+    if cfg.eval.itemsearch:
+        search = {"LC-Rec": {stage: evaluate_itemsearch(rec, split, stage, cfg.eval.max_users, ks=ks)
+                             for stage in ("valid", "test")}}
+        if item_emb is not None:
+            from .embed import load_encoder
+            encoder = load_encoder(cfg.index.embed_model)
+            per_stage = {stage: itemsearch_baselines(split, rec.catalog, encoder, item_emb, stage, cfg.eval.max_users,
+                                                     ks=ks, describer=rec.builder.describer)
+                         for stage in ("valid", "test")}
+            for name in per_stage["valid"]:
+                search[name] = {stage: per_stage[stage][name] for stage in per_stage}
+        metrics["itemsearch"] = search
+    if cfg.eval.template_users:
+        metrics["template_spread"] = template_spread(rec, split, cfg.eval.template_users)
+    llm_seconds = time.time() - started_llm
     for key, result in baselines.items():
-        table[names.get(key, key)] = {stage: result[stage] for stage in ("valid", "test")}
+        table[BASELINE_NAMES.get(key, key)] = result
     index_report = run / "index_report.json"
     if index_report.exists():
         metrics["indexing"] = json.loads(index_report.read_text())
-    metrics["seconds"] = {"lcrec": round(llm_seconds, 1), "total": round(time.time() - started, 1)}
+    metrics["seconds"] = {"lcrec": round(llm_seconds, 1), "baselines": round(baseline_seconds, 1),
+                          "total": round(time.time() - started, 1)}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    report = ["# Evaluation", "", "Leave-one-out, full ranking over the catalogue, known items excluded.", "",
-              markdown_table(table, ks), ""]
-    if "itemsearch" in metrics:
-        report += ["## Itemsearch (held-out intentions)", "",
-                   markdown_table({"LC-Rec itemsearch": metrics["itemsearch"]}, ks), ""]
-    generated = {f"{name} {stage}": m for name, per_stage in table.items() if name.startswith("LC-Rec")
-                 for stage, m in per_stage.items()}
-    generated.update({f"itemsearch {stage}": m for stage, m in metrics.get("itemsearch", {}).items()})
-    rates = {m["valid_item_rate"] for m in generated.values()}
-    report += ["## Generation", "", f"Valid item rate of every LC-Rec generation: {min(rates, default=1.0):.2%} "
-               f"(trie-constrained). Precision {cfg.eval.dtype or cfg.model.dtype}, {cfg.eval.num_beams} beams, "
-               f"batch {cfg.eval.batch_size}.", "", "| generation | users | seconds |", "|---|---|---|"]
-    report += [f"| {name} | {m['users']} | {m['seconds']:.1f} |" for name, m in generated.items()]
-    if "template_spread" in metrics:
-        spread = metrics["template_spread"]
-        report += ["", f"Instruction-template spread (LC-Rec seqrec prompts, {len(spread['ndcg@10_per_template'])} "
-                   f"templates, first {spread['users']} users, valid NDCG@10): mean {spread['mean']:.4f}, stdev "
-                   f"{spread['stdev']:.4f}, per template "
-                   + ", ".join(f"{v:.4f}" for v in spread["ndcg@10_per_template"]) + "."]
-    report += ["", f"Time: LC-Rec generation {metrics['seconds']['lcrec']:.0f} s, everything "
-               f"{metrics['seconds']['total']:.0f} s (baselines included)."]
-    (run / "report.md").write_text("\n".join(report))
+    write_report(metrics, run / "report.md", cfg)
     record.done("evaluate", fp)
     return metrics
 
@@ -255,7 +269,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
 # what a run folder needs to be served and inspected; never the checkpoint or the base model
 EXPORTED = ("config.yaml", "catalog.sqlite", "split.json", "stats.json", "codes.json", "rqvae.pt", "item_emb.npy",
             "item_emb.json", "index_report.json", "code_usage.png", "train_log.jsonl", "train_summary.json",
-            "loss_curves.png", "metrics.json", "report.md", "adapter")
+            "loss_curves.png", "metrics.json", "report.md", "adapter", "sasrec.pt")
 
 
 def export(cfg: Config, target: str | Path, force: bool = False) -> dict:

@@ -10,7 +10,8 @@ How a message is read:
      titles may contain those ("Good, The Bad and The Ugly, The", "Mr. Holland's Opus"), so at each
      position the longest run of parts that names a title exactly wins, then the best fuzzy match;
   3. each candidate run is tried as written and with leading filler removed one phrase at a time
-     ("I loved", "also", "movies like"), so "Love Actually" survives while "I loved X" becomes "X";
+     ("I loved", "also", "movies like", a label such as "My history:"), so "Love Actually" survives while
+     "I loved X" and "My history: X" become "X";
   4. a trailing "(1994)" is always a year hint; a bare trailing "1994" only when the run without it
      is a title and the run with it is not ("Death Race 2000" stays a title).
 
@@ -59,6 +60,11 @@ _FILLER_PREFIX = re.compile(
     r"^(?:my\s+(?:all[- ]time\s+)?favou?rites?(?:\s+(?:movies?|films?|ones?))?"
     r"(?:\s+(?:are|is|were|include))?|all[- ]time\s+favou?rites?(?:\s+(?:are|is|were|include))?"
     r"|favou?rites?(?:\s+(?:are|is|were|include))?"
+    # a label before a list ("My history:", "watch history -", "my ratings:"); only before a colon or dash,
+    # so an unknown title that starts with the word ("History of ...") is still reported whole
+    r"|(?:(?:my|our)\s+)?(?:(?:watch(?:ing)?|viewing|movie|film|rating)\s+)?"
+    r"(?:history|list|watchlist|ratings?|log|diary)"
+    r"(?:\s+(?:so\s+far|is|was|are|were|includes?))?(?=\s*[:\-–—])|here(?:'s|\s+is|\s+are)|these\s+are"
     r"|(?:movies?|films?|things|stuff|something|anything)\s+(?:like|similar\s+to)|such\s+as|for\s+example"
     r"|e\.g\.|eg|(?:recommend|suggest|give|show|find|get)(?:\s+(?:me|us))?|similar\s+to|more\s+like"
     r"|based\s+on|because\s+of|please|something|anything"

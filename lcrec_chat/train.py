@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .backbone import save_adapter
 from .config import Config
+from .hardware import describe, native_bf16
 from .tasks import Sample, render
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,15 @@ def validation_loss(loss_model, data: dict[str, list[Encoded]], pad_id: int, dev
     return result
 
 
+def use_autocast(setting: str, device: str) -> bool:
+    """train.autocast -> whether to run bf16 autocast: "auto" only where bf16 is native (hardware.py)."""
+    if setting not in ("auto", "bf16", "off"):
+        raise ValueError(f"train.autocast must be auto, bf16 or off, not {setting!r}")
+    on = setting == "bf16" or (setting == "auto" and native_bf16(device))
+    log.info("bf16 autocast %s (train.autocast=%s; %s)", "on" if on else "off", setting, describe(device))
+    return on
+
+
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -146,6 +156,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     total = tc.max_steps or max(1, int(steps_per_epoch * tc.epochs))
     warmup = int(total * tc.warmup_ratio)
 
+    autocast = use_autocast(tc.autocast, device.type)
     loss_model = SupervisedLoss(model)
     if world > 1:
         loss_model = torch.nn.parallel.DistributedDataParallel(loss_model)
@@ -190,7 +201,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         for accum in range(tc.grad_accum):
             b = batches[(step * tc.grad_accum * world + accum * world + rank) % len(batches)]
             batch = collate(data, b, pad_id, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16_autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, n_sup = loss_model(**batch)
             (loss / tc.grad_accum).backward()
             tokens_seen += int(batch["attention_mask"].sum())

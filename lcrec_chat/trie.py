@@ -205,6 +205,22 @@ class CodeTrie:
             raise NoItemsLeft(int(empty[0, 0]))
         return counts
 
+    def mass(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """Summed item weights under every node, for each request: list over depth 0..L of (B, nodes at depth).
+
+        ``weights`` (B, num_items) are non-negative (e.g. a sequential model's next-item probabilities, zero for
+        disallowed items). ``mass[l+1][child] / mass[l][node]`` is then the probability of that code step under
+        the weights, which is how hybrid decoding adds a collaborative prior to each beam step.
+        """
+        if weights.shape[-1] != self.num_items:
+            raise ValueError(f"weights cover {weights.shape[-1]} items, the trie has {self.num_items}")
+        masses = [weights[:, self.leaf_item].to(torch.float64)]
+        for level in reversed(self.levels):
+            up = torch.zeros(weights.shape[0], level.num_nodes, dtype=torch.float64)
+            masses.append(up.index_add_(1, level.parent, masses[-1]))
+        masses.reverse()
+        return masses
+
     # ---- the masking step ---------------------------------------------------------------------------------
     def candidates(self, nodes: torch.Tensor, level: int, alive_next: torch.Tensor,
                    request: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

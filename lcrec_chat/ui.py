@@ -25,7 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from .chat import ChatEngine, Reply, Session  # noqa: E402
+from .chat import ChatEngine, CoWatch, Reply, Session  # noqa: E402
 from .config import Config  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ STATE_TTL_S = 2 * 3600          # a session's state is dropped after 2 h without
 MAX_SHOWN_MESSAGES = 60         # chat messages kept per session (older ones scroll away)
 STATE_SESSIONS = 2000           # sessions whose state the server keeps at most
 SHOWN_USER_CHARS = 300
+CHAT_MIN_HEIGHT = 520           # px: room for one answer with its cards from the start
+CHAT_MAX_HEIGHT = "85vh"        # the chat panel grows with the conversation up to this, then scrolls
 # run folder artifacts the app needs, and the stage that writes each
 REQUIRED = {"catalog.sqlite": "prepare", "split.json": "prepare", "codes.json": "index", "adapter": "train"}
 
@@ -92,6 +94,18 @@ def missing_artifacts(run_dir: str | Path) -> list[str]:
             if not (run / name).exists()]
 
 
+def load_cowatch(run_dir: str | Path) -> CoWatch | None:
+    """Who watched what in the run's training split, for reasons like "watched by 12 of the 40 people who
+    watched Fargo"; None (reasons without it) when the split cannot be read."""
+    from .data.dataset import DataError
+    from .data.split import Split
+    try:
+        return CoWatch(Split.load(Path(run_dir) / "split.json").train_sequences())
+    except DataError as e:
+        log.warning("chat: reasons without co-viewing counts (%s)", e)
+        return None
+
+
 def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
     """The engine for ``cfg.run_dir`` and a status line for the page. Never raises: a missing run folder or
     a model that fails to load gives an engine that says so (titles still resolve when the catalogue loads)."""
@@ -120,7 +134,8 @@ def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
         log.exception("model failed to load from %s", run)
         msg = f"the model failed to load from `{run}` ({type(e).__name__}: {e})"
         return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
-    engine = ChatEngine(rec.catalog, functools.partial(rec.recommend, style=cfg.chat.history_prompt), cfg.chat)
+    engine = ChatEngine(rec.catalog, functools.partial(rec.recommend, style=cfg.chat.history_prompt), cfg.chat,
+                        cowatch=load_cowatch(run))
     status = (f"Model `{cfg.model.base}` ({cfg.model.dtype}) with the adapter of `{run}` · "
               f"{len(rec.catalog):,} items from {rec.catalog.dataset_name or 'the catalogue'}")
     return engine, status
@@ -183,8 +198,12 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
                     elem_id="lcrec-status")
         session_state = gr.State(None, time_to_live=STATE_TTL_S)
         messages_state = gr.State([], time_to_live=STATE_TTL_S)
-        chatbot = gr.Chatbot(show_label=False, elem_id="lcrec-chat", height=560, feedback_options=None, layout="panel",
-                             buttons=["copy"], placeholder="Ask for a movie, or paste a few you liked.")
+        # no fixed height: the panel grows with the conversation up to most of the window, so earlier turns stay
+        # on screen above the new one; past that it scrolls, following the newest reply (autoscroll)
+        chatbot = gr.Chatbot(show_label=False, elem_id="lcrec-chat", height=None, min_height=CHAT_MIN_HEIGHT,
+                             max_height=CHAT_MAX_HEIGHT, autoscroll=True, resizable=True, feedback_options=None,
+                             layout="panel", buttons=["copy"],
+                             placeholder="Ask for a movie, or paste a few you liked.")
         with gr.Row():
             box = gr.Textbox(show_label=False, placeholder="e.g. I loved Toy Story and Aladdin — or — something "
                              "scary from the 80s", max_length=cfg.chat.max_message_chars, lines=1, scale=6,

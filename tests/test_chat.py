@@ -6,19 +6,32 @@ checked deterministically; tests/test_ui.py runs the same conversations through 
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lcrec_chat.catalog import Catalog
-from lcrec_chat.chat import ChatEngine, Session
+from lcrec_chat.chat import ChatEngine, CoWatch, Session
 from lcrec_chat.config import ChatConfig
 from lcrec_chat.data.movielens import load_ml100k
-from lcrec_chat.intents import Filters, Vocabulary, extract_filters, parse_command, sanitize_query
+from lcrec_chat.intents import (Filters, Vocabulary, extract_filters, parse_command, sanitize_query,
+                                unknown_mood_word)
 from lcrec_chat.recommender import Recommendation
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    return Catalog.build(tmp_path_factory.mktemp("chat") / "catalog.sqlite", load_ml100k())
+def ml100k():
+    return load_ml100k()
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory, ml100k):
+    return Catalog.build(tmp_path_factory.mktemp("chat") / "catalog.sqlite", ml100k)
+
+
+@pytest.fixture(scope="module")
+def vocab(catalog):
+    return Vocabulary(catalog.genres())
 
 
 class PopularityRecommender:
@@ -55,6 +68,11 @@ def final(engine: ChatEngine, session: Session, message: str):
 
 def idx_of(catalog: Catalog, title: str) -> int:
     return catalog.resolve_titles(title).matches[0].idx
+
+
+def readable(reason: str) -> bool:
+    """A reason a person understands: no model probability ("0.01%", "6.5e-05")."""
+    return bool(reason) and "probab" not in reason and not re.search(r"\d\.?\d*e-\d|\b0\.\d+%", reason)
 
 
 # ------------------------------------------------------------------------------------------- intents
@@ -145,7 +163,7 @@ def test_intention_sets_query_and_filters(engine, rec, catalog):
     assert len(reply.cards) == ChatConfig().default_k
     for card in reply.cards:
         assert 1990 <= card.year <= 1999 and {"Comedy", "Children's"} & set(card.genres)
-        assert "fits" in card.reason and "model probability" in card.reason
+        assert "fits" in card.reason and readable(card.reason)
     assert "Comedy or Children's, 1990–1999" in reply.as_text()
 
 
@@ -283,3 +301,149 @@ def test_stateless_answer(engine, rec, catalog):
     assert rec.calls[-1]["history"] == [idx_of(catalog, "Toy Story"), idx_of(catalog, "Fargo")]
     assert "Nonexistent Film 9" in out["text"]
     assert len(engine.answer("", ["Toy Story"], k=99)["items"]) == ChatConfig().max_k
+
+
+# ------------------------------------------------------------------------------------------- labels, named titles
+
+@pytest.mark.parametrize("label", ["My history:", "I liked:", "I watched", "history -", "Watch history:",
+                                   "Here is my list:", "my ratings -"])
+def test_a_label_before_a_list_is_not_part_of_the_first_title(engine, rec, catalog, label):
+    reply = final(engine, engine.new_session(), f"{label} Toy Story; Fargo")
+    named = [idx_of(catalog, "Toy Story"), idx_of(catalog, "Fargo")]
+    assert [r["idx"] for r in reply.recognised] == named and reply.unknown == []
+    assert "Not found" not in reply.as_text() and rec.calls[-1]["history"] == named
+    assert not {c.idx for c in reply.cards} & set(named)
+
+
+def test_a_named_title_is_never_recommended_back(catalog, rec):
+    engine = ChatEngine(catalog, rec, ChatConfig(max_history_items=2))
+    s = engine.new_session()
+    star_wars = idx_of(catalog, "Star Wars")                 # the most popular item: first in every list
+    final(engine, s, "I watched Star Wars, Fargo and Toy Story")
+    assert star_wars not in s.liked                            # dropped from the history by the cap ...
+    for message in ("more", "only sci-fi", "any genre", "a space adventure"):
+        reply = final(engine, s, message)
+        assert reply.cards and star_wars not in [c.idx for c in reply.cards], message   # ... but never shown
+        assert star_wars in rec.calls[-1]["exclude"]
+
+
+# ------------------------------------------------------------------------------------------- not understood
+
+def test_gibberish_is_not_read_as_a_wish(engine, rec):
+    s = engine.new_session()
+    reply = final(engine, s, "asdkjh qweoiu zzzz")
+    assert reply.kind == "error" and "did not understand" in reply.as_text() and not reply.cards
+    assert "titles" in reply.as_text() and not rec.calls and s.query == ""
+    later = final(engine, s, "I loved Fargo")
+    assert rec.calls[-1]["query"] == "" and "Still using" not in later.as_text()
+    final(engine, s, "a scary movie for a Halloween night")
+    before, calls = s.summary(), len(rec.calls)
+    again = final(engine, s, "qqqq wxwxwx")                    # what the session held stays as it was
+    assert "did not understand" in again.as_text() and s.summary() == before and len(rec.calls) == calls
+    assert s.query == "a scary movie for a Halloween night"
+
+
+# ------------------------------------------------------------------------------------------- compound genres, moods
+
+@pytest.mark.parametrize("text, genres, mode", [
+    ("a romantic comedy from the 90s", {"Romance", "Comedy"}, "all"),
+    ("an action comedy", {"Action", "Comedy"}, "all"),
+    ("an action-comedy", {"Action", "Comedy"}, "all"),
+    ("a sci-fi thriller", {"Sci-Fi", "Thriller"}, "all"),
+    ("an animated musical", {"Animation", "Musical"}, "all"),
+    ("a rom-com", {"Comedy", "Romance"}, "all"),
+    ("a funny 90s drama", {"Comedy", "Drama"}, "all"),
+    ("comedy or romance", {"Comedy", "Romance"}, "any"),
+    ("comedies and dramas", {"Comedy", "Drama"}, "any"),
+    ("a funny movie for a family night", {"Comedy", "Children's"}, "any"),
+])
+def test_a_compound_genre_means_all_of_its_genres(vocab, text, genres, mode):
+    change, _ = extract_filters(text, vocab)
+    filters, _ = change.apply(Filters())
+    assert set(filters.genres) == genres and filters.genres_mode == mode
+    assert (filters.catalog_filters().get("genres_mode") == "all") == (mode == "all")
+    assert (" and " if mode == "all" else " or ") in filters.describe()
+
+
+def test_romantic_comedy_from_the_90s(engine, rec, catalog):
+    reply = final(engine, engine.new_session(), "recommend me a romantic comedy from the 90s")
+    filters = rec.calls[-1]["filters"]
+    assert filters == {"genres": ["Romance", "Comedy"], "genres_mode": "all", "year_min": 1990, "year_max": 1999}
+    assert idx_of(catalog, "Sleepless in Seattle") in catalog.filter_indices(**filters)
+    assert len(reply.cards) == 5 and "Romance and Comedy" in reply.as_text()
+    assert all({"Romance", "Comedy"} <= set(c.genres) and 1990 <= c.year <= 1999 for c in reply.cards)
+
+
+LIGHT, DARK = {"Comedy", "Animation", "Children's", "Musical"}, {"Horror", "War", "Crime", "Thriller"}
+
+
+@pytest.mark.parametrize("text, wanted, avoided", [
+    ("something lighter", LIGHT, DARK), ("feel-good", LIGHT, DARK), ("a bit more upbeat please", LIGHT, DARK),
+    ("not too gory", set(), {"Horror"}), ("nothing too dark", set(), {"Crime", "Thriller", "Horror"}),
+    ("something dark", {"Crime", "Thriller", "Film-Noir", "Horror"}, {"Children's", "Animation", "Musical"}),
+    ("scary", {"Horror"}, set()), ("funny", {"Comedy"}, set()),
+    ("mind-bending", {"Sci-Fi", "Mystery", "Thriller"}, set()),
+    ("a dark comedy", {"Comedy"}, {"Children's", "Animation", "Musical"}),   # a named genre wins over a mood
+])
+def test_mood_words_are_genre_filters(vocab, text, wanted, avoided):
+    command = parse_command(text, vocab)
+    assert command is not None and command.kind == "refine"
+    assert set(command.change.genres) == wanted and avoided <= set(command.change.excluded_genres)
+
+
+def test_an_unknown_mood_word_is_named(engine, vocab):
+    assert unknown_mood_word("something quirky", vocab) == "quirky"
+    assert unknown_mood_word("something lighter", vocab) is None
+    assert unknown_mood_word("I loved Toy Story and Fargo", vocab) is None
+    s = engine.new_session()
+    final(engine, s, "I loved Toy Story and Fargo")
+    reply = final(engine, s, "something quirky")
+    assert "no filter for \"quirky\"" in reply.as_text() and reply.cards
+
+
+def test_a_mood_refinement_changes_the_list(engine, rec, catalog):
+    s = engine.new_session()
+    first = final(engine, s, "I loved Toy Story and Fargo")
+    lighter = final(engine, s, "something lighter")
+    assert lighter.cards and not {c.idx for c in lighter.cards} & {c.idx for c in first.cards}
+    for card in lighter.cards:
+        assert set(card.genres) & LIGHT and not set(card.genres) & DARK
+    assert rec.calls[-1]["history"] == [idx_of(catalog, "Toy Story"), idx_of(catalog, "Fargo")]
+    gory = final(engine, s, "not too gory")
+    assert "Horror" in s.filters.excluded_genres and not {c.idx for c in gory.cards} & set(s.shown[:10])
+
+
+# ------------------------------------------------------------------------------------------- more like ...
+
+def test_more_like_a_named_title_shows_new_items(engine, rec, catalog):
+    s = engine.new_session()
+    raiders = idx_of(catalog, "Raiders of the Lost Ark")
+    first = final(engine, s, "I loved Raiders of the Lost Ark")
+    again = final(engine, s, "more like Raiders of the Lost Ark")
+    assert rec.calls[-1]["history"][-1] == raiders and "new titles only" in again.as_text()
+    assert again.cards and not {c.idx for c in again.cards} & {c.idx for c in first.cards}
+
+
+def test_more_like_the_third_one_after_a_pasted_list_says_which(engine, rec, catalog):
+    s = engine.new_session()
+    listed = final(engine, s, "I loved Toy Story, Aladdin and GoldenEye")
+    reply = final(engine, s, "more like the third one")
+    assert s.liked[-1] == listed.cards[2].idx                       # the card, as numbers always mean
+    text = reply.as_text()
+    assert f"card #3 of my list, {listed.cards[2].title}" in text and "GoldenEye (1995)" in text
+    plain = final(engine, s, "more like #1")                        # not right after a list: no note
+    assert "card #1 of my list" not in plain.as_text()
+
+
+# ------------------------------------------------------------------------------------------- reasons
+
+def test_reasons_are_grounded_in_the_data_not_in_model_scores(catalog, rec, ml100k):
+    engine = ChatEngine(catalog, rec, ChatConfig(), cowatch=CoWatch(ml100k.sequences.values()))
+    reply = final(engine, engine.new_session(), "I loved Toy Story and Aladdin")
+    reasons = [c.reason for c in reply.cards]
+    assert all(readable(r) for r in reasons), reasons
+    assert any("people who watched Toy Story" in r or "people who watched Aladdin" in r for r in reasons)
+    assert any(", like Toy Story" in r or ", like Aladdin" in r for r in reasons)
+    wish = final(engine, engine.new_session(), "a scary movie")
+    assert all(readable(c.reason) and "fits \"scary\" (Horror)" in c.reason for c in wish.cards)
+    assert "the model's pick #1 of" in wish.cards[0].reason

@@ -14,7 +14,7 @@ from transformers.cache_utils import StaticLayer
 
 from lcrec_chat.backbone import add_index_tokens, load_model, load_tokenizer
 from lcrec_chat.config import ModelConfig
-from lcrec_chat.decoding import (METHODS, CodeTrie, NoItemsLeft, SharedPrefix, generate_items,
+from lcrec_chat.decoding import (METHODS, CodeTrie, GenerationStats, NoItemsLeft, SharedPrefix, generate_items,
                                  python_trie_prefix_fn)
 from lcrec_chat.trie import TrieError, index_token
 
@@ -210,3 +210,41 @@ def test_a_shared_prompt_prefix_is_computed_once_and_keeps_the_exact_ranking(lm)
     other = [tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)] * 2
     generate_items(model, tokenizer, trie, other, num_beams=12, k=3, shared_prefix=shared)
     assert shared.computed == 2 and "Another system prompt" in tokenizer.decode(shared.ids)
+
+
+def test_hybrid_prior_adds_the_exact_item_log_prior_when_beams_cover_every_item(lm):
+    """With beams enough for every item, hybrid scores equal log P_model(item) + w * log P_prior(item | allowed)."""
+    model, tokenizer = lm
+    trie = CodeTrie.from_tokenizer(random_codes(30, 3, seed=4), tokenizer)
+    prompt = chat(tokenizer, "Recommend something.")
+    prior = torch.rand(1, 30) + 0.01
+    allowed = torch.ones(30, dtype=torch.bool)
+    allowed[[3, 7]] = False
+    exact = exact_scores(model, tokenizer, trie, prompt)
+    for weight in (0.0, 0.7, 3.0):
+        conditional = (prior[0] * allowed) / (prior[0] * allowed).sum()
+        expected = exact + weight * conditional.clamp(min=1e-300).log()
+        got = generate_items(model, tokenizer, trie, [prompt], num_beams=30, k=28, allowed=[allowed],
+                             prior=prior, prior_weight=weight)[0]
+        assert [i for i, _ in got] == [int(i) for i in expected.masked_fill(~allowed, -1e9).argsort(descending=True)[:28]]
+        assert torch.allclose(torch.tensor([s for _, s in got]), expected[[i for i, _ in got]].float(), atol=1e-3)
+    # a dominant prior decides the ranking; a prior of 0 weight changes nothing
+    peaked = torch.full((1, 30), 1e-6)
+    peaked[0, 11] = 1.0
+    top = generate_items(model, tokenizer, trie, [prompt], num_beams=5, k=1, prior=peaked, prior_weight=50.0)
+    assert top[0][0][0] == 11
+    with pytest.raises(ValueError, match="prior must be"):
+        generate_items(model, tokenizer, trie, [prompt], num_beams=5, k=1, prior=peaked[:, :5], prior_weight=1.0)
+
+
+def test_generation_stats_count_every_beam_before_filtering(lm):
+    model, tokenizer = lm
+    trie = CodeTrie.from_tokenizer(random_codes(12, 3, seed=5), tokenizer)
+    prompt = chat(tokenizer, "Recommend something.")
+    allowed = torch.zeros(12, dtype=torch.bool)
+    allowed[:4] = True                        # 4 allowed items for 6 beams and k=5: 2 empty beams, a short list
+    stats = GenerationStats()
+    generate_items(model, tokenizer, trie, [prompt, prompt], num_beams=6, k=5, allowed=[allowed, None], stats=stats)
+    out = stats.as_dict()
+    assert out["generated_sequences"] == 12 and out["valid_item_rate"] == pytest.approx(10 / 12)
+    assert out["short_list_rate"] == 0.5 and out["duplicate_rate"] == 0.0

@@ -12,21 +12,28 @@ from lcrec_chat.config import load_config
 def test_evaluate_stage_writes_metrics_and_report_for_every_method(tiny_run, tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"run_dir={tiny_run.run_dir}", "eval.max_users=6",
                                             "eval.styles=[dense, chat]", "eval.template_users=2",
-                                            "eval.sasrec_epochs=2", "eval.num_beams=10", "eval.dtype=bf16"])
+                                            "eval.baseline_epochs=2", "eval.num_beams=10", "eval.dtype=bf16"])
     metrics = stages.evaluate(cfg, force=True)
     methods = metrics["methods"]
-    assert set(methods) == {"LC-Rec (dense)", "LC-Rec (chat)", "Popularity", "SASRec", "Text-embedding kNN"}
+    dense, chat = "LC-Rec (dense prompt, text+collaborative codes)", "LC-Rec (request prompt, text+collaborative codes)"
+    hybrid = next(name for name in methods if name.startswith("Hybrid: LC-Rec (dense prompt) + SASRec prior, w="))
+    assert set(methods) == {dense, chat, hybrid, "Popularity", "SASRec", "GRU4Rec", "Text-embedding kNN"}
     for name, per_stage in methods.items():
         for stage in ("valid", "test"):
             m = per_stage[stage]
             assert m["users"] == 6 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1, (name, stage)
-            if name.startswith("LC-Rec"):
-                assert m["valid_item_rate"] == 1.0 and m["seconds"] > 0
-    assert metrics["itemsearch"]["test"]["users"] == 6 and metrics["itemsearch"]["test"]["example_queries"]
+            assert 0 < m["coverage@10"] <= 1 and 0 <= m["top50_share@10"] <= 1, (name, stage)
+            if "LC-Rec" in name:   # 10 beams for 6 users: every generated sequence counted
+                assert m["generated_sequences"] == 60 and 0 < m["valid_item_rate"] <= 1 and m["seconds"] > 0
+    assert set(metrics["hybrid"]["valid_ndcg@10_per_weight"]) == {0.5, 1.0, 2.0}
+    search = metrics["itemsearch"]
+    assert set(search) == {"LC-Rec", "filter + popularity", "query text kNN"}
+    assert search["LC-Rec"]["test"]["users"] == 6 and search["LC-Rec"]["test"]["example_queries"]
+    assert all(search[name][stage]["users"] == 6 for name in search for stage in ("valid", "test"))
     assert len(metrics["template_spread"]["ndcg@10_per_template"]) >= 2
     report = (tiny_run.run_path / "report.md").read_text()
-    for line in ("| SASRec | test | 6 |", "| LC-Rec (chat) | valid | 6 |", "| LC-Rec itemsearch | test | 6 |",
-                 "Valid item rate of every LC-Rec generation: 100.00%", "Precision bf16", "| itemsearch valid | 6 |"):
+    for line in ("| SASRec | test | 6 |", f"| {chat} | valid | 6 |", "| LC-Rec | test | 6 |",
+                 "| filter + popularity | valid | 6 |", "Precision bf16", "| itemsearch valid | 6 | "):
         assert line in report, line
     assert json.loads((tiny_run.run_path / "metrics.json").read_text())["methods"].keys() == methods.keys()
     assert stages.evaluate(cfg) == json.loads((tiny_run.run_path / "metrics.json").read_text())  # up to date

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from lcrec_chat.baselines import Popularity, SASRec, TextKNN, evaluate_baseline, run_baselines
+from lcrec_chat.baselines import (GRU4Rec, Popularity, SASRec, SequentialRecommender, TextKNN, evaluate_baseline,
+                                  run_baselines, training_windows)
 from lcrec_chat.config import EvalConfig
 from lcrec_chat.data.dataset import Dataset, Item
 from lcrec_chat.data.movielens import load_ml100k
 from lcrec_chat.data.split import Split, UserSplit, leave_one_out
-from lcrec_chat.metrics import known_items, rank_metrics, stage_inputs, topk_from_scores
+from lcrec_chat.metrics import list_metrics, known_items, rank_metrics, stage_inputs, topk_from_scores
 
 
 def make_split(sequences: list[list[int]], max_history: int = 20, num_items: int = 0) -> Split:
@@ -81,7 +82,16 @@ def test_popularity_order_and_exclusion():
     # valid: each user's own past is skipped, so targets 7, 9, 5 sit at ranks 4, 7, 4
     m = evaluate_baseline(pop, split, "valid", ks=(1, 5))
     assert m == pytest.approx({"hr@1": 0.0, "hr@5": 2 / 3, "ndcg@1": 0.0,
-                               "ndcg@5": 2 / math.log2(6) / 3, "users": 3})
+                               "ndcg@5": 2 / math.log2(6) / 3, "users": 3,
+                               # lists: 7, 8 and 9 items once the past is excluded; every item but 3 appears
+                               "coverage@10": 0.9, "top50_share@10": 1.0})
+
+
+def test_list_metrics_by_hand():
+    split = make_split([[3, 1, 0, 7, 8], [3, 1, 9, 8], [3, 5, 9]])   # train popularity: 3 > 1 > 0 > the rest
+    ranked = [[3, 1, 2], [3, 0], [4]]
+    m = list_metrics(ranked, split, num_items=10, popular=2)
+    assert m == pytest.approx({"coverage@10": 5 / 10, "top2_share@10": 3 / 6})   # 3, 1, 3 of the 6 slots
 
 
 def test_text_knn_returns_nearest_items():
@@ -106,7 +116,7 @@ def successor_split(num_items: int = 30, users: int = 120, length: int = 14, see
 
 def test_sasrec_learns_a_sequential_pattern():
     split = successor_split()
-    model = SASRec(max_len=8, hidden=32, heads=2, lr=5e-3, batch_size=32, epochs=6, patience=6,
+    model = SASRec(max_len=8, hidden=32, heads=2, dropout=0.1, lr=5e-3, batch_size=32, epochs=6, patience=6,
                    seed=1, num_threads=1, progress=False).fit(split, 30)
     test = evaluate_baseline(model, split, "test")
     # chance HR@1 is 1/17 (30 items minus the 13 already seen); the pattern is deterministic
@@ -114,10 +124,37 @@ def test_sasrec_learns_a_sequential_pattern():
     assert model.best_ndcg == max(e["valid_ndcg@10"] for e in model.epochs_log)
 
 
+def test_gru4rec_learns_a_sequential_pattern_and_reloads(tmp_path):
+    split = successor_split()
+    model = GRU4Rec(max_len=8, hidden=32, gru_hidden=32, dropout=0.0, lr=1e-2, batch_size=32, epochs=8,
+                    patience=8, seed=1, num_threads=1, progress=False).fit(split, 30)
+    assert evaluate_baseline(model, split, "test")["hr@1"] > 0.8
+    model.save(tmp_path / "gru.pt")
+    again = SequentialRecommender.load(tmp_path / "gru.pt")
+    assert isinstance(again, GRU4Rec) and torch.allclose(again.score([[1, 2, 3]]), model.score([[1, 2, 3]]))
+
+
+def test_training_windows_make_every_later_item_a_target_once():
+    sequences = [[0, 1, 2, 3, 4, 5, 6], [7, 8]]
+    for stride in (1, 3, 5):
+        inputs, targets = training_windows(sequences, max_len=5, stride=stride)
+        assert inputs.shape[1] == 5 and targets.shape[1] == stride
+        assert sorted(targets[targets >= 0].tolist()) == [1, 2, 3, 4, 5, 6, 8]
+        for x, y in zip(inputs.tolist(), targets.tolist()):
+            for pos, target in enumerate(y):           # each target's input position holds the item before it
+                if target >= 0:
+                    assert x[5 - stride + pos] - 1 == target - 1
+    inputs, targets = training_windows(sequences, max_len=5, stride=1)   # RecBole: every prefix, full window
+    assert inputs.tolist()[0] == [2, 3, 4, 5, 6] and targets.tolist()[0] == [6]
+    with pytest.raises(ValueError, match="stride"):
+        training_windows(sequences, max_len=5, stride=6)
+
+
 def test_sasrec_leaves_global_state_and_restores_best_epoch():
     split = successor_split(users=40)
     threads, rng_state = torch.get_num_threads(), torch.random.get_rng_state()
-    small = dict(max_len=8, hidden=16, epochs=3, patience=3, seed=3, num_threads=1, progress=False)
+    small = dict(max_len=8, hidden=16, heads=2, inner=32, epochs=3, patience=3, seed=3, num_threads=1,
+                 progress=False)
     model = SASRec(**small).fit(split, 30)
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.random.get_rng_state(), rng_state)
@@ -129,17 +166,23 @@ def test_sasrec_leaves_global_state_and_restores_best_epoch():
     assert same.epochs_log == model.epochs_log           # seeded: identical run
 
 
-def test_run_baselines_reports_every_method_and_stage():
+def test_run_baselines_reports_every_method_and_stage(tmp_path):
     split = successor_split(users=30)
     emb = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
-    cfg = EvalConfig(sasrec_epochs=2, sasrec_patience=2, max_users=20)
-    out = run_baselines(split, 30, emb, cfg, num_threads=1, progress=False)
-    assert set(out) == {"pop", "sasrec", "text_knn"}
+    cfg = EvalConfig(baseline_epochs=2, baseline_patience=2, baseline_seeds=[42], max_users=20)
+    out = run_baselines(split, 30, emb, cfg, num_threads=1, progress=False, save_dir=tmp_path)
+    assert set(out) == {"pop", "sasrec", "gru4rec", "text_knn"}
     for method in out.values():
         for stage in ("valid", "test"):
             assert method[stage]["users"] == 20
-            assert set(method[stage]) == {"hr@1", "hr@5", "hr@10", "ndcg@1", "ndcg@5", "ndcg@10", "users"}
-    assert out["sasrec"]["epochs_run"] == 2
+            assert {"hr@1", "hr@5", "hr@10", "ndcg@1", "ndcg@5", "ndcg@10", "users", "coverage@10",
+                    "top50_share@10"} <= set(method[stage])
+    assert out["sasrec"]["epochs_run"] == [2] and out["sasrec"]["test"]["ndcg@10_per_seed"]
+    assert SequentialRecommender.load(tmp_path / "sasrec.pt").num_items == 30
+    two = run_baselines(split, 30, None, EvalConfig(baseline_epochs=1, baseline_seeds=[1, 2], max_users=20),
+                        num_threads=1, progress=False)
+    per_seed = two["gru4rec"]["test"]["ndcg@10_per_seed"]
+    assert len(per_seed) == 2 and two["gru4rec"]["test"]["ndcg@10"] == pytest.approx(sum(per_seed) / 2)
     assert "text_knn" not in run_baselines(split, 30, None, cfg, num_threads=1, progress=False)
 
 

@@ -49,3 +49,23 @@ def test_full_title_beats_a_partial_alias_and_the_bare_key():
     res = index.resolve("Alien, The Saint, saint, Empire Strikes Back")
     assert res.idxs == [0, 2, 3, 4]
     assert res.matches[3].confidence < 1.0 and "part of the title" in res.matches[3].note
+
+
+@pytest.mark.parametrize("text", ["My history: Toy Story; Fargo", "I liked: Toy Story, Fargo",
+                                  "I watched Toy Story and Fargo",
+                                  "history - Toy Story, Fargo", "Watch history: Toy Story; Fargo",
+                                  "Here is my list: Toy Story, Fargo", "My ratings - Toy Story\nFargo"])
+def test_a_label_before_a_list_is_stripped(text):
+    rows = [{"idx": 0, "item_id": "a", "title": "Toy Story", "year": 1995, "popularity": 9},
+            {"idx": 1, "item_id": "b", "title": "Fargo", "year": 1996, "popularity": 9},
+            {"idx": 2, "item_id": "c", "title": "My Favorite Year", "year": 1982, "popularity": 9}]
+    res = TitleIndex(rows).resolve(text)
+    assert res.idxs == [0, 1] and res.unknown == []
+
+
+def test_a_label_word_that_starts_a_title_stays_part_of_it():
+    rows = [{"idx": 0, "item_id": "a", "title": "My Favorite Year", "year": 1982, "popularity": 9},
+            {"idx": 1, "item_id": "b", "title": "Fargo", "year": 1996, "popularity": 9}]
+    index = TitleIndex(rows)
+    assert index.resolve("My Favorite Year, Fargo").idxs == [0, 1]
+    assert index.resolve("History of the World: Part I").unknown == ["History of the World: Part I"]

@@ -3,6 +3,7 @@ gradio_client and with a real browser (Debian's chromium through Playwright)."""
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -10,11 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lcrec_chat.catalog import Catalog
 from lcrec_chat.chat import Card, Reply
 from lcrec_chat.ui import ASSETS, build_app, launch, load_engine, render_reply, serve, serving_dtype
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+NO_BROWSER = ("no chromium browser found; install it with `apt-get install chromium chromium-driver` (as root, "
+              "as .ci/run does), then rerun `make test`")
+NO_PLAYWRIGHT = "playwright is not installed; run `.venv/bin/pip install -r requirements-dev.txt`"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"]
 
@@ -43,6 +48,15 @@ def chat(c, message: str) -> tuple[list, dict]:
     """One message on the stateful /chat endpoint: (chat messages, the reply as data)."""
     _, messages, data = c.predict(message, api_name="/chat")
     return messages, data
+
+
+def readable(reason: str) -> bool:
+    """A reason a person understands: no model probability ("0.01%", "6.5e-05")."""
+    return bool(reason) and "probab" not in reason and not re.search(r"\d\.?\d*e-\d|\b0\.\d+%", reason)
+
+
+def ids(data: dict) -> set[int]:
+    return {i["idx"] for i in data["items"]}
 
 
 def text_of(message: dict) -> str:
@@ -122,7 +136,7 @@ def test_intention(server):
     assert data["request"]["query"] == "a funny 90s movie for a family night"
     for item in data["items"]:
         assert 1990 <= item["year"] <= 1999 and {"Comedy", "Children's"} & set(item["genres"])
-        assert "model probability" in item["reason"]
+        assert readable(item["reason"]) and "fits" in item["reason"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert text_of(messages[1]).count('class="lcrec-card"') == cfg.chat.default_k
 
@@ -227,11 +241,113 @@ def test_only_assets_are_served(server):
         assert httpx.get(f"{base}/gradio_api/file={path}").status_code in (403, 404)
 
 
+def test_labelled_history_and_named_titles_never_come_back(server):
+    _, url = server
+    c = client(url)
+    _, first = chat(c, "My history: Toy Story; Fargo")
+    assert [r["title"] for r in first["recognised"]] == ["Toy Story", "Fargo"] and first["unknown"] == []
+    assert "Not found" not in first["text"] and first["items"]
+    named = {r["idx"] for r in first["recognised"]}
+    assert not ids(first) & named
+    for message in ("more", "only comedies", "any genre", "a crime movie from the 90s"):   # Toy Story, Fargo fit
+        _, data = chat(c, message)
+        assert data["items"] and not ids(data) & named, message
+    for label in ("I liked: ", "I watched ", "history - ", "Watch history: "):
+        out = c.predict(f"{label}Toy Story; Fargo", api_name="/recommend")
+        assert [r["title"] for r in out["recognised"]] == ["Toy Story", "Fargo"] and out["unknown"] == [], label
+
+
+def test_gibberish_is_not_read_as_a_wish(server):
+    _, url = server
+    c = client(url)
+    _, data = chat(c, "asdkjh qweoiu zzzz")
+    assert data["kind"] == "error" and "did not understand" in data["text"] and "titles" in data["text"]
+    assert data["items"] == [] and data["request"] is None                 # nothing was sent to the model
+    _, later = chat(c, "I loved Fargo")
+    assert later["request"]["query"] == "" and "Still using" not in later["text"] and later["items"]
+
+
+def test_a_compound_genre_means_all_of_its_genres(server):
+    cfg, url = server
+    _, data = chat(client(url), "recommend me a romantic comedy from the 90s")
+    assert data["request"]["filters"] == {"genres": ["Romance", "Comedy"], "genres_mode": "all",
+                                          "year_min": 1990, "year_max": 1999}
+    assert "Romance and Comedy, 1990–1999" in data["text"] and len(data["items"]) == cfg.chat.default_k
+    for item in data["items"]:
+        assert {"Romance", "Comedy"} <= set(item["genres"]) and 1990 <= item["year"] <= 1999
+    with Catalog(Path(cfg.run_dir) / "catalog.sqlite") as catalog:        # the case of the bug report
+        sleepless = catalog.resolve_titles("Sleepless in Seattle").idxs[0]
+        assert sleepless in catalog.filter_indices(**data["request"]["filters"])
+    either = client(url).predict("comedy or romance", api_name="/recommend")
+    assert either["request"]["filters"] == {"genres": ["Comedy", "Romance"]} and "Comedy or Romance" in either["text"]
+    assert all({"Comedy", "Romance"} & set(i["genres"]) for i in either["items"])
+
+
+LIGHT, DARK = {"Comedy", "Animation", "Children's", "Musical"}, {"Horror", "War", "Crime", "Thriller"}
+
+
+def test_mood_words_refine_and_change_the_list(server):
+    _, url = server
+    c = client(url)
+    _, first = chat(c, "I loved Toy Story and Fargo")
+    _, lighter = chat(c, "something lighter")
+    assert lighter["items"] and not ids(lighter) & ids(first)            # a refinement shows new titles
+    assert lighter["request"]["history"] == first["request"]["history"]
+    for item in lighter["items"]:
+        assert set(item["genres"]) & LIGHT and not set(item["genres"]) & DARK
+    _, gory = chat(c, "not too gory")
+    assert "Horror" in gory["request"]["excluded_genres"] and gory["items"]
+    assert not ids(gory) & (ids(first) | ids(lighter)) and all("Horror" not in i["genres"] for i in gory["items"])
+    dark = c.predict("something dark", api_name="/recommend")
+    assert dark["items"] and all(set(i["genres"]) & {"Crime", "Thriller", "Film-Noir", "Horror"} for i in dark["items"])
+    _, quirky = chat(c, "something quirky")
+    assert 'no filter for "quirky"' in quirky["text"]
+
+
+def test_more_like_a_named_title_and_the_third_one(server):
+    _, url = server
+    c = client(url)
+    _, first = chat(c, "I loved Raiders of the Lost Ark")
+    raiders = first["recognised"][0]["idx"]
+    _, again = chat(c, "more like Raiders of the Lost Ark")
+    assert again["request"]["history"][-1] == raiders and "new titles only" in again["text"]
+    assert again["items"] and not ids(again) & ids(first)
+    _, listed = chat(c, "I loved Toy Story, Aladdin and GoldenEye")
+    _, third = chat(c, "more like the third one")
+    card = listed["items"][2]
+    assert third["request"]["history"][-1] == card["idx"]                 # numbers point at cards ...
+    assert f"card #3 of my list, {card['title']}" in third["text"]        # ... and the answer says so
+    assert "GoldenEye (1995)" in third["text"] and 'more like GoldenEye' in third["text"]
+
+
+def test_reasons_are_readable_and_grounded(server):
+    _, url = server
+    _, data = chat(client(url), "I loved Toy Story, Aladdin and GoldenEye")
+    reasons = [i["reason"] for i in data["items"]]
+    assert reasons and all(readable(r) for r in reasons), reasons
+    assert any(", like " in r or "people who watched" in r for r in reasons), reasons
+    assert all(isinstance(i["score"], float) for i in data["items"])      # the raw score stays in the data
+
+
+def test_chat_panel_grows_and_follows_the_newest_reply(server):
+    _, url = server
+    config = httpx.get(url.rstrip("/") + "/config").json()
+    props = next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == "lcrec-chat")
+    assert props["autoscroll"] is True and props.get("height") is None  # no fixed box: it grows with the chat
+    assert props["max_height"] == "85vh" and props["min_height"] >= 480
+
+
+def test_browser_skip_says_how_to_install_it():
+    assert "apt-get install chromium chromium-driver" in NO_BROWSER and ".ci/run" in NO_BROWSER
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert re.search(r"^test:.*\n(?:#.*\n)*\t.*pytest .*-rs\b", makefile, re.M)     # skip reasons in the summary
+
+
 # ------------------------------------------------------------------------------------------ browser
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser installed (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
 def test_browser_conversation(server):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    playwright = pytest.importorskip("playwright.sync_api", reason=NO_PLAYWRIGHT)
     cfg, url = server
     ARTIFACTS.mkdir(exist_ok=True)
     dialogs = []
