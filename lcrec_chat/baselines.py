@@ -121,6 +121,20 @@ class TextKNN(Baseline):
 # full softmax cross-entropy over every item at the window's last position, scores are the final state times
 # the item embedding table (shared input/output embeddings), Adam, early stopping on valid NDCG@10.
 
+class _Dropout(nn.Module):
+    """Inverted dropout drawing its mask with torch.rand: the same distribution as nn.Dropout, whose CPU
+    bernoulli_ kernel took 40% of a SASRec training step here (3-4x slower than rand + compare)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+
 class _SASRecNet(nn.Module):
     """Post-norm transformer (as in SASRec / RecBole): [B, L] item index + 1, left-padded with 0 -> [B, last,
     hidden] states at the `last` rightmost positions (the last is the state after the newest item)."""
@@ -131,9 +145,10 @@ class _SASRecNet(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.drop = nn.Dropout(dropout)
+        self.drop = _Dropout(dropout)
         layer = nn.TransformerEncoderLayer(hidden, heads, inner, dropout, activation="gelu", batch_first=True,
                                            norm_first=False, layer_norm_eps=1e-12)
+        layer.dropout, layer.dropout1, layer.dropout2 = _Dropout(dropout), _Dropout(dropout), _Dropout(dropout)
         self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
         self.apply(_init_normal)
 
@@ -157,7 +172,7 @@ class _GRU4RecNet(nn.Module):
                  dropout: float = 0.3) -> None:
         super().__init__()
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
-        self.drop = nn.Dropout(dropout)
+        self.drop = _Dropout(dropout)
         self.gru = nn.GRU(hidden, gru_hidden, batch_first=True, bias=False)
         self.dense = nn.Linear(gru_hidden, hidden)
         nn.init.xavier_normal_(self.item_emb.weight)

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "ml-100k"        # ml-100k | ml-1m | lcrec | amazon
+    source: Literal["ml-100k", "ml-1m", "lcrec", "amazon"] = "ml-100k"
     path: str = ""                 # folder (lcrec, amazon) or file prefix; empty = the packaged copy (MovieLens)
     name: str = ""                 # dataset name inside `path` (lcrec: NAME.inter.json; amazon: category)
     max_history: int = 20          # items of history shown to every model
@@ -35,7 +35,8 @@ class DataConfig:
 @dataclass
 class IndexConfig:
     embed_model: str = "all-minilm-l6-v2"   # packaged model, or any sentence-transformers name / folder
-    embed_fields: list[str] = field(default_factory=lambda: ["title", "genres"])  # of title, genres, description, brand
+    embed_fields: list[Literal["title", "genres", "description", "brand"]] = field(
+        default_factory=lambda: ["title", "genres"])
     embed_separately: bool = False          # LC-Rec: embed each field alone and average the vectors
     embed_batch_size: int = 128
     # share of collaborative signal in the vectors the RQ-VAE indexes (indexing/collab.py): 0 = text only,
@@ -80,9 +81,9 @@ class ModelConfig:
     base: str = "smollm2-135m"     # packaged default, or any HF model id / local folder
     # auto (bf16 where the processor runs it natively: avx512_bf16/AMX or a bf16 GPU; fp32 elsewhere, where
     # bf16 is emulated and 5-300x slower) | fp32 | bf16 | nf4 (bitsandbytes 4-bit; QLoRA when training)
-    dtype: str = "fp32"
+    dtype: Literal["auto", "fp32", "bf16", "nf4"] = "fp32"
     cache_dir: str = ".cache/models"
-    device: str = "auto"           # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
@@ -92,7 +93,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    new_token_init: str = "title_mean"   # title_mean | random
+    new_token_init: Literal["title_mean", "random"] = "title_mean"   # new index-token rows: mean of the titles' embeddings, or random
     # samples per task (seqrec_dense: windows of max_history+1 items, each supervising every item in it)
     task_budget: dict[str, int] = field(default_factory=lambda: {
         "seqrec_dense": 4000, "seqrec": 1000, "item2index": 1000, "index2item": 600, "fusionseqrec": 600,
@@ -112,7 +113,7 @@ class TrainConfig:
     save_every: int = 200
     # bf16 autocast of the forward/backward over fp32 weights: auto (only where bf16 is native, see
     # hardware.py; 1.7x fp32's tokens/s on an avx512_bf16 CPU) | bf16 (always) | off
-    autocast: str = "off"
+    autocast: Literal["auto", "bf16", "off"] = "off"
     pack: bool = True
     seed: int = 42
 
@@ -123,11 +124,11 @@ class EvalConfig:
     # precision of the evaluated model; "" = model.dtype; auto = bf16 where native, else fp32. bf16 decodes
     # ~1.5x faster than fp32 on CPUs with avx512_bf16/AMX and on GPUs (rankings checked against fp32 in the model
     # card), but several times slower on CPUs without them
-    dtype: str = ""
+    dtype: Literal["", "auto", "fp32", "bf16", "nf4"] = ""
     topk: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 8
     max_users: int = 0             # 0 = every user
-    styles: list[str] = field(default_factory=lambda: ["dense", "chat"])  # history prompts to evaluate
+    styles: list[Literal["dense", "chat", "seqrec"]] = field(default_factory=lambda: ["dense", "chat"])  # history prompts to evaluate
     itemsearch: bool = True        # also evaluate held-out intention queries
     template_users: int = 50       # users for the per-template spread of LC-Rec seqrec prompts (0 = skip)
     # Hybrid decoding (decoding.generate_items): each beam step adds w * the log of SASRec's next-item
@@ -157,7 +158,7 @@ class ChatConfig:
     max_beams: int = 20
     # prompt for a history without a wish: dense (the history as the answer's start; test NDCG@10 0.057 on
     # ML-100K) or chat (the request prompt; 0.048), models/ml-100k/README.md. A wish always uses the request prompt.
-    history_prompt: str = "dense"
+    history_prompt: Literal["dense", "chat"] = "dense"
     queue_size: int = 16
     concurrency: int = 2
 
@@ -199,6 +200,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, inner = typing.get_args(annotation)
         return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        return value
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
