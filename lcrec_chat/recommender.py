@@ -63,7 +63,7 @@ class Recommender:
         """Base model + index tokens + the run's adapter (merged into the weights unless 4-bit), in ``dtype``
         (fp32 | bf16 | nf4; empty = the config's model.dtype)."""
         from . import backbone
-        from .stages import task_builder
+        from .run_folder import task_builder
         run = Path(run_dir or cfg.run_dir)
         builder, codes = task_builder(run, cfg)
         model_cfg = replace(cfg.model, dtype=dtype or cfg.model.dtype)

@@ -21,19 +21,9 @@ from .catalog import Catalog
 from .config import Config
 from .data import load_dataset
 from .data.split import Split, leave_one_out
+from .run_folder import MissingArtifact, load_items, load_prior, load_split, require, task_builder  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-class MissingArtifact(FileNotFoundError):
-    """A stage needs the output of an earlier stage that is not in the run folder."""
-
-
-def require(run: Path, name: str, stage: str) -> Path:
-    path = run / name
-    if not path.exists():
-        raise MissingArtifact(f"{path} is missing: run `python -m lcrec_chat {stage} --config ...` first")
-    return path
 
 
 def _fingerprint(*parts) -> str:
@@ -57,11 +47,6 @@ class StageRecord:
     def done(self, stage: str, fingerprint: str) -> None:
         self.data[stage] = fingerprint
         self.path.write_text(json.dumps(self.data, indent=1))
-
-
-def load_items(run: Path) -> list[dict]:
-    catalog = Catalog(require(run, "catalog.sqlite", "prepare"))
-    return catalog.items(list(range(len(catalog))))
 
 
 def prepare(cfg: Config, force: bool = False) -> dict:
@@ -103,19 +88,6 @@ def index(cfg: Config, force: bool = False) -> dict:
     Catalog(run / "catalog.sqlite").set_codes(codes)
     record.done("index", fp)
     return report
-
-
-def load_split(run: Path) -> Split:
-    return Split.load(require(run, "split.json", "prepare"))
-
-
-def task_builder(run: Path, cfg: Config, split: Split | None = None):
-    from .indexing import load_codes
-    from .tasks import TaskBuilder
-    items = load_items(run)
-    codes = load_codes(run)
-    split = split or load_split(run)
-    return TaskBuilder(items, codes, split.item_popularity(len(items)), cfg.data.max_history), codes
 
 
 def validation_samples(builder, split: Split, cfg: Config) -> list:
@@ -198,7 +170,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     chosen on valid, itemsearch beside its two baselines, the template spread."""
     import numpy as np
 
-    from .baselines import SequentialRecommender, run_baselines
+    from .baselines import run_baselines
     from .evaluate import (choose_prior_weight, evaluate_itemsearch, evaluate_sequential, itemsearch_baselines,
                            template_spread)
     from .hardware import describe, resolve_dtype
@@ -230,7 +202,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
             stage: evaluate_sequential(rec, split, stage, style, 0, cfg.eval.max_users, ks) for stage in ("valid", "test")}
     metrics: dict = {"methods": table, "precision": dtype, "machine": describe(), "num_beams": cfg.eval.num_beams}
     if cfg.eval.hybrid_weights and (run / "sasrec.pt").exists():
-        rec.prior_model = SequentialRecommender.load(run / "sasrec.pt")
+        rec.prior_model = load_prior(run)
         style = cfg.eval.styles[0]
         users = cfg.eval.hybrid_users if not cfg.eval.max_users else min(cfg.eval.hybrid_users, cfg.eval.max_users)
         choice = choose_prior_weight(rec, split, style, cfg.eval.hybrid_weights, users)

@@ -1,0 +1,53 @@
+"""Reading a run folder's artifacts: the one place that knows their names and which stage writes them.
+
+Components (the recommender, the app, benchmarks) read a run through these functions; the pipeline
+(`stages.py`) writes the artifacts and imports them from here too, so nothing below the pipeline imports it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .catalog import Catalog
+from .config import Config
+from .data.split import Split
+
+
+class MissingArtifact(FileNotFoundError):
+    """A stage needs the output of an earlier stage that is not in the run folder."""
+
+
+def require(run: Path, name: str, stage: str) -> Path:
+    """The path of artifact `name`, or MissingArtifact naming the stage that makes it."""
+    path = Path(run) / name
+    if not path.exists():
+        raise MissingArtifact(f"{path} is missing: run `python -m lcrec_chat {stage} --config ...` first")
+    return path
+
+
+def load_items(run: Path) -> list[dict]:
+    """Every catalogue row, in item-index order."""
+    catalog = Catalog(require(run, "catalog.sqlite", "prepare"))
+    return catalog.items(list(range(len(catalog))))
+
+
+def load_split(run: Path) -> Split:
+    return Split.load(require(run, "split.json", "prepare"))
+
+
+def task_builder(run: Path, cfg: Config, split: Split | None = None):
+    """(TaskBuilder over the run's items, codes and training popularity, the item codes)."""
+    from .indexing import load_codes
+    from .tasks import TaskBuilder
+    items = load_items(run)
+    codes = load_codes(run)
+    split = split or load_split(run)
+    return TaskBuilder(items, codes, split.item_popularity(len(items)), cfg.data.max_history), codes
+
+
+def load_prior(run: Path):
+    """The sequential model the evaluate stage saved for hybrid decoding (sasrec.pt), or None if absent."""
+    path = Path(run) / "sasrec.pt"
+    if not path.exists():
+        return None
+    from .baselines import SequentialRecommender
+    return SequentialRecommender.load(path)
