@@ -393,7 +393,10 @@ class ChatEngine:
         if more_like:
             lines.append(f"More like {', '.join(_label(i) for i in recognised)}: new titles only.")
         session.last_named, session.last_named_turn = [i["idx"] for i in recognised], session.turns
-        lines += self._set_wish(query, change, session)
+        # "older"/"newer" in a wish compare with the titles it names ("like Star Wars but older"), else with the
+        # list on screen or the history
+        reference = [i["idx"] for i in recognised] or session.current or session.liked
+        lines += self._set_wish(query, change, session, [i["year"] for i in self.catalog.items(reference)])
         yield from self._recommend(session, lines, exclude_shown="all" if more_like or follow_up else "none",
                                    recognised=[{"idx": i["idx"], "title": i["title"], "year": i["year"]}
                                                for i in recognised], unknown=unknown_titles)
@@ -441,8 +444,10 @@ class ChatEngine:
             return [f"I keep the last {self.cfg.max_history_items} titles you liked."]
         return []
 
-    def _set_wish(self, query: str, change: FilterChange, session: Session) -> list[str]:
-        """A new wish replaces the old one (and its filters); no wish keeps the old one. Returns what to say."""
+    def _set_wish(self, query: str, change: FilterChange, session: Session,
+                  reference_years: Sequence[int] = ()) -> list[str]:
+        """A new wish replaces the old one (and its filters); no wish keeps the old one. Returns what to say.
+        ``reference_years``: what "older" / "newer" in the wish compare with."""
         if not query:
             if not (session.query or session.filters):
                 return []
@@ -451,9 +456,11 @@ class ChatEngine:
             return [f"Still using {' and '.join(kept)} (say \"start over\" to drop it)."]
         session.query = query
         session.wishes = [w for w in change.wishes if not w.negated]
-        session.filters, _ = change.apply(Filters())
+        session.filters, note = change.apply(Filters(), reference_years)
         lines = [f"Reading \"{query}\" as your wish" +
                  (f"; filters: {session.filters.describe()}." if session.filters else ".")]
+        if note:
+            lines.append(note)
         mood = unknown_mood_word(query, self.vocab)
         if mood:
             lines.append(f"I have no filter for \"{mood}\" (moods I know: {KNOWN_MOODS}); the model reads it as "

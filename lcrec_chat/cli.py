@@ -12,8 +12,9 @@ STAGES = {
     "prepare": "load the dataset, split it leave-one-out, build the SQLite catalogue",
     "index": "embed item texts, train the RQ-VAE, assign conflict-free item codes",
     "train": "tune the backbone (LoRA/QLoRA) on the six alignment tasks",
+    "baselines": "fit and score the classic baselines (Popularity, SASRec, GRU4Rec, text kNN) on the run's split",
     "evaluate": "full-ranking evaluation of the tuned model beside the baselines",
-    "pipeline": "run prepare, index, train and evaluate in order (unchanged stages are skipped)",
+    "pipeline": "run prepare, index, train, baselines and evaluate in order (unchanged stages are skipped)",
     "serve": "start the Gradio chat app on a run folder",
     "export": "copy a run's small servable artifacts (adapter, codes, catalogue, metrics...) to --to",
 }
@@ -21,6 +22,7 @@ EXAMPLES = {
     "prepare": "python -m lcrec_chat prepare --config configs/ml-100k.yaml",
     "index": "python -m lcrec_chat index --config configs/ml-100k.yaml",
     "train": "python -m lcrec_chat train --config configs/ml-100k.yaml --set train.max_minutes=15",
+    "baselines": "OMP_NUM_THREADS=1 python -m lcrec_chat baselines --config configs/ml-100k.yaml",
     "evaluate": "python -m lcrec_chat evaluate --config configs/ml-100k.yaml --set eval.max_users=200",
     "pipeline": "python -m lcrec_chat pipeline --config configs/ml-100k.yaml",
     "serve": "python -m lcrec_chat serve --config configs/ml-100k.yaml --set run_dir=models/ml-100k",
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_stage(stage: str, cfg, force: bool) -> dict:
     from . import stages
     if stage == "pipeline":
-        return {name: run_stage(name, cfg, force) for name in ("prepare", "index", "train", "evaluate")}
+        return {name: run_stage(name, cfg, force) for name in ("prepare", "index", "train", "baselines", "evaluate")}
     return getattr(stages, stage)(cfg, force=force)
 
 

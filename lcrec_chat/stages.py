@@ -163,14 +163,77 @@ PROMPT_NAMES = {"dense": "dense prompt", "chat": "request prompt", "seqrec": "LC
 BASELINE_NAMES = {"pop": "Popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "text_knn": "Text-embedding kNN"}
 
 
-def evaluate(cfg: Config, force: bool = False) -> dict:
-    """metrics.json and report.md: every method on valid and test under one protocol (metrics.py).
+def baselines(cfg: Config, force: bool = False) -> dict:
+    """baselines.json (+ sasrec.pt, gru4rec.pt): the classic methods on the run's split, seeds and all.
 
-    Baselines first (SASRec is also the hybrid's prior), then LC-Rec per prompt style, the hybrid with its weight
-    chosen on valid, itemsearch beside its two baselines, the template spread."""
+    Its own stage so that it can run beside the LLM's evaluation (two processes with one thread each use two
+    cores better than one process with two); `evaluate` reuses a fresh result and waits for a running one."""
     import numpy as np
 
     from .baselines import run_baselines
+    run = cfg.run_path
+    split_path = require(run, "split.json", "prepare")
+    keys = ("topk", "max_users", "baseline_epochs", "baseline_patience", "baseline_seeds", "baseline_stride")
+    fp = _fingerprint({k: getattr(cfg.eval, k) for k in keys}, _file_stamp(split_path),
+                      _file_stamp(run / "item_emb.npy"))
+    out = run / "baselines.json"
+    if not force and out.exists() and json.loads(out.read_text()).get("fingerprint") == fp:
+        log.info("baselines: up to date (use --force to rerun)")
+        return json.loads(out.read_text())
+    marker = run / "baselines.running"
+    marker.write_text(str(os.getpid()))
+    try:
+        started = time.time()
+        item_emb = np.load(run / "item_emb.npy") if (run / "item_emb.npy").exists() else None
+        num_items = len(Catalog(require(run, "catalog.sqlite", "prepare")))
+        results = run_baselines(load_split(run), num_items, item_emb, cfg.eval, save_dir=run)
+        result = {"fingerprint": fp, "methods": results, "seconds": round(time.time() - started, 1)}
+        out.write_text(json.dumps(result, indent=1))
+    finally:
+        marker.unlink(missing_ok=True)
+    return result
+
+
+def _wait_for_baselines(run: Path) -> None:
+    """If another process is running the baselines stage on this run, wait for it instead of redoing it."""
+    marker = run / "baselines.running"
+    while marker.exists():
+        try:
+            os.kill(int(marker.read_text()), 0)
+        except (ValueError, ProcessLookupError, PermissionError):
+            return
+        log.info("evaluate: waiting for the baselines stage running in process %s", marker.read_text())
+        time.sleep(30)
+
+
+class RowCache:
+    """eval_rows.json: each evaluated row under the fingerprint of what produced it, so an evaluation stopped
+    part-way (a session's clock, a crash) resumes at the first row it had not finished."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self.rows = saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
+
+    def get(self, key: str, compute):
+        if key not in self.rows:
+            self.rows[key] = compute()
+            self.path.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
+        return self.rows[key]
+
+
+PROMPT_NAMES = {"dense": "dense prompt", "chat": "request prompt", "seqrec": "LC-Rec seqrec instruction"}
+BASELINE_NAMES = {"pop": "Popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "text_knn": "Text-embedding kNN"}
+
+
+def evaluate(cfg: Config, force: bool = False) -> dict:
+    """metrics.json and report.md: every method on valid and test under one protocol (metrics.py).
+
+    LC-Rec per prompt style, itemsearch beside its two baselines and the template spread; then the classic
+    baselines (the `baselines` stage, reused when fresh); then the hybrid (SASRec's prior), its weight chosen on
+    valid. Every finished row is cached (RowCache), so a stopped evaluation resumes."""
+    import numpy as np
+
     from .evaluate import (choose_prior_weight, evaluate_itemsearch, evaluate_sequential, itemsearch_baselines,
                            template_spread)
     from .hardware import describe, resolve_dtype
@@ -185,34 +248,25 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         log.info("evaluate: up to date (use --force to rerun)")
         return json.loads((run / "metrics.json").read_text())
     started = time.time()
+    cache = RowCache(run / "eval_rows.json", fp)
+    if force:
+        cache.rows = {}
     split = load_split(run)
     ks = cfg.eval.topk
     emb_path = run / "item_emb.npy"
     item_emb = np.load(emb_path) if emb_path.exists() else None
-    num_items = len(Catalog(run / "catalog.sqlite"))
-    baselines = run_baselines(split, num_items, item_emb, cfg.eval, save_dir=run)
-    baseline_seconds = time.time() - started
-
-    started_llm = time.time()
     rec = Recommender.from_run(cfg, run, dtype=dtype)
     codes = "text+collaborative codes" if cfg.index.collab_weight > 0 else "text codes"
     table: dict[str, dict] = {}
+    metrics: dict = {"methods": table, "precision": dtype, "machine": describe(), "num_beams": cfg.eval.num_beams}
     for style in cfg.eval.styles:
         table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}, {codes})"] = {
-            stage: evaluate_sequential(rec, split, stage, style, 0, cfg.eval.max_users, ks) for stage in ("valid", "test")}
-    metrics: dict = {"methods": table, "precision": dtype, "machine": describe(), "num_beams": cfg.eval.num_beams}
-    if cfg.eval.hybrid_weights and (run / "sasrec.pt").exists():
-        rec.prior_model = load_prior(run)
-        style = cfg.eval.styles[0]
-        users = cfg.eval.hybrid_users if not cfg.eval.max_users else min(cfg.eval.hybrid_users, cfg.eval.max_users)
-        choice = choose_prior_weight(rec, split, style, cfg.eval.hybrid_weights, users)
-        metrics["hybrid"] = choice
-        table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={choice['weight']:g}"] = {
-            stage: evaluate_sequential(rec, split, stage, style, 0, cfg.eval.max_users, ks, choice["weight"])
+            stage: cache.get(f"{style} {stage}", lambda: evaluate_sequential(rec, split, stage, style, 0,
+                                                                              cfg.eval.max_users, ks))
             for stage in ("valid", "test")}
     if cfg.eval.itemsearch:
-        search = {"LC-Rec": {stage: evaluate_itemsearch(rec, split, stage, cfg.eval.max_users, ks=ks)
-                             for stage in ("valid", "test")}}
+        search = {"LC-Rec": {stage: cache.get(f"itemsearch {stage}", lambda: evaluate_itemsearch(
+            rec, split, stage, cfg.eval.max_users, ks=ks)) for stage in ("valid", "test")}}
         if item_emb is not None:
             from .embed import load_encoder
             encoder = load_encoder(cfg.index.embed_model)
@@ -223,15 +277,28 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
                 search[name] = {stage: per_stage[stage][name] for stage in per_stage}
         metrics["itemsearch"] = search
     if cfg.eval.template_users:
-        metrics["template_spread"] = template_spread(rec, split, cfg.eval.template_users)
-    llm_seconds = time.time() - started_llm
-    for key, result in baselines.items():
+        metrics["template_spread"] = cache.get("templates", lambda: template_spread(rec, split, cfg.eval.template_users))
+    _wait_for_baselines(run)
+    classic = baselines(cfg, force=False)
+    if cfg.eval.hybrid_weights and (run / "sasrec.pt").exists():
+        rec.prior_model = load_prior(run)
+        style = cfg.eval.styles[0]
+        users = cfg.eval.hybrid_users if not cfg.eval.max_users else min(cfg.eval.hybrid_users, cfg.eval.max_users)
+        choice = cache.get("hybrid weight", lambda: choose_prior_weight(rec, split, style, cfg.eval.hybrid_weights,
+                                                                        users))
+        choice["valid_ndcg@10_per_weight"] = {float(w): v for w, v in choice["valid_ndcg@10_per_weight"].items()}
+        metrics["hybrid"] = choice
+        table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={choice['weight']:g}"] = {
+            stage: cache.get(f"hybrid {stage}", lambda: evaluate_sequential(
+                rec, split, stage, style, 0, cfg.eval.max_users, ks, choice["weight"])) for stage in ("valid", "test")}
+    for key, result in classic["methods"].items():
         table[BASELINE_NAMES.get(key, key)] = result
     index_report = run / "index_report.json"
     if index_report.exists():
         metrics["indexing"] = json.loads(index_report.read_text())
-    metrics["seconds"] = {"lcrec": round(llm_seconds, 1), "baselines": round(baseline_seconds, 1),
-                          "total": round(time.time() - started, 1)}
+    lcrec_seconds = sum(m.get("seconds", 0) for per in table.values() for m in per.values() if isinstance(m, dict))
+    metrics["seconds"] = {"lcrec": round(lcrec_seconds, 1), "baselines": classic["seconds"],
+                          "this_call": round(time.time() - started, 1)}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(metrics, run / "report.md", cfg)
     record.done("evaluate", fp)
@@ -241,7 +308,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
 # what a run folder needs to be served and inspected; never the checkpoint or the base model
 EXPORTED = ("config.yaml", "catalog.sqlite", "split.json", "stats.json", "codes.json", "rqvae.pt", "item_emb.npy",
             "item_emb.json", "index_report.json", "code_usage.png", "train_log.jsonl", "train_summary.json",
-            "loss_curves.png", "metrics.json", "report.md", "adapter", "sasrec.pt")
+            "loss_curves.png", "metrics.json", "report.md", "adapter", "sasrec.pt", "baselines.json")
 
 
 def export(cfg: Config, target: str | Path, force: bool = False) -> dict:

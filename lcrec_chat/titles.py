@@ -265,7 +265,11 @@ class TitleIndex:
             key = title_key(title)
             if not key:
                 continue
-            found = self._full.get(key) or self._bare.get(bare_key(key))
+            full, bare = self._full.get(key), self._bare.get(bare_key(key))
+            # the best claim wins, whichever table holds it: "Godfather" is the full title of "Godfather, The"
+            # (bare key) before it is the series head of "Godfather: Part II, The" (an alias, full key); on a
+            # tie the key as written wins ("Saint" is "Saint", not "Saint, The")
+            found = full if full and (not bare or max(full.values()) >= max(bare.values())) else bare
             if found:
                 return found, hint
         return None

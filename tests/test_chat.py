@@ -447,3 +447,40 @@ def test_reasons_are_grounded_in_the_data_not_in_model_scores(catalog, rec, ml10
     wish = final(engine, engine.new_session(), "a scary movie")
     assert all(readable(c.reason) and "fits \"scary\" (Horror)" in c.reason for c in wish.cards)
     assert "the model's pick #1 of" in wish.cards[0].reason
+
+
+# ---------------------------------------------------------------- found by bench/conversation_bench.py
+
+def test_a_title_without_its_article_is_not_a_sequels_series_head(engine, rec, catalog):
+    godfather, part2 = idx_of(catalog, "The Godfather"), idx_of(catalog, "The Godfather: Part II")
+    assert godfather != part2 and catalog.resolve_titles("godfather").idxs == [godfather]
+    assert catalog.resolve_titles("Godfather: Part II").idxs == [part2]
+    s = engine.new_session()
+    reply = final(engine, s, "My favourites are Godfather and Goodfellas")
+    assert [(r["title"], r["year"]) for r in reply.recognised] == [("Godfather, The", 1972), ("GoodFellas", 1990)]
+    assert "part of the title" not in reply.as_text()
+    crime = final(engine, s, "a crime movie from the 70s")       # The Godfather fits and is the most popular
+    assert crime.cards and godfather not in [c.idx for c in crime.cards]
+    assert godfather in rec.calls[-1]["exclude"]
+
+
+def test_older_or_newer_in_a_wish_compares_with_what_it_refers_to(engine, rec, catalog):
+    s = engine.new_session()
+    reply = final(engine, s, "something like Star Wars but older")          # Star Wars is from 1977
+    assert rec.calls[-1]["history"] == [idx_of(catalog, "Star Wars")]
+    assert rec.calls[-1]["filters"] == {"year_max": 1976} and "1976 or earlier" in reply.as_text()
+    assert reply.cards and all(c.year < 1977 for c in reply.cards)
+    more = final(engine, s, "more")
+    assert more.cards and all(c.year < 1977 for c in more.cards)
+
+    s = engine.new_session()
+    first = final(engine, s, "I loved Casablanca and Vertigo")
+    years = sorted(c.year for c in first.cards)                              # no title named: the list on screen
+    newer = final(engine, s, "a newer romance for a date night")
+    assert rec.calls[-1]["filters"] == {"genres": ["Romance"], "year_min": years[len(years) // 2] + 1}
+    assert newer.cards and all(c.year > years[len(years) // 2] and "Romance" in c.genres for c in newer.cards)
+
+    alone = final(engine, engine.new_session(), "an older scary movie for a Halloween night")   # nothing to
+    # compare with: said so, and the rest of the wish still holds
+    assert "needs something to compare with" in alone.as_text() and alone.cards
+    assert rec.calls[-1]["filters"] == {"genres": ["Horror"]}
