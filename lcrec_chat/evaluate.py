@@ -62,11 +62,11 @@ def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0,
 def choose_prior_weight(rec: Recommender, split, style: str, weights: Sequence[float], users: int) -> dict:
     """Valid NDCG@10 of hybrid decoding for each candidate weight on the first `users` users; the best wins
     (ties go to the smaller weight, i.e. closer to pure LC-Rec). Test data is never looked at."""
-    scores = {float(w): evaluate_sequential(rec, split, "valid", style, 0, users, (10,), float(w))["ndcg@10"]
-              for w in weights}
+    runs = {float(w): evaluate_sequential(rec, split, "valid", style, 0, users, (1, 5, 10), float(w)) for w in weights}
+    scores = {w: r["ndcg@10"] for w, r in runs.items()}
     best = max(sorted(scores), key=lambda w: scores[w])
     log.info("hybrid prior weight: valid NDCG@10 %s -> %s", scores, best)
-    return {"weight": best, "valid_ndcg@10_per_weight": scores, "users": users}
+    return {"weight": best, "valid_ndcg@10_per_weight": scores, "users": users, "valid_at_weight": runs[best]}
 
 
 def template_spread(rec: Recommender, split, users: int, stage: str = "valid") -> dict:

@@ -45,10 +45,11 @@ def render(metrics: dict[str, Any], ks: Sequence[int] = (1, 5, 10)) -> str:
     if "hybrid" in metrics:
         h = metrics["hybrid"]
         per = ", ".join(f"w={w}: {v:.4f}" for w, v in h["valid_ndcg@10_per_weight"].items())
-        out += [f"Hybrid prior weight chosen on the first {h['users']} valid users (NDCG@10 {per}): w={h['weight']}.", ""]
+        out += [f"Hybrid prior weight chosen on the first {h['users']} valid users (NDCG@10 {per}): w={h['weight']}; "
+                "the hybrid's valid row is those users.", ""]
     if "itemsearch" in metrics:
         out += ["## Itemsearch (held-out intentions)", "",
-                "One query per user, written from the held-out item alone; the same queries for every row.", "",
+                "One query per user, written from the held-out test item alone; the same queries for every row.", "",
                 markdown_table(metrics["itemsearch"], ks), ""]
     generated = {f"{name} {stage}": m for name, per_stage in metrics["methods"].items()
                  for stage, m in per_stage.items() if isinstance(m, dict) and "generated_sequences" in m}
