@@ -4,8 +4,9 @@ Tables
   items  idx INTEGER PRIMARY KEY (= position in Dataset.items), item_id, title, year, genres ("|"-joined),
          description, brand, popularity (interactions), code ("12 3 200 7", NULL until indexing ran)
   items_fts  FTS5 over title, genres, description (porter stemming, accents folded)
-  meta   key -> value: dataset name, number of items, schema version, code levels; later stages compare
-         these with their own inputs to detect an artifact from another dataset.
+  meta   key -> value: dataset name, number of items, schema version, code levels, item domain ("movie",
+         "product": the words of the prompts); later stages compare these with their own inputs to detect an
+         artifact from another dataset.
 
 User text never becomes SQL: values are always bound parameters, FTS queries are built from quoted
 tokens only, and column names in ``filter_indices(where=...)`` are checked against the table schema.
@@ -33,6 +34,8 @@ __all__ = ["Catalog", "CatalogError", "Match", "Resolution"]
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
+# catalogues built before the domain was stored are all MovieLens ones (models/ml-100k ships one): same schema
+DEFAULT_DOMAIN = "movie"
 FTS_COLUMNS = ["title", "genres", "description"]
 FTS_WEIGHTS = (10.0, 2.0, 1.0)           # bm25 weight per FTS column: a title hit counts most
 FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"
@@ -131,6 +134,7 @@ class Catalog:
                 {"key": "dataset", "value": dataset.name},
                 {"key": "num_items", "value": str(len(items))},
                 {"key": "code_levels", "value": ""},
+                {"key": "domain", "value": dataset.domain},
             ])
         finally:
             db.close()
@@ -149,6 +153,11 @@ class Catalog:
     @property
     def dataset_name(self) -> str:
         return self._meta.get("dataset", "")
+
+    @property
+    def domain(self) -> str:
+        """The name of the items' domain (lcrec_chat.data.domain.DOMAINS), "movie" for older catalogues."""
+        return self._meta.get("domain", DEFAULT_DOMAIN)
 
     def item(self, idx: int) -> dict:
         """One item as a fresh dict (idx, item_id, title, year, genres, description, brand, popularity, code)."""

@@ -159,6 +159,9 @@ class ChatConfig:
     # prompt for a history without a wish: dense (the history as the answer's start; test NDCG@10 0.057 on
     # ML-100K) or chat (the request prompt; 0.048), models/ml-100k/README.md. A wish always uses the request prompt.
     history_prompt: Literal["dense", "chat"] = "dense"
+    # > 0: hybrid decoding in the app, weighting each code step by the run's SASRec (sasrec.pt, written by the
+    # baselines stage) as evaluated in the model card's hybrid row; 0 = pure LC-Rec
+    prior_weight: float = 0.0
     queue_size: int = 16
     concurrency: int = 2
 

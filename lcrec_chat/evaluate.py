@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .decoding import GenerationStats
 from .metrics import list_metrics, rank_metrics, stage_inputs
 from .recommender import Recommender, Request
-from .tasks import SEQREC, intention_queries
+from .tasks import intention_queries
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def choose_prior_weight(rec: Recommender, split, style: str, weights: Sequence[f
 
 def template_spread(rec: Recommender, split, users: int, stage: str = "valid") -> dict:
     """NDCG@10 of the LC-Rec seqrec prompt under each instruction template, on the same users."""
-    scores = [evaluate_sequential(rec, split, stage, "seqrec", t, users)["ndcg@10"] for t in range(len(SEQREC))]
+    scores = [evaluate_sequential(rec, split, stage, "seqrec", t, users)["ndcg@10"] for t in range(len(rec.builder.prompts.seqrec))]
     return {"ndcg@10_per_template": scores, "mean": statistics.mean(scores),
             "stdev": statistics.stdev(scores) if len(scores) > 1 else 0.0, "users": users}
 

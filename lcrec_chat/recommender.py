@@ -16,7 +16,7 @@ import torch
 from .catalog import Catalog
 from .config import Config
 from .decoding import GenerationStats, SharedPrefix, generate_items
-from .tasks import DENSE_PROMPT, SEQREC, TaskBuilder, chat_prompt, request_prompt
+from .tasks import TaskBuilder, chat_prompt
 from .trie import CodeTrie
 
 log = logging.getLogger(__name__)
@@ -59,27 +59,35 @@ class Recommender:
         self.prior_weight = prior_weight
 
     @classmethod
-    def from_run(cls, cfg: Config, run_dir: str | Path | None = None, dtype: str = "") -> "Recommender":
+    def from_run(cls, cfg: Config, run_dir: str | Path | None = None, dtype: str = "",
+                 prior_weight: float = 0.0) -> "Recommender":
         """Base model + index tokens + the run's adapter (merged into the weights unless 4-bit), in ``dtype``
-        (fp32 | bf16 | nf4; empty = the config's model.dtype)."""
+        (auto | fp32 | bf16 | nf4; empty = the config's model.dtype). ``prior_weight`` > 0 decodes as the hybrid,
+        with the run's sasrec.pt as the prior (a missing file is an error, not a silent fallback)."""
         from . import backbone
-        from .run_folder import task_builder
+        from .run_folder import MissingArtifact, load_prior, task_builder
         run = Path(run_dir or cfg.run_dir)
+        prior = load_prior(run) if prior_weight > 0 else None
+        if prior_weight > 0 and prior is None:
+            raise MissingArtifact(f"{run / 'sasrec.pt'} is missing: hybrid decoding (prior weight {prior_weight}) "
+                                  "needs `python -m lcrec_chat baselines` on this run first")
         builder, codes = task_builder(run, cfg)
         model_cfg = replace(cfg.model, dtype=dtype or cfg.model.dtype)
         model, tokenizer = backbone.load_finetuned(model_cfg, run / "adapter", merge=True)
         return cls(model, tokenizer, Catalog(run / "catalog.sqlite"), builder, codes,
-                   num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size)
+                   num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size, prior_model=prior,
+                   prior_weight=prior_weight)
 
     def prompt(self, request: Request) -> str:
-        history = list(request.history)
+        """The formatted prompt, in the run's domain words (tasks.Prompts), that the item code continues."""
+        history, prompts = list(request.history), self.builder.prompts
         if request.style == "dense" and history and not request.query:
-            return chat_prompt(self.tokenizer, DENSE_PROMPT) + self.builder.dense_continuation(history).prefix
+            return chat_prompt(self.tokenizer, prompts.dense) + self.builder.dense_continuation(history).prefix
         if request.style == "seqrec" and history and not request.query:
-            text = SEQREC[request.template % len(SEQREC)].format(
+            text = prompts.seqrec[request.template % len(prompts.seqrec)].format(
                 history=", ".join(self.builder.codes_of(history)))
             return chat_prompt(self.tokenizer, text)
-        return chat_prompt(self.tokenizer, request_prompt(self.builder.codes_of(history), request.query))
+        return chat_prompt(self.tokenizer, self.builder.request_prompt(self.builder.codes_of(history), request.query))
 
     def allowed(self, request: Request) -> torch.Tensor:
         mask = torch.ones(self.num_items, dtype=torch.bool)

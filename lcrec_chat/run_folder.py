@@ -36,12 +36,16 @@ def load_split(run: Path) -> Split:
 
 def task_builder(run: Path, cfg: Config, split: Split | None = None):
     """(TaskBuilder over the run's items, codes and training popularity, the item codes)."""
+    from .data.domain import domain_named
     from .indexing import load_codes
     from .tasks import TaskBuilder
-    items = load_items(run)
+    # the catalogue knows what its items are (movies, products): the prompts use those words
+    with Catalog(require(run, "catalog.sqlite", "prepare")) as catalog:
+        items = catalog.items(list(range(len(catalog))))
+        domain = domain_named(catalog.domain)
     codes = load_codes(run)
     split = split or load_split(run)
-    return TaskBuilder(items, codes, split.item_popularity(len(items)), cfg.data.max_history), codes
+    return TaskBuilder(items, codes, split.item_popularity(len(items)), cfg.data.max_history, domain), codes
 
 
 def load_prior(run: Path):

@@ -6,14 +6,22 @@ so what the app sends is exactly what the model was tuned on.
 
 MovieLens has no reviews or descriptions, so intentions and preference summaries are composed from what
 the data holds: genres, decades, popularity and the user's own history (see `Describer`).
+
+The words about items come from the dataset's `Domain` (lcrec_chat.data.domain): a MovieLens user "watched"
+movies, an Amazon shopper "bought" products. The module-level constants (SEQREC, DENSE_PROMPT, CHAT_*, ...)
+and `request_prompt` without a domain are the MovieLens wording; `TaskBuilder(..., domain=...).prompts` and
+`TaskBuilder.request_prompt` give a run's own wording.
 """
 from __future__ import annotations
 
 import random
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
+from string import Template
 from typing import Sequence
 
+from .data.domain import MOVIE, Domain, article
 from .indexing import code_tokens
 
 TASKS = ("seqrec", "item2index", "index2item", "fusionseqrec", "itemsearch", "preferenceobtain", "chat",
@@ -33,154 +41,211 @@ class Sample:
 
 # ---------------------------------------------------------------------------------------------------------
 # Instruction templates: written for this project, one drawn at random per sample.
-# {history} is a list of item codes (or titles), {item} one item, {code} one item code.
+# $word is a word of the dataset's Domain ($kind "movie" / "product", $watched "watched" / "bought", ...; a
+# capitalised $Word is the word capitalised), filled once per domain by `prompts_for`. {history} is a list of
+# item codes (or titles), {item} one item, {code} one item code, filled per sample.
+# MovieLens renders every template exactly as before the words became per-dataset: the shipped adapter was
+# tuned on those strings (tests/test_task_wording.py holds them).
 
-SEQREC = [
-    "Here is what a user has watched, oldest first: {history}. Which movie will they watch next?",
-    "A viewer's history, in order: {history}. Predict the next movie they will choose.",
-    "Given this sequence of movies a person watched: {history}, recommend the next one.",
-    "The user recently watched {history}. What should they watch next?",
-    "Based on the viewing history {history}, which movie comes next?",
-    "These are the movies someone watched, one after another: {history}. Suggest their next movie.",
-    "History of a user: {history}. Recommend one movie for them to watch next.",
-    "I have watched {history}, in that order. What would I most likely watch next?",
-    "Using the interaction history {history}, generate the index of the next movie.",
-]
-ITEM2INDEX = [
-    'What is the index of the movie "{item}"?',
-    'Give the item index of "{item}".',
-    'Which index stands for the movie "{item}"?',
-    'Tell me the code of "{item}".',
-    'Translate the movie "{item}" into its item index.',
-    'The movie "{item}" is written with which index?',
-    'I mean "{item}". What is its index?',
-    'Find the index for this movie: "{item}".',
-]
-ITEM2INDEX_DETAILED = [
-    'What is the index of the {genres} movie "{item}"?',
-    'A {genres} movie called "{item}": which index does it have?',
-    'Give the item index of "{item}", a {genres} movie.',
-    'Which index corresponds to "{item}" ({genres})?',
-    'Find the index of the movie "{item}". Genres: {genres}.',
-    'Encode "{item}", a {genres} title, as an item index.',
-    'The {genres} film "{item}" has which item index?',
-    'Item: "{item}"; genres: {genres}. What is its index?',
-]
-INDEX2ITEM = [
-    "Which movie has the index {code}?",
-    "What is the title of item {code}?",
-    "Tell me the movie behind the index {code}.",
-    "Decode the item index {code} into a movie title.",
-    "Item {code}: what movie is it?",
-    "Name the movie whose index is {code}.",
-    "{code} is the index of which movie?",
-    "Give the title and year of the movie {code}.",
-]
-FUSION_CODES_TO_TITLE = [
-    "A user watched {history}, in that order. What is the title of the next movie they will watch?",
-    "Given the history {history}, name the next movie the user will watch.",
-    "Here are a viewer's movies, oldest first: {history}. Write the title of the movie they watch next.",
-    "Viewing history: {history}. Which movie title comes next?",
-    "After watching {history}, which movie will this person pick? Answer with its title.",
-    "Predict the title of the next movie for a user who watched {history}.",
-    "The sequence {history} describes what someone watched. Give the title of their next movie.",
-    "Someone has seen {history}. What movie, by title, should come next?",
-]
-FUSION_TITLES_TO_CODE = [
-    "A user watched these movies in order: {history}. Give the index of the next movie.",
-    "Viewing history by title: {history}. Which item index comes next?",
-    "Someone watched {history}. Predict the index of their next movie.",
-    "Here are movie titles a person watched, oldest first: {history}. Recommend the next one as an index.",
-    "Given the titles {history}, generate the index of the movie the user watches next.",
-    "I watched {history}. What should I watch next? Answer with an item index.",
-    "History (titles): {history}. Next item index?",
-    "The user's recent movies were {history}. Which movie index will they choose next?",
-]
-ITEMSEARCH = [
-    "{query}",
-    "A user asks: \"{query}\" Which movie fits?",
-    "Find a movie for this request: {query}",
-    "Search the catalogue for: {query}",
-    "Here is what someone wants to watch: {query} Recommend one movie.",
-    "Request: {query} Give the index of a matching movie.",
-    "Which movie matches this wish? {query}",
-    "Help me find something. {query}",
-]
-ITEMSEARCH_WITH_HISTORY = [
-    "A user who watched {history} says: \"{query}\" Which movie should they watch?",
-    "History: {history}. The user now asks: {query} Recommend one movie.",
-    "Someone has watched {history}. Their request: \"{query}\" Find the right movie.",
-    "Given the viewing history {history} and the wish \"{query}\", pick the next movie.",
-    "I watched {history}. {query}",
-    "Past movies: {history}. Current request: {query} Answer with a movie index.",
-    "Considering {history}, find a movie for this request: {query}",
-    "The user watched {history} and now wants this: {query} Which movie?",
-]
-PREFERENCE = [
-    "A user watched {history}. Describe their taste in movies.",
-    "Summarise the preferences of someone whose history is {history}.",
-    "What kind of movies does a person who watched {history} like?",
-    "From the viewing history {history}, write a short profile of the user's taste.",
-    "Here are a user's movies: {history}. What do they enjoy?",
-    "Describe the movie preferences shown by this history: {history}.",
-    "Based on {history}, what genres and eras does this viewer prefer?",
-    "Read this history and say what the viewer likes: {history}.",
-]
+TEMPLATES: dict[str, list[str] | str] = {
+    "seqrec": [
+        "Here is what a user has $watched, oldest first: {history}. Which $kind will they $watch next?",
+        "$A_person's history, in order: {history}. Predict the next $kind they will choose.",
+        "Given this sequence of $kinds a person $watched: {history}, recommend the next one.",
+        "The user recently $watched {history}. What should they $watch next?",
+        "Based on the $history_name {history}, which $kind comes next?",
+        "These are the $kinds someone $watched, one after another: {history}. Suggest their next $kind.",
+        "History of a user: {history}. Recommend one $kind for them to $watch next.",
+        "I have $watched {history}, in that order. What would I most likely $watch next?",
+        "Using the interaction history {history}, generate the index of the next $kind.",
+    ],
+    "item2index": [
+        'What is the index of the $kind "{item}"?',
+        'Give the item index of "{item}".',
+        'Which index stands for the $kind "{item}"?',
+        'Tell me the code of "{item}".',
+        'Translate the $kind "{item}" into its item index.',
+        'The $kind "{item}" is written with which index?',
+        'I mean "{item}". What is its index?',
+        'Find the index for this $kind: "{item}".',
+    ],
+    "item2index_detailed": [
+        'What is the index of the {genres} $kind "{item}"?',
+        'A {genres} $kind called "{item}": which index does it have?',
+        'Give the item index of "{item}", a {genres} $kind.',
+        'Which index corresponds to "{item}" ({genres})?',
+        'Find the index of the $kind "{item}". $Genre_word: {genres}.',
+        'Encode "{item}", a {genres} $entry, as an item index.',
+        'The {genres} $synonym "{item}" has which item index?',
+        'Item: "{item}"; $genre_word: {genres}. What is its index?',
+    ],
+    "index2item": [
+        "Which $kind has the index {code}?",
+        "What is the title of item {code}?",
+        "Tell me the $kind behind the index {code}.",
+        "Decode the item index {code} into $a_kind title.",
+        "Item {code}: what $kind is it?",
+        "Name the $kind whose index is {code}.",
+        "{code} is the index of which $kind?",
+        "Give the $naming of the $kind {code}.",
+    ],
+    "fusion_codes_to_title": [
+        "A user $watched {history}, in that order. What is the title of the next $kind they will $watch?",
+        "Given the history {history}, name the next $kind the user will $watch.",
+        "Here are $a_person's $kinds, oldest first: {history}. Write the title of the $kind they $watch next.",
+        "$History_name: {history}. Which $kind title comes next?",
+        "After $watching {history}, which $kind will this person pick? Answer with its title.",
+        "Predict the title of the next $kind for a user who $watched {history}.",
+        "The sequence {history} describes what someone $watched. Give the title of their next $kind.",
+        "Someone has $seen {history}. What $kind, by title, should come next?",
+    ],
+    "fusion_titles_to_code": [
+        "A user $watched these $kinds in order: {history}. Give the index of the next $kind.",
+        "$History_name by title: {history}. Which item index comes next?",
+        "Someone $watched {history}. Predict the index of their next $kind.",
+        "Here are $kind titles a person $watched, oldest first: {history}. Recommend the next one as an index.",
+        "Given the titles {history}, generate the index of the $kind the user $watches next.",
+        "I $watched {history}. What should I $watch next? Answer with an item index.",
+        "History (titles): {history}. Next item index?",
+        "The user's recent $kinds were {history}. Which $kind index will they choose next?",
+    ],
+    "itemsearch": [
+        "{query}",
+        "A user asks: \"{query}\" Which $kind fits?",
+        "Find $a_kind for this request: {query}",
+        "Search the catalogue for: {query}",
+        "Here is what someone wants to $watch: {query} Recommend one $kind.",
+        "Request: {query} Give the index of a matching $kind.",
+        "Which $kind matches this wish? {query}",
+        "Help me find something. {query}",
+    ],
+    "itemsearch_with_history": [
+        "A user who $watched {history} says: \"{query}\" Which $kind should they $watch?",
+        "History: {history}. The user now asks: {query} Recommend one $kind.",
+        "Someone has $watched {history}. Their request: \"{query}\" Find the right $kind.",
+        "Given the $history_name {history} and the wish \"{query}\", pick the next $kind.",
+        "I $watched {history}. {query}",
+        "Past $kinds: {history}. Current request: {query} Answer with $a_kind index.",
+        "Considering {history}, find $a_kind for this request: {query}",
+        "The user $watched {history} and now wants this: {query} Which $kind?",
+    ],
+    "preference": [
+        "A user $watched {history}. Describe their taste in $kinds.",
+        "Summarise the preferences of someone whose history is {history}.",
+        "What kind of $kinds does a person who $watched {history} like?",
+        "From the $history_name {history}, write a short profile of the user's taste.",
+        "Here are a user's $kinds: {history}. What do they enjoy?",
+        "Describe the $kind preferences shown by this history: {history}.",
+        "Based on {history}, what $genre_word and ${era}s does this $person prefer?",
+        "Read this history and say what the $person likes: {history}.",
+    ],
+    # Dense seqrec: the assistant lists a user's items in order, so one pass supervises the next item at every
+    # position of the history (like SASRec's training), instead of one target per 150-token prompt.
+    "dense": "List the $kinds this user $watched, in order.",
+    # The chat app's requests: one fixed wording each, so app and training agree token for token.
+    "chat_history": "I liked these $kinds: {history}. Recommend $a_kind for me.",
+    "chat_query": "Recommend $a_kind. My request: \"{query}\"",
+    "chat_both": "I liked these $kinds: {history}. Recommend $a_kind. My request: \"{query}\"",
+    # Intentions ({phrase}: "a funny 90s comedy"; {x}: a liked item, {t}: one of the twists)
+    "intention_forms": [
+        "I'm looking for {phrase}.",
+        "Can you suggest {phrase}?",
+        "Recommend {phrase}.",
+        "I want to $watch {phrase}$moment.",
+        "Any ideas for {phrase}?",
+        "I'm in the mood for {phrase}.",
+        "Find me {phrase}, please.",
+        "What's {phrase} I could $watch?",
+    ],
+    "like_forms": ["Something like {x}{t}.", "More $kinds like {x}{t}, please.", "I enjoyed {x}. Anything similar{t}?"],
+    "twists": ["", " but a bit different", " from another $era", " that I haven't $seen"],
+    # Preference summaries ({g}: genres, {e}: decade, {t}: one of the tastes, {f}: the last two items)
+    "summaries": [
+        "This user mostly $watches {g}, mainly from the {e}, and leans towards {t}. Recent favourites: {f}.",
+        "They enjoy {g}; most of their $kinds are from the {e} and they like {t}. Lately: {f}.",
+        "A fan of {g}, especially {e} $kinds, who picks {t}. They recently $watched {f}.",
+        "Their taste: {g}, with a soft spot for the {e}, and {t}. Recently: {f}.",
+    ],
+    "summary_without_era": "This user mostly $watches {g} and picks {t}. Recent favourites: {f}.",
+    "tastes": ["popular, well-known $entries", "a mix of hits and lesser-known $entries"],
+    "any_genre": "many kinds of $kinds",
+}
 
-# Dense seqrec: the assistant lists a user's items in order, so one pass supervises the next item at every
-# position of the history (like SASRec's training), instead of one target per 150-token prompt.
-DENSE_PROMPT = "List the movies this user watched, in order."
 
-# The chat app's requests: one fixed wording each, so app and training agree token for token.
-CHAT_HISTORY = "I liked these movies: {history}. Recommend a movie for me."
-CHAT_QUERY = "Recommend a movie. My request: \"{query}\""
-CHAT_BOTH = "I liked these movies: {history}. Recommend a movie. My request: \"{query}\""
+@dataclass(frozen=True)
+class Prompts:
+    """Every template of TEMPLATES in one domain's words; lists become tuples."""
+    seqrec: tuple[str, ...]
+    item2index: tuple[str, ...]
+    item2index_detailed: tuple[str, ...]
+    index2item: tuple[str, ...]
+    fusion_codes_to_title: tuple[str, ...]
+    fusion_titles_to_code: tuple[str, ...]
+    itemsearch: tuple[str, ...]
+    itemsearch_with_history: tuple[str, ...]
+    preference: tuple[str, ...]
+    dense: str
+    chat_history: str
+    chat_query: str
+    chat_both: str
+    intention_forms: tuple[str, ...]
+    like_forms: tuple[str, ...]
+    twists: tuple[str, ...]
+    summaries: tuple[str, ...]
+    summary_without_era: str
+    tastes: tuple[str, ...]
+    any_genre: str
+
+    def request(self, history_codes: Sequence[str] = (), query: str = "") -> str:
+        """The user message of a chat request: history alone, query alone, or both."""
+        history = HISTORY_SEP.join(history_codes)
+        if history and query:
+            return self.chat_both.format(history=history, query=query)
+        if history:
+            return self.chat_history.format(history=history)
+        if query:
+            return self.chat_query.format(query=query)
+        raise ValueError("a request needs a history, a query, or both")
 
 
-def request_prompt(history_codes: Sequence[str] = (), query: str = "") -> str:
+@lru_cache(maxsize=None)
+def prompts_for(domain: Domain) -> Prompts:
+    """TEMPLATES rendered in `domain`'s words (once per domain)."""
+    words = domain.words()
+
+    def fill(template: str) -> str:
+        return Template(template).substitute(words)   # a misspelt $word fails here, never reaches a prompt
+    return Prompts(**{name: fill(t) if isinstance(t, str) else tuple(map(fill, t)) for name, t in TEMPLATES.items()})
+
+
+# The MovieLens wording under its historical names (recommender.py, evaluate.py and intents.py import them).
+_MOVIE = prompts_for(MOVIE)
+SEQREC = list(_MOVIE.seqrec)
+ITEM2INDEX = list(_MOVIE.item2index)
+ITEM2INDEX_DETAILED = list(_MOVIE.item2index_detailed)
+INDEX2ITEM = list(_MOVIE.index2item)
+FUSION_CODES_TO_TITLE = list(_MOVIE.fusion_codes_to_title)
+FUSION_TITLES_TO_CODE = list(_MOVIE.fusion_titles_to_code)
+ITEMSEARCH = list(_MOVIE.itemsearch)
+ITEMSEARCH_WITH_HISTORY = list(_MOVIE.itemsearch_with_history)
+PREFERENCE = list(_MOVIE.preference)
+INTENTION_FORMS = list(_MOVIE.intention_forms)
+DENSE_PROMPT = _MOVIE.dense
+CHAT_HISTORY = _MOVIE.chat_history
+CHAT_QUERY = _MOVIE.chat_query
+CHAT_BOTH = _MOVIE.chat_both
+GENRE_ADJECTIVE = MOVIE.genre_adjectives
+GENRE_NOUN = MOVIE.genre_nouns
+OCCASION = MOVIE.occasions
+
+
+def request_prompt(history_codes: Sequence[str] = (), query: str = "", domain: Domain = MOVIE) -> str:
     """The user message the chat app and `recommend()` send: history alone, query alone, or both."""
-    history = HISTORY_SEP.join(history_codes)
-    if history and query:
-        return CHAT_BOTH.format(history=history, query=query)
-    if history:
-        return CHAT_HISTORY.format(history=history)
-    if query:
-        return CHAT_QUERY.format(query=query)
-    raise ValueError("a request needs a history, a query, or both")
+    return prompts_for(domain).request(history_codes, query)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Intentions and preference summaries composed from catalogue facts.
-
-GENRE_ADJECTIVE = {
-    "Comedy": "funny", "Horror": "scary", "Romance": "romantic", "Action": "action-packed",
-    "Thriller": "suspenseful", "Animation": "animated", "Children's": "family-friendly",
-    "Sci-Fi": "sci-fi", "Fantasy": "fantasy", "Musical": "musical", "Mystery": "mysterious",
-    "War": "war", "Western": "western", "Crime": "crime", "Adventure": "adventurous", "Drama": "dramatic",
-    "Film-Noir": "noir", "Documentary": "documentary",
-}
-GENRE_NOUN = {
-    "Comedy": "comedy", "Drama": "drama", "Thriller": "thriller", "Horror": "horror movie",
-    "Sci-Fi": "science-fiction movie", "Western": "western", "War": "war movie", "Musical": "musical",
-    "Film-Noir": "film noir", "Mystery": "mystery", "Crime": "crime movie", "Documentary": "documentary",
-    "Animation": "animated movie", "Children's": "children's movie", "Fantasy": "fantasy movie",
-    "Adventure": "adventure movie", "Romance": "romance", "Action": "action movie",
-}
-OCCASION = {
-    "Children's": "for a family night", "Animation": "to watch with the kids", "Romance": "for a date night",
-    "Horror": "for a Halloween night", "Comedy": "to cheer me up", "Action": "for a Friday night with friends",
-    "Thriller": "that keeps me on the edge of my seat", "Drama": "for a quiet evening",
-}
-INTENTION_FORMS = [
-    "I'm looking for {phrase}.",
-    "Can you suggest {phrase}?",
-    "Recommend {phrase}.",
-    "I want to watch {phrase} tonight.",
-    "Any ideas for {phrase}?",
-    "I'm in the mood for {phrase}.",
-    "Find me {phrase}, please.",
-    "What's {phrase} I could watch?",
-]
 
 
 def decade_of(year: int | None) -> str:
@@ -190,15 +255,13 @@ def decade_of(year: int | None) -> str:
     return f"{decade % 100:02d}s" if 1950 <= decade < 2000 else f"{decade}s"
 
 
-def article(phrase: str) -> str:
-    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
-
-
 class Describer:
     """Turns items and histories into intentions and preference summaries, using catalogue facts only."""
 
-    def __init__(self, items: Sequence[dict], popularity: Sequence[int]):
+    def __init__(self, items: Sequence[dict], popularity: Sequence[int], domain: Domain = MOVIE):
         self.items = items
+        self.domain = domain
+        self.prompts = prompts_for(domain)
         ranked = sorted(range(len(items)), key=lambda i: -popularity[i])
         self.pop_rank = {idx: r / max(1, len(items)) for r, idx in enumerate(ranked)}
 
@@ -208,22 +271,23 @@ class Describer:
 
     def intention(self, idx: int, rng: random.Random, history: Sequence[int] = ()) -> str:
         """A request the target item satisfies, e.g. 'Can you suggest a funny 90s movie for a family night?'"""
-        item = self.items[idx]
-        genres = [g for g in item.get("genres") or [] if g in GENRE_NOUN] or list(item.get("genres") or [])
+        item, domain, prompts = self.items[idx], self.domain, self.prompts
+        genres = [g for g in item.get("genres") or [] if g in domain.genre_nouns] or list(item.get("genres") or [])
         similar = [h for h in history if set(self.items[h].get("genres") or []) & set(genres)]
         if similar and rng.random() < 0.25:
             other = self.display(rng.choice(similar))
-            twist = rng.choice(["", " but a bit different", " from another era", " that I haven't seen"])
-            return rng.choice(["Something like {x}{t}.", "More movies like {x}{t}, please.",
-                               "I enjoyed {x}. Anything similar{t}?"]).format(x=other, t=twist)
+            twist = rng.choice(prompts.twists)
+            return rng.choice(prompts.like_forms).format(x=other, t=twist)
         words = []
         if len(genres) > 1 and rng.random() < 0.6:
-            words.append(GENRE_ADJECTIVE.get(genres[0], genres[0].lower()))
+            adjective = domain.adjective_of(genres[0])
+            if adjective:   # a domain without genre adjectives (products) leaves the phrase plain
+                words.append(adjective)
         decade = decade_of(item.get("year"))
         if decade and rng.random() < 0.7:
             words.append(decade)
         main = genres[-1] if genres else ""
-        noun = GENRE_NOUN.get(main, f"{main.lower()} movie" if main else "movie")
+        noun = domain.noun_of(main) if main else domain.kind
         phrase = " ".join(words + [noun])
         rank = self.pop_rank.get(idx, 0.5)
         if rank < 0.1 and rng.random() < 0.5:
@@ -231,30 +295,25 @@ class Describer:
         elif rank > 0.6 and rng.random() < 0.5:
             phrase = rng.choice(["lesser-known ", "little-known ", "hidden-gem "]) + phrase
         phrase = article(phrase)
-        occasion = next((OCCASION[g] for g in genres if g in OCCASION), "")
+        occasion = next((domain.occasions[g] for g in genres if g in domain.occasions), "")
         if occasion and rng.random() < 0.4:
             phrase += " " + occasion
-        return rng.choice(INTENTION_FORMS).format(phrase=phrase)
+        return rng.choice(prompts.intention_forms).format(phrase=phrase)
 
     def preference(self, history: Sequence[int], rng: random.Random) -> str:
         """A short summary of the taste a history shows."""
+        prompts = self.prompts
         genres = Counter(g for h in history for g in (self.items[h].get("genres") or []) if g != "unknown")
-        top = [GENRE_NOUN.get(g, g.lower()) for g, _ in genres.most_common(3)]
+        top = [self.domain.genre_nouns.get(g, g.lower()) for g, _ in genres.most_common(3)]
         decades = Counter(decade_of(self.items[h].get("year")) for h in history if self.items[h].get("year"))
         era = decades.most_common(1)[0][0] if decades else ""
         mainstream = sum(self.pop_rank.get(h, 0.5) < 0.2 for h in history) / max(1, len(history))
-        taste = "popular, well-known titles" if mainstream > 0.5 else "a mix of hits and lesser-known titles"
+        taste = prompts.tastes[0] if mainstream > 0.5 else prompts.tastes[1]
         favourites = " and ".join(self.display(h) for h in list(history)[-2:])
-        genre_text = _join(top) if top else "many kinds of movies"
-        forms = [
-            "This user mostly watches {g}, mainly from the {e}, and leans towards {t}. Recent favourites: {f}.",
-            "They enjoy {g}; most of their movies are from the {e} and they like {t}. Lately: {f}.",
-            "A fan of {g}, especially {e} movies, who picks {t}. They recently watched {f}.",
-            "Their taste: {g}, with a soft spot for the {e}, and {t}. Recently: {f}.",
-        ]
+        genre_text = _join(top) if top else prompts.any_genre
         if not era:
-            return f"This user mostly watches {genre_text} and picks {taste}. Recent favourites: {favourites}."
-        return rng.choice(forms).format(g=genre_text, e=era, t=taste, f=favourites)
+            return prompts.summary_without_era.format(g=genre_text, t=taste, f=favourites)
+        return rng.choice(prompts.summaries).format(g=genre_text, e=era, t=taste, f=favourites)
 
 
 def _join(words: Sequence[str]) -> str:
@@ -270,11 +329,17 @@ class TaskBuilder:
     """Draws samples of every task from the training part of a split (targets of valid/test never used)."""
 
     def __init__(self, items: Sequence[dict], codes: Sequence[Sequence[int]], popularity: Sequence[int],
-                 max_history: int = 20):
+                 max_history: int = 20, domain: Domain = MOVIE):
         self.items = items
         self.code_text = [code_tokens(c) for c in codes]
-        self.describer = Describer(items, popularity)
+        self.domain = domain
+        self.prompts = prompts_for(domain)
+        self.describer = Describer(items, popularity, domain)
         self.max_history = max_history
+
+    def request_prompt(self, history_codes: Sequence[str] = (), query: str = "") -> str:
+        """The chat app's user message in this builder's words (what the `chat` task trains on)."""
+        return self.prompts.request(history_codes, query)
 
     def codes_of(self, history: Sequence[int]) -> list[str]:
         return [self.code_text[i] for i in history[-self.max_history:]]
@@ -287,60 +352,62 @@ class TaskBuilder:
 
     # one sample per call; `history` is what precedes `target` in the user's sequence
     def seqrec(self, history, target, rng) -> Sample:
-        prompt = rng.choice(SEQREC).format(history=self._history(history))
+        prompt = rng.choice(self.prompts.seqrec).format(history=self._history(history))
         return Sample("seqrec", prompt, self.code_text[target], target)
 
     def item2index(self, idx, rng) -> Sample:
         item = self.items[idx]
         genres = _join([g for g in item.get("genres") or [] if g != "unknown"]) or ""
         if genres and rng.random() < 0.5:
-            prompt = rng.choice(ITEM2INDEX_DETAILED).format(item=self.describer.display(idx), genres=genres)
+            template = rng.choice(self.prompts.item2index_detailed)
+            prompt = template.format(item=self.describer.display(idx), genres=genres)
         else:
-            prompt = rng.choice(ITEM2INDEX).format(item=self.describer.display(idx))
+            prompt = rng.choice(self.prompts.item2index).format(item=self.describer.display(idx))
         return Sample("item2index", prompt, self.code_text[idx], idx)
 
     def index2item(self, idx, rng) -> Sample:
-        prompt = rng.choice(INDEX2ITEM).format(code=self.code_text[idx])
+        prompt = rng.choice(self.prompts.index2item).format(code=self.code_text[idx])
         return Sample("index2item", prompt, self.describer.display(idx), idx)
 
     def fusionseqrec(self, history, target, rng) -> Sample:
         if rng.random() < 0.5:
-            prompt = rng.choice(FUSION_CODES_TO_TITLE).format(history=self._history(history))
+            prompt = rng.choice(self.prompts.fusion_codes_to_title).format(history=self._history(history))
             return Sample("fusionseqrec", prompt, self.describer.display(target), target)
-        prompt = rng.choice(FUSION_TITLES_TO_CODE).format(history=self._titles(history))
+        prompt = rng.choice(self.prompts.fusion_titles_to_code).format(history=self._titles(history))
         return Sample("fusionseqrec", prompt, self.code_text[target], target)
 
     def itemsearch(self, history, target, rng) -> Sample:
         query = self.describer.intention(target, rng, history)
         if history and rng.random() < 0.5:
-            prompt = rng.choice(ITEMSEARCH_WITH_HISTORY).format(history=self._history(history), query=query)
+            template = rng.choice(self.prompts.itemsearch_with_history)
+            prompt = template.format(history=self._history(history), query=query)
         else:
-            prompt = rng.choice(ITEMSEARCH).format(query=query)
+            prompt = rng.choice(self.prompts.itemsearch).format(query=query)
         return Sample("itemsearch", prompt, self.code_text[target], target)
 
     def preferenceobtain(self, history, target, rng) -> Sample:
         full = list(history) + [target]
-        prompt = rng.choice(PREFERENCE).format(history=self._history(full))
+        prompt = rng.choice(self.prompts.preference).format(history=self._history(full))
         return Sample("preferenceobtain", prompt, self.describer.preference(full, rng))
 
     def chat(self, history, target, rng) -> Sample:
         kind = rng.random()
         if kind < 0.4 or not history:
             query = self.describer.intention(target, rng, history) if kind < 0.4 else ""
-            prompt = request_prompt(self.codes_of(history) if kind >= 0.2 else (), query)
+            prompt = self.request_prompt(self.codes_of(history) if kind >= 0.2 else (), query)
         else:
-            prompt = request_prompt(self.codes_of(history))
+            prompt = self.request_prompt(self.codes_of(history))
         return Sample("chat", prompt, self.code_text[target], target)
 
     def seqrec_dense(self, history, target, rng) -> Sample:
         """Train form: the whole window is the response; each item's code is predicted from the ones before."""
         window = list(history[-self.max_history:]) + [target]
-        return Sample("seqrec_dense", DENSE_PROMPT, HISTORY_SEP.join(self.codes_of(window)), target)
+        return Sample("seqrec_dense", self.prompts.dense, HISTORY_SEP.join(self.codes_of(window)), target)
 
     def dense_continuation(self, history, target: int = -1) -> Sample:
         """Inference/held-out form: the history is given as the start of the answer, only the next item is learned."""
         prefix = "".join(c + HISTORY_SEP for c in self.codes_of(history))
-        return Sample("seqrec_dense", DENSE_PROMPT, self.code_text[target] if target >= 0 else "", target, prefix)
+        return Sample("seqrec_dense", self.prompts.dense, self.code_text[target] if target >= 0 else "", target, prefix)
 
     def build(self, sequences: Sequence[Sequence[int]], budget: dict[str, int], seed: int) -> list[Sample]:
         """`budget[task]` samples per task from training sequences (every prefix is a candidate)."""

@@ -129,14 +129,15 @@ def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
         return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
     try:
         from .recommender import Recommender
-        rec = Recommender.from_run(cfg, run)
+        rec = Recommender.from_run(cfg, run, prior_weight=cfg.chat.prior_weight)
     except Exception as e:   # any failure to load must leave a running page that explains it
         log.exception("model failed to load from %s", run)
         msg = f"the model failed to load from `{run}` ({type(e).__name__}: {e})"
         return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
     engine = ChatEngine(rec.catalog, functools.partial(rec.recommend, style=cfg.chat.history_prompt), cfg.chat,
                         cowatch=load_cowatch(run))
-    status = (f"Model `{cfg.model.base}` ({cfg.model.dtype}) with the adapter of `{run}` · "
+    method = f"LC-Rec + SASRec prior (w={rec.prior_weight:g})" if rec.prior_model is not None else "LC-Rec"
+    status = (f"{method}: model `{cfg.model.base}` ({cfg.model.dtype}) with the adapter of `{run}` · "
               f"{len(rec.catalog):,} items from {rec.catalog.dataset_name or 'the catalogue'}")
     return engine, status
 

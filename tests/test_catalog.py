@@ -100,6 +100,26 @@ def test_opening_missing_or_foreign_file_is_a_clear_error(tmp_path):
         Catalog(other)
 
 
+# -- item domain ----------------------------------------------------------------------------------
+
+def test_domain_is_stored_and_older_catalogues_read_as_movies(ml100k, tmp_path):
+    from dataclasses import replace
+    assert Catalog.build(tmp_path / "m.sqlite", ml100k).domain == "movie"
+    products = Catalog.build(tmp_path / "p.sqlite", replace(ml100k, domain="product"))
+    assert products.domain == "product" and products.meta["domain"] == "product"
+    products.close()
+    assert Catalog(tmp_path / "p.sqlite").domain == "product"       # read back from the file
+    with sqlite3.connect(tmp_path / "p.sqlite") as conn:            # as written before the domain was stored
+        conn.execute("DELETE FROM meta WHERE key = 'domain'")
+    assert Catalog(tmp_path / "p.sqlite").domain == "movie"
+
+
+@pytest.mark.skipif(not Path("models/ml-100k/catalog.sqlite").exists(), reason="no shipped catalogue")
+def test_shipped_catalogue_is_movies():
+    with Catalog(Path("models/ml-100k/catalog.sqlite")) as shipped:
+        assert shipped.domain == "movie"
+
+
 # -- codes -----------------------------------------------------------------------------------------
 
 def test_set_codes_round_trip_and_persist(ml100k, tmp_path):

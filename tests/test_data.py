@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -67,6 +68,7 @@ def test_movielens_reads_typed_headers_and_sorts_stably(tmp_path, newline):
     assert ds.sequences["u1"] == [0, 2, 1]             # tie at t=300 keeps file order: 30 before 20
     assert ds.sequences["u2"] == [0, 1, 2]
     assert ds.num_interactions == 6 and ds.skipped == {}
+    assert ds.domain == "movie"                        # the words of the prompts: watched movies
 
 
 def test_movielens_timestamps_are_exact_integers(tmp_path):
@@ -85,6 +87,7 @@ def test_movielens_unknown_item_is_skipped_and_counted(tmp_path):
 def test_movielens_max_users_keeps_first_users_and_all_items(tmp_path):
     ds = load_movielens(ml_folder(tmp_path), "toy", max_users=1)
     assert list(ds.sequences) == ["u1"] and len(ds.items) == 4
+    assert ds.domain == "movie" and first_users(replace(ds, domain="product"), 1).domain == "product"
 
 
 @pytest.mark.parametrize("inter, message", [
@@ -170,6 +173,7 @@ def test_lcrec_json_loads_in_id_order(tmp_path):
     assert ds.items[1].description == "Spring loaded."
     assert ds.sequences == {"0": [0, 1, 2], "1": [2, 0]}
     assert sum(ds.skipped.values()) == 2  # unknown item 7, empty user 2
+    assert ds.domain == "product"         # LC-Rec's datasets are Amazon categories
 
 
 def test_lcrec_json_errors(tmp_path):
@@ -236,6 +240,7 @@ def test_amazon_ratings_csv_cleaning_and_filters(tmp_path):
     assert skipped["meta line without asin"] == 1
     assert skipped["meta line that is neither JSON nor a Python dict"] == 1
     assert skipped["meta line repeating an asin"] == 1
+    assert ds.domain == "product" and ds.stats()["domain"] == "product"
 
 
 def test_amazon_review_json_lines(tmp_path):

@@ -127,6 +127,25 @@ def test_unknown_history_prompt_is_explained(tiny_run):
     assert "history_prompt" in list(engine.respond("I loved Toy Story", engine.new_session()))[-1].as_text()
 
 
+def test_hybrid_app_needs_the_prior_and_serves_with_it(tiny_run, tmp_path):
+    from lcrec_chat import stages
+    cfg = copy.deepcopy(tiny_run)
+    cfg.run_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_run.run_dir, cfg.run_dir)
+    cfg.chat.prior_weight = 1.0
+    engine, status = load_engine(cfg)                   # no sasrec.pt yet: said, not silently pure LC-Rec
+    assert "failed to load" in status and "sasrec.pt" in status and "baselines" in status
+    cfg.eval.baseline_epochs, cfg.eval.baseline_seeds = 1, [42]
+    stages.baselines(cfg)
+    demo, url = serve(cfg, block=False, port=free_port())
+    try:
+        out = client(url).predict("", ["Toy Story", "Fargo"], 3, api_name="/recommend")
+        assert len(out["items"]) == 3 and not {i["title"] for i in out["items"]} & {"Toy Story", "Fargo"}
+        assert "SASRec prior (w=1)" in httpx.get(url.rstrip("/") + "/config").text
+    finally:
+        demo.close()
+
+
 # ------------------------------------------------------------------------------------------ gradio_client
 
 def test_intention(server):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from ..config import DataConfig
 from .amazon import load_amazon
 from .dataset import DataError, Dataset, Item
+from .domain import DOMAINS, MOVIE, PRODUCT, Domain, domain_named
 from .filters import first_users
 from .lcrec_json import load_lcrec
 from .movielens import load_ml1m, load_ml100k
@@ -36,5 +37,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return first_users(loader(cfg), cfg.max_users)
 
 
-__all__ = ["DataError", "Dataset", "Item", "Split", "UserSplit", "leave_one_out", "load_amazon",
-           "load_dataset", "load_lcrec", "load_ml100k", "load_ml1m", "write_stats"]
+__all__ = ["DOMAINS", "DataError", "Dataset", "Domain", "Item", "MOVIE", "PRODUCT", "Split", "UserSplit",
+           "domain_named", "leave_one_out", "load_amazon", "load_dataset", "load_lcrec", "load_ml100k", "load_ml1m",
+           "write_stats"]

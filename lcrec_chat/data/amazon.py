@@ -25,6 +25,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from .dataset import DataError, Dataset, Item
+from .domain import PRODUCT
 from .filters import first_users, k_core
 from .textio import iter_lines
 
@@ -74,7 +75,7 @@ def load_amazon(folder: str | Path, category: str, min_interactions: int = 5,
     index = {item.id: n for n, item in enumerate(items)}
     dataset = Dataset(name=category, items=items,
                       sequences={u: [index[a] for a in seq] for u, seq in sequences.items()},
-                      skipped={reason: n for reason, n in skipped.items() if n})
+                      skipped={reason: n for reason, n in skipped.items() if n}, domain=PRODUCT.name)
     log.info("%s: %d users, %d items, %d interactions; skipped %s", category, len(sequences),
              len(items), dataset.num_interactions, dataset.skipped)
     return first_users(dataset, max_users)

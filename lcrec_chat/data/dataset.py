@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .domain import MOVIE
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file and, where known, the line."""
@@ -24,6 +26,7 @@ class Dataset:
     items: list[Item]                        # catalogue order; an item's position is its integer index
     sequences: dict[str, list[int]]          # user id -> item indices, sorted by time (stable)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count of input rows dropped
+    domain: str = MOVIE.name                 # what the items are (data.domain.DOMAINS): the words of the prompts
 
     @property
     def num_interactions(self) -> int:
@@ -33,6 +36,7 @@ class Dataset:
         users, items, inter = len(self.sequences), len(self.items), self.num_interactions
         return {
             "dataset": self.name,
+            "domain": self.domain,
             "users": users,
             "items": items,
             "interactions": inter,

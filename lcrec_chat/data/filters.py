@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Hashable
+from dataclasses import replace
 from typing import TypeVar
 
 from .dataset import Dataset
@@ -49,4 +50,4 @@ def first_users(dataset: Dataset, max_users: int) -> Dataset:
     if max_users == 0 or max_users >= len(dataset.sequences):
         return dataset
     kept = dict(list(dataset.sequences.items())[:max_users])
-    return Dataset(dataset.name, dataset.items, kept, dict(dataset.skipped))
+    return replace(dataset, sequences=kept, skipped=dict(dataset.skipped))   # keeps name, items and domain

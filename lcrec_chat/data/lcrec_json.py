@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from .dataset import DataError, Dataset, Item
+from .domain import PRODUCT
 from .filters import first_users
 from .textio import read_json
 
@@ -26,7 +27,8 @@ def load_lcrec(folder: str | Path, name: str, max_users: int = 0) -> Dataset:
     items, index = _read_items(folder / f"{name}.item.json")
     sequences, skipped = _read_sequences(folder / f"{name}.inter.json", index)
     _check_codes(folder / f"{name}.index.json", index)
-    dataset = Dataset(name=name, items=items, sequences=sequences, skipped=skipped)
+    # LC-Rec's processed datasets are Amazon review categories: products people bought
+    dataset = Dataset(name=name, items=items, sequences=sequences, skipped=skipped, domain=PRODUCT.name)
     log.info("%s: %d users, %d items, %d interactions from %s", name, len(sequences), len(items),
              dataset.num_interactions, folder)
     return first_users(dataset, max_users)

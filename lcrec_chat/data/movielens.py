@@ -20,6 +20,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from .dataset import DataError, Dataset, Item
+from .domain import MOVIE
 from .filters import first_users
 from .textio import iter_lines
 
@@ -67,7 +68,7 @@ def load_movielens(folder: str | Path, name: str, max_users: int = 0) -> Dataset
     folder = Path(folder)
     items, index = _read_items(folder / f"{name}.item")
     sequences, skipped = _read_ratings(folder / f"{name}.inter", index)
-    dataset = Dataset(name=name, items=items, sequences=sequences, skipped=skipped)
+    dataset = Dataset(name=name, items=items, sequences=sequences, skipped=skipped, domain=MOVIE.name)
     log.info("%s: %d users, %d items, %d interactions from %s", name, len(sequences), len(items),
              dataset.num_interactions, folder)
     return first_users(dataset, max_users)
