@@ -2,7 +2,8 @@
 
 Everything lives in lcrec_chat; this file only picks the run, the precision and the address Spaces gives.
 Environment overrides: LCREC_RUN_DIR, LCREC_CONFIG (used when the run folder has no config.yaml),
-LCREC_DTYPE (nf4 | bf16 | fp32; nf4 falls back where bitsandbytes cannot run 4-bit), GRADIO_SERVER_NAME/PORT.
+LCREC_DTYPE (auto | nf4 | bf16 | fp32; auto = NF4 on a CUDA GPU, else bf16 where the CPU runs it natively, else
+fp32; see lcrec_chat.ui.serving_dtype), GRADIO_SERVER_NAME/PORT.
 """
 import importlib.util
 import logging
@@ -31,7 +32,7 @@ def main() -> None:
     ensure_assets()
     resolved = Path(RUN_DIR) / "config.yaml"     # the settings the run was trained with, when shipped
     cfg = load_config(resolved if resolved.is_file() else PRESET, [f"run_dir={RUN_DIR}"])
-    cfg.model.dtype = serving_dtype(os.environ.get("LCREC_DTYPE", "nf4"), cfg.model.device)
+    cfg.model.dtype = serving_dtype(os.environ.get("LCREC_DTYPE", "auto"), cfg.model.device)
     cfg.chat.host = os.environ.get("GRADIO_SERVER_NAME", cfg.chat.host)   # Spaces sets 0.0.0.0
     cfg.chat.port = int(os.environ.get("GRADIO_SERVER_PORT", cfg.chat.port))
     serve(cfg)

@@ -73,17 +73,21 @@ def test_render_escapes_every_catalogue_string():
     assert "&lt;script&gt;" in out and "&lt;img src=x onerror=alert(1)&gt;" in out and "\n" not in out
 
 
-def test_serving_dtype_is_4bit_where_bitsandbytes_runs_and_falls_back_without_it(monkeypatch):
+def test_serving_dtype_follows_the_processor_and_keeps_explicit_choices(monkeypatch):
     import importlib.util
 
     import torch
+
+    from lcrec_chat.hardware import native_bf16
     assert serving_dtype("fp32") == "fp32" and serving_dtype("bf16") == "bf16"
-    assert serving_dtype("nf4", device="cpu") == "nf4"          # bitsandbytes is installed, CPU backend included
+    assert serving_dtype("nf4", device="cpu") == "nf4"          # asked for: bitsandbytes is installed (CPU too)
+    if not torch.cuda.is_available():                           # auto on a CPU: native bf16 or fp32, never NF4
+        assert serving_dtype("auto") == ("bf16" if native_bf16() else "fp32")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     if not torch.cuda.is_available():
-        assert serving_dtype("nf4") == "fp32"
+        assert serving_dtype("nf4") == ("bf16" if native_bf16() else "fp32")
 
 
 def test_app_starts_and_explains_a_missing_run_folder(tiny_run, tmp_path):
