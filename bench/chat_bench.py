@@ -19,19 +19,17 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+from app_server import start_server, timed_reply  # noqa: E402  (bench/app_server.py)
 RESULTS = ROOT / "bench" / "results" / "chat.json"
 # (message, whether a reply with cards is expected)
 SCRIPT = [
@@ -42,21 +40,8 @@ SCRIPT = [
     ("more like the second one", True),
     ("what is #1?", False),
 ]
-SERVER = """
-import logging, sys
-from lcrec_chat.config import load_config
-from lcrec_chat.ui import serve
-logging.basicConfig(level=logging.WARNING)
-cfg = load_config(sys.argv[1], ["run_dir=" + sys.argv[2]] + sys.argv[4:])
-cfg.chat.host = "127.0.0.1"
-serve(cfg, port=int(sys.argv[3]))
-"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(proc: psutil.Process) -> float:
@@ -64,37 +49,8 @@ def rss_mb(proc: psutil.Process) -> float:
     return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
 
 
-def start_server(config: str, run_dir: str, overrides: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, config, run_dir, str(port), *overrides], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit(f"server did not answer within {timeout:.0f} s")
 
 
-def one_reply(client, message: str) -> tuple[float, float, dict]:
-    """(seconds to the first streamed update, seconds to the full reply, the reply data)."""
-    start = time.perf_counter()
-    first = None
-    job = client.submit(message, api_name="/chat")
-    for _ in job:
-        if first is None:
-            first = time.perf_counter() - start
-    result = job.result()
-    total = time.perf_counter() - start
-    return (first if first is not None else total), total, result[2]
 
 
 def play(url: str, rounds: int, errors: list, timings: list) -> None:
@@ -104,7 +60,7 @@ def play(url: str, rounds: int, errors: list, timings: list) -> None:
         client.predict(api_name="/reset")
         for message, cards_due in SCRIPT:
             try:
-                first, total, data = one_reply(client, message)
+                first, total, data = timed_reply(client, message)
             except Exception as e:   # any failure is counted, the run goes on
                 errors.append(f"{message!r}: {type(e).__name__}: {e}")
                 continue

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -37,21 +36,13 @@ from typing import Callable
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+from app_server import start_server, timed_reply  # noqa: E402  (bench/app_server.py)
 sys.path.insert(0, str(ROOT))
 
 from lcrec_chat.catalog import Catalog  # noqa: E402
 from lcrec_chat.titles import display_title  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "conversation.json"
-SERVER = """
-import logging, sys
-from lcrec_chat.config import load_config
-from lcrec_chat.ui import serve
-logging.basicConfig(level=logging.WARNING)
-cfg = load_config(sys.argv[1], ["run_dir=" + sys.argv[2], "model.dtype=" + sys.argv[4]])
-cfg.chat.host = "127.0.0.1"
-serve(cfg, port=int(sys.argv[3]))
-"""
 
 LIGHT = ("Comedy", "Animation", "Children's", "Musical")
 NOT_LIGHT = ("Horror", "War", "Crime", "Thriller", "Film-Noir")
@@ -611,30 +602,8 @@ CONVERSATIONS = [
 
 # ------------------------------------------------------------------------------------------ running
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def start_server(config: str, run_dir: str, dtype: str, timeout: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, config, run_dir, str(port), dtype], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit(f"server did not answer within {timeout:.0f} s")
 
 
 def server_status(url: str) -> str:
@@ -646,17 +615,6 @@ def server_status(url: str) -> str:
     return ""
 
 
-def send(client, message: str) -> tuple[float, float, dict]:
-    """One message on /chat, as the page's text box sends it: (s to the first update, s to the reply, data)."""
-    start = time.perf_counter()
-    first = None
-    job = client.submit(message, api_name="/chat")
-    for _ in job:
-        if first is None:
-            first = time.perf_counter() - start
-    out = job.result()
-    total = time.perf_counter() - start
-    return (first if first is not None else total), total, out[-1]
 
 
 def play(conv: Conversation, url: str, facts: Facts, k: int) -> dict:
@@ -670,7 +628,7 @@ def play(conv: Conversation, url: str, facts: Facts, k: int) -> dict:
         ctx.named |= {facts.idx(lb) for lb in turn.names}
         record = {"turn": n, "message": turn.message, "checks": []}
         try:
-            first, total, data = send(client, turn.message)
+            first, total, data = timed_reply(client, turn.message)
         except Exception as e:      # a transport failure fails the turn's checks, the run goes on
             record.update(error=f"{type(e).__name__}: {e}")
             record["checks"] = [{"check": c.name, "ok": False, "detail": record["error"]}
@@ -737,7 +695,7 @@ def main() -> None:
         print(f"app: {url} (already running; its precision is its own)")
     else:
         print(f"precision: {dtype} ({args.dtype}: {why})")
-        proc, url = start_server(config, str(run_dir), dtype, args.startup_timeout)
+        proc, url = start_server(config, str(run_dir), ["model.dtype=" + dtype], args.startup_timeout)
         startup = time.perf_counter() - t0
     try:
         status = server_status(url)

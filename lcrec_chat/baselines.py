@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
