@@ -177,9 +177,9 @@ class ChatEngine:
 
     def __init__(self, catalog: Catalog | None, recommend: RecommendFn | Callable | None, cfg: ChatConfig,
                  model_error: str = "", catalog_error: str = "", cowatch: CoWatch | None = None):
-        if cfg.default_k > cfg.max_k or cfg.max_k > cfg.max_beams:
-            raise ValueError(f"chat: need default_k <= max_k <= max_beams, got {cfg.default_k}, {cfg.max_k}, "
-                             f"{cfg.max_beams}")
+        if cfg.default_k > cfg.max_k or cfg.max_k > cfg.num_beams:
+            raise ValueError(f"chat: need default_k <= max_k <= num_beams, got {cfg.default_k}, {cfg.max_k}, "
+                             f"{cfg.num_beams}")
         self.catalog = catalog
         self.recommend_fn = recommend
         self.cfg = cfg
@@ -504,7 +504,7 @@ class ChatEngine:
                    "excluded_genres": list(session.filters.excluded_genres), "exclude": len(exclude), "k": k}
         yield Reply(lines + ["Looking for recommendations…"], done=False, kind="recommend", request=request, **extra)
         ranked = self.recommend_fn(history=list(session.liked), query=session.query, k=k,
-                                   exclude=sorted(exclude), filters=filters, num_beams=self.cfg.max_beams)
+                                   exclude=sorted(exclude), filters=filters, num_beams=self.cfg.num_beams)
         cards = []
         for rank, rec in enumerate(ranked[:k], 1):
             item = rec.item or self.catalog.item(rec.idx)

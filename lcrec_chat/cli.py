@@ -8,7 +8,7 @@ import sys
 
 from .config import ConfigError, load_config
 
-STAGES = {
+COMMANDS = {
     "prepare": "load the dataset, split it leave-one-out, build the SQLite catalogue",
     "index": "embed item texts, train the RQ-VAE, assign conflict-free item codes",
     "train": "tune the backbone (LoRA/QLoRA) on the six alignment tasks",
@@ -33,7 +33,7 @@ EXAMPLES = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lcrec_chat", description="LC-Rec conversational recommender")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
-    for name, help_text in STAGES.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=f"{help_text}.\nexample: {EXAMPLES[name]}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML preset (configs/*.yaml); defaults apply where it is silent")

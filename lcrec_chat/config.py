@@ -114,7 +114,6 @@ class TrainConfig:
     # bf16 autocast of the forward/backward over fp32 weights: auto (only where bf16 is native, see
     # hardware.py; 1.7x fp32's tokens/s on an avx512_bf16 CPU) | bf16 (always) | off
     autocast: Literal["auto", "bf16", "off"] = "off"
-    pack: bool = True
     seed: int = 42
 
 
@@ -125,7 +124,7 @@ class EvalConfig:
     # ~1.5x faster than fp32 on CPUs with avx512_bf16/AMX and on GPUs (rankings checked against fp32 in the model
     # card), but several times slower on CPUs without them
     dtype: Literal["", "auto", "fp32", "bf16", "nf4"] = ""
-    topk: list[int] = field(default_factory=lambda: [1, 5, 10])
+    cutoffs: list[int] = field(default_factory=lambda: [1, 5, 10])   # K of HR@K / NDCG@K
     batch_size: int = 8
     max_users: int = 0             # 0 = every user
     styles: list[Literal["dense", "chat", "seqrec"]] = field(default_factory=lambda: ["dense", "chat"])  # history prompts to evaluate
@@ -155,7 +154,7 @@ class ChatConfig:
     max_history_items: int = 20
     max_k: int = 10
     default_k: int = 5
-    max_beams: int = 20
+    num_beams: int = 20            # beams per recommendation (>= max_k)
     # prompt for a history without a wish: dense (the history as the answer's start; test NDCG@10 0.057 on
     # ML-100K) or chat (the request prompt; 0.048), models/ml-100k/README.md. A wish always uses the request prompt.
     history_prompt: Literal["dense", "chat"] = "dense"

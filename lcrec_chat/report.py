@@ -76,5 +76,5 @@ def render(metrics: dict[str, Any], ks: Sequence[int] = (1, 5, 10)) -> str:
 
 
 def write_report(metrics: dict[str, Any], path: str | Path, cfg=None) -> None:
-    ks = tuple(cfg.eval.topk) if cfg is not None else (1, 5, 10)
+    ks = tuple(cfg.eval.cutoffs) if cfg is not None else (1, 5, 10)
     Path(path).write_text(render(metrics, ks))

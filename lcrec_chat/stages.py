@@ -173,7 +173,7 @@ def baselines(cfg: Config, force: bool = False) -> dict:
     from .baselines import run_baselines
     run = cfg.run_path
     split_path = require(run, "split.json", "prepare")
-    keys = ("topk", "max_users", "baseline_epochs", "baseline_patience", "baseline_seeds", "baseline_stride")
+    keys = ("cutoffs", "max_users", "baseline_epochs", "baseline_patience", "baseline_seeds", "baseline_stride")
     fp = _fingerprint({k: getattr(cfg.eval, k) for k in keys}, _file_stamp(split_path),
                       _file_stamp(run / "item_emb.npy"))
     out = run / "baselines.json"
@@ -252,7 +252,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     if force:
         cache.rows = {}
     split = load_split(run)
-    ks = cfg.eval.topk
+    ks = cfg.eval.cutoffs
     emb_path = run / "item_emb.npy"
     item_emb = np.load(emb_path) if emb_path.exists() else None
     rec = Recommender.from_run(cfg, run, dtype=dtype)

@@ -10,7 +10,7 @@ import pytest
 
 from lcrec_chat.config import DataConfig
 from lcrec_chat.data import (DataError, Split, leave_one_out, load_amazon, load_dataset,
-                             load_lcrec, load_ml100k, write_stats)
+                             load_lcrec, load_ml100k)
 from lcrec_chat.data.amazon import clean_text
 from lcrec_chat.data.dataset import Dataset, Item
 from lcrec_chat.data.filters import first_users, k_core
@@ -358,9 +358,8 @@ def test_split_save_load_and_stats(tmp_path):
     split = leave_one_out(dataset)
     split.save(tmp_path / "split.json")
     assert Split.load(tmp_path / "split.json") == split
-    stats = write_stats(dataset, split, tmp_path / "stats.json")
-    assert json.loads((tmp_path / "stats.json").read_text()) == stats
-    assert stats["split"]["eval_users"] == 2 and stats["split"]["train_only_users"] == 1
+    stats = split.stats()
+    assert stats["eval_users"] == 2 and stats["train_only_users"] == 1
     (tmp_path / "bad.json").write_text('{"format": 1, "max_history": 20, "users": [{"user": "x"}]}')
     with pytest.raises(DataError, match="bad.json: malformed split"):
         Split.load(tmp_path / "bad.json")

@@ -10,7 +10,7 @@ from .domain import DOMAINS, MOVIE, PRODUCT, Domain, domain_named
 from .filters import first_users
 from .lcrec_json import load_lcrec
 from .movielens import load_ml1m, load_ml100k
-from .split import Split, UserSplit, leave_one_out, write_stats
+from .split import Split, UserSplit, leave_one_out
 
 
 def _named(cfg: DataConfig) -> str:
@@ -38,5 +38,4 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 __all__ = ["DOMAINS", "DataError", "Dataset", "Domain", "Item", "MOVIE", "PRODUCT", "Split", "UserSplit",
-           "domain_named", "leave_one_out", "load_amazon", "load_dataset", "load_lcrec", "load_ml100k", "load_ml1m",
-           "write_stats"]
+           "domain_named", "leave_one_out", "load_amazon", "load_dataset", "load_lcrec", "load_ml100k", "load_ml1m"]

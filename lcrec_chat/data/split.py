@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .dataset import DataError, Dataset
 
-STAGES = ("valid", "test")
+EVAL_STAGES = ("valid", "test")
 MIN_LENGTH = 3
 FORMAT_VERSION = 1
 
@@ -111,14 +111,7 @@ def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
     return Split(users, max_history, train_only)
 
 
-def write_stats(dataset: Dataset, split: Split, path: str | Path) -> dict:
-    """Write (and return) the dataset and split summary as JSON, for run reports."""
-    stats = {"dataset": dataset.stats(), "split": split.stats()}
-    Path(path).write_text(json.dumps(stats, indent=2))
-    return stats
-
-
 def _check(stage: str) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage not in EVAL_STAGES:
+        raise ValueError(f"stage must be one of {EVAL_STAGES}, got {stage!r}")
     return stage
