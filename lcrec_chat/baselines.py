@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lcrec_chat.config import EvalConfig
 from lcrec_chat.data.split import Split
-from lcrec_chat.metrics import EVAL_STAGES, list_metrics, rank_metrics, stage_inputs, topk_from_scores
+from lcrec_chat.metrics import STAGES, list_metrics, rank_metrics, stage_inputs, topk_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ def evaluate_baseline(model: Baseline, split: Split, stage: str, ks: Sequence[in
 def _mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of every metric over seeds, with the NDCG@10 of each seed and its standard deviation."""
     out: dict[str, Any] = {}
-    for stage in EVAL_STAGES:
+    for stage in STAGES:
         rows = [r[stage] for r in runs]
         out[stage] = {key: (float(np.mean([r[key] for r in rows])) if key != "users" else rows[0][key])
                       for key in rows[0]}
@@ -430,7 +430,7 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
         start = time.perf_counter()
         model.fit(split, num_items)
         entry: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - start, 2)}
-        for stage in EVAL_STAGES:
+        for stage in STAGES:
             entry[stage] = evaluate_baseline(model, split, stage, cfg.cutoffs, cfg.max_users)
         results[model.name] = entry
     for name, cls in SEQUENTIAL.items():
@@ -440,7 +440,7 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
                         seed=seed, stride=cfg.baseline_stride, num_threads=num_threads, progress=progress).fit(split, num_items)
             run: dict[str, Any] = {"fit_seconds": round(model.fit_seconds, 2), "best_epoch": model.best_epoch,
                                    "epochs_run": len(model.epochs_log)}
-            for stage in EVAL_STAGES:
+            for stage in STAGES:
                 run[stage] = evaluate_baseline(model, split, stage, cfg.cutoffs, cfg.max_users)
             runs.append(run)
             if save_dir is not None and i == 0:

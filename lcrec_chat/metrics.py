@@ -23,7 +23,7 @@ import torch
 
 from lcrec_chat.data.split import Split, UserSplit
 
-EVAL_STAGES = ("valid", "test")   # same names as lcrec_chat.data.split
+STAGES = ("valid", "test")   # the evaluated stages (lcrec_chat.data.split.EVAL_STAGES); the pipeline's are cli.COMMANDS
 
 
 def rank_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int],
@@ -140,5 +140,5 @@ def stage_inputs(split: Split, stage: str, max_users: int = 0
 
 
 def _check_stage(stage: str) -> None:
-    if stage not in EVAL_STAGES:
-        raise ValueError(f"stage must be one of {EVAL_STAGES}, got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
