@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcrec_chat.backbone import SMOLLM2, describe, load_model, load_tokenizer, resolve_model_path
 from lcrec_chat.config import ModelConfig
+from lcrec_chat.hardware import machine_record  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "backbone.json"
 PROMPT = [{"role": "user", "content": "Recommend three classic science-fiction films and say why."}]
@@ -62,7 +64,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    result: dict = {"base": args.base, "machine": platform.processor() or platform.machine(),
+    result: dict = {"base": args.base, "machine": machine_record(),
                     "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
                     "load_average_at_start": os.getloadavg()[0], "runs": []}
     if not args.skip_convert and args.base == SMOLLM2:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcrec_chat.catalog import Catalog
 from lcrec_chat.data.movielens import load_ml1m, load_ml100k
+from lcrec_chat.hardware import machine_record  # noqa: E402
 
 # 20 titles as a person would paste them: mixed case, moved articles, year hints, a typo, filler.
 MESSAGE_20 = ("I loved Toy Story, GoldenEye and The Lion King (1994); also Aladin, Heat, Casino, "
@@ -75,7 +77,7 @@ def main() -> None:
               f"{r['search']['median_ms']:>10}")
     out = Path(__file__).parent / "results" / "catalog_resolve.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "results": rows}, indent=2))
+    out.write_text(json.dumps({"machine": machine_record(), "results": rows}, indent=2))
     print(f"wrote {out}")
 
 

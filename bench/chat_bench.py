@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from app_server import start_server, timed_reply  # noqa: E402  (bench/app_server.py)
+from lcrec_chat.hardware import machine_record  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "chat.json"
 # (message, whether a reply with cards is expected)
 SCRIPT = [
@@ -157,7 +160,7 @@ def main() -> None:
 
     result = {
         "run_dir": args.run_dir, "config": config, "overrides": args.overrides,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {**machine_record(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "startup_s": round(startup, 1), "rss_loaded_mb": round(rss_loaded), "rss_peak_mb": round(max(peak)),
         "sequential": {**summarise(seq), "errors": seq_errors},
         "concurrent": {"sessions": args.sessions, **summarise(conc), "wall_s": round(wall, 2),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 from math import nan
@@ -40,6 +39,7 @@ from lcrec_chat.config import ModelConfig  # noqa: E402
 from lcrec_chat.decoding import (CodeTrie, TrieLogitsProcessor, generate_items,  # noqa: E402
                                  python_trie_prefix_fn)
 from lcrec_chat.trie import index_token  # noqa: E402
+from lcrec_chat.hardware import machine_record  # noqa: E402
 
 NUM_ITEMS, LEVELS, CODEBOOK = 1682, 4, 64
 BEAMS, TOP_K, HISTORY = 20, 10, 20
@@ -280,7 +280,7 @@ def main() -> None:
     codes = random_codes()
     report: dict = {"setup": {"items": NUM_ITEMS, "levels": LEVELS, "codebook": CODEBOOK, "beams": BEAMS,
                               "top_k": TOP_K, "history_items": HISTORY, "torch_threads": torch.get_num_threads(),
-                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                              "cpu_count": os.cpu_count(), "machine": machine_record(),
                               "load_avg_before": load_before, "sections": report_sections}}
     rows = []
     for dtype in dtypes:

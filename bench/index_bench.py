@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import resource
 import shutil
 import sys
@@ -26,6 +25,7 @@ import torch  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.data import load_dataset  # noqa: E402
 from lcrec_chat.indexing import run_index  # noqa: E402
+from lcrec_chat.hardware import machine_record  # noqa: E402
 
 CONFIGS = {"ml-100k": ROOT / "configs/ml-100k.yaml", "ml-1m": ROOT / "configs/ml-1m.yaml"}
 
@@ -42,7 +42,7 @@ def bench_one(name: str, overrides: list[str], keep_embeddings: bool, tag: str) 
     report["times_s"]["load_items_s"] = round(load_s, 2)
     return {
         "dataset": name, "tag": tag, "overrides": overrides, "index_config": cfg.to_dict()["index"],
-        "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(), "machine": machine_record(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         **{k: v for k, v in report.items() if k not in ("peak_rss_mb", "training")},
         "training": {k: v for k, v in report["training"].items() if k != "history"},

@@ -28,7 +28,8 @@ from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.evaluate import generate_ranked  # noqa: E402
 from lcrec_chat.metrics import rank_metrics, stage_inputs  # noqa: E402
 from lcrec_chat.recommender import Recommender, Request  # noqa: E402
-from lcrec_chat.stages import load_split  # noqa: E402
+from lcrec_chat.run_folder import load_split  # noqa: E402
+from lcrec_chat.hardware import machine_record  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision_agreement.json"
 
@@ -65,7 +66,7 @@ def main() -> None:
             "top1_same": sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
             "top10_overlap": sum(len(set(a) & set(b)) / 10 for a, b in pairs) / len(pairs)}
     result = {"users": len(requests), "stage": args.stage, "run_dir": args.run_dir, "precisions": rows,
-              "agreement": agreement, "machine": {"cpu_count": os.cpu_count(), "torch_threads":
+              "agreement": agreement, "machine": {**machine_record(), "cpu_count": os.cpu_count(), "torch_threads":
                                                   torch.get_num_threads(), "platform": platform.platform()}}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
