@@ -136,6 +136,8 @@ def test_hybrid_app_needs_the_prior_and_serves_with_it(tiny_run, tmp_path):
     cfg = copy.deepcopy(tiny_run)
     cfg.run_dir = str(tmp_path / "run")
     shutil.copytree(tiny_run.run_dir, cfg.run_dir)
+    for name in ("sasrec.pt", "gru4rec.pt", "baselines.json"):   # an evaluate test may have run on the tiny run
+        (Path(cfg.run_dir) / name).unlink(missing_ok=True)
     cfg.chat.prior_weight = 1.0
     engine, status = load_engine(cfg)                   # no sasrec.pt yet: said, not silently pure LC-Rec
     assert "failed to load" in status and "sasrec.pt" in status and "baselines" in status
