@@ -70,8 +70,9 @@ def render(metrics: dict[str, Any], ks: Sequence[int] = (1, 5, 10)) -> str:
                 + "."]
     seconds = metrics.get("seconds", {})
     if seconds:
-        out += ["", f"Time: baselines {seconds.get('baselines', 0):.0f} s, LC-Rec generation {seconds.get('lcrec', 0):.0f} s, "
-                f"everything {seconds.get('total', 0):.0f} s."]
+        out += ["", f"Time: baselines stage {seconds.get('baselines', 0):.0f} s, LC-Rec generation "
+                f"{seconds.get('lcrec', 0):.0f} s (all rows, cached ones included), this evaluate call "
+                f"{seconds.get('this_call', 0):.0f} s."]
     return "\n".join(out) + "\n"
 
 
