@@ -31,6 +31,7 @@ from lcrec_chat import stages  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.evaluate import evaluate_sequential  # noqa: E402
 from lcrec_chat.recommender import Recommender  # noqa: E402
+from lcrec_chat.hardware import machine_record  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "task_ablation.json"
 SHARED = ("catalog.sqlite", "split.json", "stats.json", "codes.json", "rqvae.pt", "item_emb.npy",
@@ -89,7 +90,8 @@ def main() -> None:
                      "users": args.users, "steps": summary.get("steps"), "train_s": round(train_s, 1),
                      "eval_s": round(time.time() - started, 1), "valid": metrics})
         results["setup"] = {"config": args.config, "from_run": args.from_run,
-                            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+                            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                            "machine": machine_record()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
         del rec

@@ -25,6 +25,7 @@ from lcrec_chat import backbone, stages  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.indexing import index_token_strings  # noqa: E402
 from lcrec_chat.train import IGNORE, SupervisedLoss, collate, encode, length_grouped_batches  # noqa: E402
+from lcrec_chat.hardware import machine_record  # noqa: E402
 
 
 def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 10) -> float:
@@ -131,7 +132,7 @@ def main() -> None:
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(
-        {"matmul_peak_gflops": peak, "params": n_params, "batch_size": args.batch_size, "steps": args.steps,
+        {"machine": machine_record(), "matmul_peak_gflops": peak, "params": n_params, "batch_size": args.batch_size, "steps": args.steps,
          "rows": rows}, indent=1))
 
 
