@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lcrec_chat import stages  # noqa: E402
+from lcrec_chat import run_folder, stages  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.evaluate import evaluate_sequential  # noqa: E402
 from lcrec_chat.recommender import Recommender  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
         train_s = time.time() - started
         rec = Recommender.from_run(cfg, run, dtype=args.eval_dtype)
         started = time.time()
-        metrics = evaluate_sequential(rec, stages.load_split(run), "valid", "dense", 0, args.users)
+        metrics = evaluate_sequential(rec, run_folder.load_split(run), "valid", "dense", 0, args.users)
         rows.append({"row": name, "tasks": list(tasks), "budget": budget, "scale": args.scale,
                      "users": args.users, "steps": summary.get("steps"), "train_s": round(train_s, 1),
                      "eval_s": round(time.time() - started, 1), "valid": metrics})

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lcrec_chat import backbone, stages  # noqa: E402
+from lcrec_chat import backbone, run_folder  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.indexing import index_token_strings  # noqa: E402
 from lcrec_chat.train import IGNORE, SupervisedLoss, collate, encode, length_grouped_batches  # noqa: E402
@@ -81,8 +81,8 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config("configs/ml-100k.yaml", [f"run_dir={args.run_dir}"])
     run = Path(args.run_dir)
-    split = stages.load_split(run)
-    builder, codes = stages.task_builder(run, cfg, split)
+    split = run_folder.load_split(run)
+    builder, codes = run_folder.task_builder(run, cfg, split)
     budget = {t: 24 for t in cfg.train.task_budget}
     samples = builder.build(split.train_sequences(), budget, 0)
     dense = builder.build(split.train_sequences(), {"seqrec_dense": 64}, 0)

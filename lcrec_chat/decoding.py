@@ -150,7 +150,7 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
                    allowed: Sequence[torch.Tensor | None] | None = None, batch_size: int = 8,
                    method: str = "loop", shared_prefix: SharedPrefix | None = None,
                    prior: torch.Tensor | None = None, prior_weight: float | torch.Tensor = 0.0,
-                   stats: "GenerationStats | None" = None) -> list[list[tuple[int, float]]]:
+                   stats: GenerationStats | None = None) -> list[list[tuple[int, float]]]:
     """Top-``k`` distinct allowed items for each prompt, best first, as (item index, summed code log-prob).
 
     ``prompts`` are fully formatted (chat template and response prefix included): the next tokens the model

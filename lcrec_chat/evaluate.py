@@ -66,7 +66,8 @@ def choose_prior_weight(rec: Recommender, split, style: str, weights: Sequence[f
     scores = {w: r["ndcg@10"] for w, r in runs.items()}
     best = max(sorted(scores), key=lambda w: scores[w])
     log.info("hybrid prior weight: valid NDCG@10 %s -> %s", scores, best)
-    return {"weight": best, "valid_ndcg@10_per_weight": scores, "users": users, "valid_at_weight": runs[best]}
+    return {"weight": best, "valid_ndcg@10_per_weight": scores, "users": users, "valid_at_weight": runs[best],
+            "seconds": round(sum(r["seconds"] for r in runs.values()), 3)}
 
 
 def template_spread(rec: Recommender, split, users: int, stage: str = "valid") -> dict:

@@ -65,12 +65,9 @@ class Recommender:
         (auto | fp32 | bf16 | nf4; empty = the config's model.dtype). ``prior_weight`` > 0 decodes as the hybrid,
         with the run's sasrec.pt as the prior (a missing file is an error, not a silent fallback)."""
         from . import backbone
-        from .run_folder import MissingArtifact, load_prior, task_builder
+        from .run_folder import load_prior, task_builder
         run = Path(run_dir or cfg.run_dir)
-        prior = load_prior(run) if prior_weight > 0 else None
-        if prior_weight > 0 and prior is None:
-            raise MissingArtifact(f"{run / 'sasrec.pt'} is missing: hybrid decoding (prior weight {prior_weight}) "
-                                  "needs `python -m lcrec_chat baselines` on this run first")
+        prior = load_prior(run) if prior_weight > 0 else None   # a missing sasrec.pt is an error, not pure LC-Rec
         builder, codes = task_builder(run, cfg)
         model_cfg = replace(cfg.model, dtype=dtype or cfg.model.dtype)
         model, tokenizer = backbone.load_finetuned(model_cfg, run / "adapter", merge=True)

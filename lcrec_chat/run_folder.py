@@ -49,9 +49,6 @@ def task_builder(run: Path, cfg: Config, split: Split | None = None):
 
 
 def load_prior(run: Path):
-    """The sequential model the evaluate stage saved for hybrid decoding (sasrec.pt), or None if absent."""
-    path = Path(run) / "sasrec.pt"
-    if not path.exists():
-        return None
+    """The SASRec the baselines stage saved for hybrid decoding (sasrec.pt)."""
     from .baselines import SequentialRecommender
-    return SequentialRecommender.load(path)
+    return SequentialRecommender.load(require(run, "sasrec.pt", "baselines"))

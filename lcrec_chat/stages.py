@@ -21,7 +21,7 @@ from .catalog import Catalog
 from .config import Config
 from .data import load_dataset
 from .data.split import Split, leave_one_out
-from .run_folder import MissingArtifact, load_items, load_prior, load_split, require, task_builder  # noqa: F401
+from .run_folder import load_items, load_prior, load_split, require, task_builder
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +222,6 @@ class RowCache:
         return self.rows[key]
 
 
-PROMPT_NAMES = {"dense": "dense prompt", "chat": "request prompt", "seqrec": "LC-Rec seqrec instruction"}
-BASELINE_NAMES = {"pop": "Popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "text_knn": "Text-embedding kNN"}
-
-
 def evaluate(cfg: Config, force: bool = False) -> dict:
     """metrics.json and report.md: every method on valid and test under one protocol (metrics.py).
 
@@ -297,7 +293,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     index_report = run / "index_report.json"
     if index_report.exists():
         metrics["indexing"] = json.loads(index_report.read_text())
-    lcrec_seconds = sum(m.get("seconds", 0) for per in table.values() for m in per.values() if isinstance(m, dict))
+    lcrec_seconds = sum(row.get("seconds", 0) for row in cache.rows.values() if isinstance(row, dict))
     metrics["seconds"] = {"lcrec": round(lcrec_seconds, 1), "baselines": classic["seconds"],
                           "this_call": round(time.time() - started, 1)}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=1))

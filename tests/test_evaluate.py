@@ -27,6 +27,12 @@ def test_evaluate_stage_writes_metrics_and_report_for_every_method(tiny_run, tmp
             if "LC-Rec" in name:   # 10 beams per user: every generated sequence counted
                 assert m["generated_sequences"] == 10 * m["users"] and 0 < m["valid_item_rate"] <= 1 and m["seconds"] > 0
     assert set(metrics["hybrid"]["valid_ndcg@10_per_weight"]) == {0.5, 1.0, 2.0}
+    # generation time counts every LLM pass: both prompts, itemsearch, the whole weight search, the hybrid test
+    passes = [methods[n][s]["seconds"] for n in (dense, chat) for s in ("valid", "test")]
+    passes += [metrics["itemsearch"]["LC-Rec"]["test"]["seconds"], metrics["hybrid"]["seconds"],
+               methods[hybrid]["test"]["seconds"]]
+    assert metrics["hybrid"]["seconds"] > methods[hybrid]["valid"]["seconds"]       # three weights, not one
+    assert metrics["seconds"]["lcrec"] == pytest.approx(sum(passes), abs=0.2)
     search = metrics["itemsearch"]
     assert set(search) == {"LC-Rec", "filter + popularity", "query text kNN"}
     assert search["LC-Rec"]["test"]["users"] == 6 and search["LC-Rec"]["test"]["example_queries"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lcrec_chat import backbone, stages
+from lcrec_chat import backbone, run_folder, stages
 from lcrec_chat.config import load_config
 from lcrec_chat.indexing import index_token_strings
 from lcrec_chat.tasks import TASKS
@@ -34,7 +34,7 @@ def test_tiny_run_trains_with_falling_loss_and_saves_everything(tiny_run):
 
 
 def test_loss_is_on_the_response_only(tiny_run):
-    builder, codes = stages.task_builder(tiny_run.run_path, tiny_run)
+    builder, codes = run_folder.task_builder(tiny_run.run_path, tiny_run)
     tokenizer = backbone.load_tokenizer(tiny_run.model)
     backbone.add_index_tokens(backbone.load_model(tiny_run.model), tokenizer,
                               index_token_strings(codes))
@@ -51,7 +51,7 @@ def test_loss_is_on_the_response_only(tiny_run):
 
 def test_gradients_reach_new_token_rows_and_first_layer(tiny_run):
     from peft import get_peft_model
-    builder, codes = stages.task_builder(tiny_run.run_path, tiny_run)
+    builder, codes = run_folder.task_builder(tiny_run.run_path, tiny_run)
     tokenizer = backbone.load_tokenizer(tiny_run.model)
     model = backbone.load_model(tiny_run.model, for_training=True)
     tokens = index_token_strings(codes)
