@@ -270,14 +270,57 @@ def load_model(cfg: ModelConfig, for_training: bool = False):
         if for_training:
             from peft import prepare_model_for_kbit_training
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+    elif cfg.dtype == "int8":
+        if for_training or device != "cpu":
+            raise BackboneError("model.dtype int8 is for CPU inference; train in fp32, bf16 or nf4")
+        model = quantize_int8(load_in_memory(path))
     elif cfg.dtype in _DTYPES:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], device_map=_device_map(device))
     else:
-        raise BackboneError(f"model.dtype must be auto, fp32, bf16 or nf4, not {cfg.dtype!r}")
+        raise BackboneError(f"model.dtype must be auto, fp32, bf16, int8 or nf4, not {cfg.dtype!r}")
     model.eval()
     log.info("loaded %s (%s, %s) in %.1f s: %s", cfg.base, cfg.dtype, device, time.perf_counter() - start,
              describe(model))
     return model
+
+
+def load_in_memory(path: str | Path):
+    """The fp32 model of a local folder, read into ordinary memory.
+
+    ``from_pretrained`` maps model.safetensors into the process and the mapping outlives the weights: after
+    int8 quantisation freed every fp32 linear weight, the server still held 595 MB of it (RSS 1.45 GB instead of
+    0.81 GB). Reading the file's bytes and assigning the tensors leaves no mapping behind."""
+    import safetensors.torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise BackboneError(f"{folder}: no .safetensors weights to load")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    for file in files:
+        model.load_state_dict(safetensors.torch.load(file.read_bytes()), strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Every ``nn.Linear`` (the 7 projections of each layer and the LM head) as int8 weights with int8 dynamic
+    activations, computed by PyTorch's x86 kernels (fbgemm: AVX2/AVX-512 integer dot products). On the 2-core
+    CPUs of this project a 20-beam recommendation runs 2.4x faster than fp32 and the weights take a quarter of
+    the memory; the input embedding stays fp32 (a lookup, no matmul). Inference only: nothing here has a
+    backward pass. Call it after LoRA is merged into the weights."""
+    import ctypes
+    import gc
+    import warnings
+    if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+        raise BackboneError("int8 needs PyTorch's x86 quantized kernels (fbgemm), which this build lacks")
+    with warnings.catch_warnings():   # torch.ao eager quantisation is deprecated upstream, still shipped in 2.13
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):   # hand the freed fp32 weights back to the OS (glibc)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return model.eval()
 
 
 def _linear4bit_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -448,12 +491,20 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(cfg, for_training=for_training)
+    int8 = cfg.dtype == "int8"
+    if int8 and (for_training or resolve_device(cfg.device) != "cpu"):
+        raise BackboneError("model.dtype int8 is for CPU inference; train in fp32, bf16 or nf4")
+    if int8:   # LoRA is merged in fp32, then the merged weights are quantised
+        model = load_in_memory(resolve_model_path(cfg.base, cfg.cache_dir))
+    else:
+        model = load_model(cfg, for_training=for_training)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the same rule as add_index_tokens
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=for_training)
     if not for_training:
         model.eval()
-        if merge and cfg.dtype != "nf4":
+        if (merge or int8) and cfg.dtype != "nf4":
             model = model.merge_and_unload()
+        if int8:
+            model = quantize_int8(model)
     return model, tokenizer

@@ -29,42 +29,13 @@ from tqdm.auto import tqdm
 
 from lcrec_chat.config import EvalConfig
 from lcrec_chat.data.split import Split
-from lcrec_chat.metrics import STAGES, list_metrics, rank_metrics, stage_inputs, topk_from_scores
+from lcrec_chat.metrics import STAGES, rank_metrics, stage_inputs
+from lcrec_chat.ranking import Ranker, evaluate_ranker
 
 log = logging.getLogger(__name__)
 
 
-class Baseline:
-    """Scores every item for a batch of histories; ranks with the shared exclusion rule."""
-
-    name = "baseline"
-    num_items = 0
-
-    def fit(self, split: Split, num_items: int) -> "Baseline":
-        raise NotImplementedError
-
-    def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def recommend(self, histories: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]],
-                  k: int, batch_size: int = 512) -> list[list[int]]:
-        """Top-k items per history, best first, never an item of the matching `exclude` list."""
-        if len(histories) != len(exclude):
-            raise ValueError(f"{len(histories)} histories but {len(exclude)} exclusion lists")
-        out: list[list[int]] = []
-        for start in range(0, len(histories), batch_size):
-            scores = self.score(histories[start:start + batch_size])
-            out += topk_from_scores(scores, exclude[start:start + batch_size], k)
-        return out
-
-    def _check_histories(self, histories: Sequence[Sequence[int]]) -> None:
-        for row, items in enumerate(histories):
-            for i in items:
-                if not 0 <= i < self.num_items:
-                    raise ValueError(f"history {row} holds item {i}, outside 0..{self.num_items - 1}")
-
-
-class Popularity(Baseline):
+class Popularity(Ranker):
     """Most interacted items first; ties go to the lower item index (deterministic)."""
 
     name = "pop"
@@ -85,7 +56,7 @@ class Popularity(Baseline):
         return self.counts.unsqueeze(0).expand(len(histories), -1)
 
 
-class TextKNN(Baseline):
+class TextKNN(Ranker):
     """score(item) = cosine(mean embedding of the history, item embedding)."""
 
     name = "text_knn"
@@ -236,7 +207,7 @@ def training_windows(sequences: Sequence[Sequence[int]], max_len: int, stride: i
     return torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
 
 
-class SequentialRecommender(Baseline):
+class SequentialRecommender(Ranker):
     """A next-item model over the history window, trained with full-softmax cross-entropy; subclasses build
     the network (`_make_net`). Keeps the epoch with the best valid NDCG@10 (patience in epochs)."""
 
@@ -381,15 +352,6 @@ class GRU4Rec(SequentialRecommender):
 
 # ------------------------------------------------------------------------------ evaluation glue
 
-def evaluate_baseline(model: Baseline, split: Split, stage: str, ks: Sequence[int] = (1, 5, 10),
-                      max_users: int = 0) -> dict[str, float | int]:
-    """HR/NDCG at `ks` for one stage ("valid" or "test"), through `metrics.stage_inputs`, plus the
-    catalogue coverage and popular-item share of the top-10 lists (`metrics.list_metrics`)."""
-    histories, exclude, targets = stage_inputs(split, stage, max_users)
-    ranked = model.recommend(histories, exclude, max(max(ks), 10))
-    return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, model.num_items)}
-
-
 def _mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of every metric over seeds, with the NDCG@10 of each seed and its standard deviation."""
     out: dict[str, Any] = {}
@@ -421,7 +383,7 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
     fitted sequential models are written there as `<name>.pt` (hybrid decoding reads sasrec.pt).
     """
     results: dict[str, dict[str, Any]] = {}
-    single: list[Baseline] = [Popularity()]
+    single: list[Ranker] = [Popularity()]
     if item_emb is not None:
         single.append(TextKNN(item_emb))
     else:
@@ -431,7 +393,7 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
         model.fit(split, num_items)
         entry: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - start, 2)}
         for stage in STAGES:
-            entry[stage] = evaluate_baseline(model, split, stage, cfg.cutoffs, cfg.max_users)
+            entry[stage] = evaluate_ranker(model, split, stage, cfg.cutoffs, cfg.max_users)
         results[model.name] = entry
     for name, cls in SEQUENTIAL.items():
         runs = []
@@ -441,7 +403,7 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
             run: dict[str, Any] = {"fit_seconds": round(model.fit_seconds, 2), "best_epoch": model.best_epoch,
                                    "epochs_run": len(model.epochs_log)}
             for stage in STAGES:
-                run[stage] = evaluate_baseline(model, split, stage, cfg.cutoffs, cfg.max_users)
+                run[stage] = evaluate_ranker(model, split, stage, cfg.cutoffs, cfg.max_users)
             runs.append(run)
             if save_dir is not None and i == 0:
                 model.save(Path(save_dir) / f"{name}.pt")

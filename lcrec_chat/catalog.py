@@ -27,6 +27,7 @@ from pathlib import Path
 import sqlite_utils
 
 from lcrec_chat.data.dataset import Dataset
+from lcrec_chat.data.domain import domain_named
 from lcrec_chat.titles import Match, Resolution, TitleIndex
 
 __all__ = ["Catalog", "CatalogError", "Match", "Resolution"]
@@ -75,7 +76,9 @@ class Catalog:
             raise
         self._columns = set(self._db["items"].columns_dict)
         self._by_item_id = {r["item_id"]: r["idx"] for r in self._rows}
-        self._titles = TitleIndex(self._rows, fuzzy_cutoff=fuzzy_cutoff, ambiguity_ratio=ambiguity_ratio)
+        # the catalogue's own item words decide which history labels ("I watched:", "I bought:") are stripped
+        self._titles = TitleIndex(self._rows, fuzzy_cutoff=fuzzy_cutoff, ambiguity_ratio=ambiguity_ratio,
+                                  domain=domain_named(self.domain))
         log.info("catalogue %s: %d items of %s", self.path, len(self._rows), self._meta.get("dataset"))
 
     def _load(self) -> list[dict]:

@@ -46,9 +46,10 @@ from typing import Protocol
 
 from .catalog import Catalog
 from .config import ChatConfig
-from .intents import (HISTORY_CUE, KNOWN_MOODS, Command, FilterChange, Filters, Vocabulary, Wish, asks_more_like,
-                      extract_filters, has_content, is_intention_piece, parse_command, resolve_refs, sanitize_query,
-                      split_request, unknown_mood_word)
+from .data.domain import MOVIE, Domain, article, domain_named
+from .intents import (KNOWN_MOODS, Command, FilterChange, Filters, Vocabulary, Wish, asks_more_like, extract_filters,
+                      has_content, is_intention_piece, parse_command, resolve_refs, sanitize_query, split_request,
+                      unknown_mood_word)
 from .titles import display_title
 
 log = logging.getLogger(__name__)
@@ -143,12 +144,17 @@ class Reply:
                 "recognised": self.recognised, "unknown": self.unknown, "request": self.request}
 
 
-HELP = [
-    "Tell me what you feel like watching (\"a funny 90s movie for a family night\"), or paste movies you "
-    "liked (\"I loved Toy Story, Aladdin and GoldenEye\"), or both.",
-    "Then refine: \"more like #2\", \"not #3\", \"what is #1?\", \"only comedies\", \"no horror\", "
-    "\"something older\", \"from the 80s\", \"more\", \"start over\".",
-]
+def _quoted(text: str) -> str:
+    """' ("text")' to quote an example after a phrase, or "" where there is none."""
+    return f" (\"{text}\")" if text else ""
+
+
+def help_lines(domain: Domain) -> list[str]:
+    """The answer to "help", "hi" or an empty message, with the examples and words of ``domain``."""
+    refinements = ["more like #2", "not #3", "what is #1?", *domain.example_filters, "more", "start over"]
+    return [f"Tell me what you feel like {domain.watching}{_quoted(domain.example_wish)}, or paste {domain.kinds} "
+            f"you liked{_quoted(domain.example_history)}, or both.",
+            "Then refine: " + ", ".join(f"\"{r}\"" for r in refinements) + "."]
 
 
 def _merge_wishes(old: list[Wish], change: FilterChange) -> list[Wish]:
@@ -185,7 +191,11 @@ class ChatEngine:
         self.cfg = cfg
         self.model_error = model_error or ("" if recommend else "no model is loaded")
         self.catalog_error = catalog_error or ("" if catalog else "no catalogue is loaded")
-        self.vocab = Vocabulary(catalog.genres() if catalog else [])
+        # the words of replies and of the message patterns ("movie"/"watched" or "product"/"bought"); without a
+        # catalogue, those of MovieLens, the domain of catalogues that do not name theirs
+        self.domain = domain_named(catalog.domain) if catalog else MOVIE
+        self.vocab = Vocabulary(catalog.genres() if catalog else [], self.domain)
+        self.help = help_lines(self.domain)
         self.cowatch = cowatch
         # every item's popularity, ascending: "one of the 5% most watched titles" in a reason
         self._popularity = sorted(catalog.item(i)["popularity"] or 0 for i in range(len(catalog))) if catalog else []
@@ -232,7 +242,7 @@ class ChatEngine:
             seeded.append(Reply(notes))
         text = message if message and message.strip() else ""
         if not text and not session.liked:
-            return Reply(HELP, kind="message").as_dict()
+            return Reply(self.help, kind="message").as_dict()
         replies = list(self.respond(text, session)) if text else \
             list(self._recommend(session, [], exclude_shown="none"))
         final = replies[-1]
@@ -246,7 +256,7 @@ class ChatEngine:
         if command is None:
             yield from self._request(text, session)
         elif command.kind == "help":
-            yield Reply(HELP)
+            yield Reply(self.help)
         elif command.kind == "thanks":
             yield Reply(["Glad to help. Say \"more\", refine the list, or \"start over\"."])
         elif command.kind == "reset":
@@ -329,7 +339,7 @@ class ChatEngine:
 
     def _more(self, session: Session) -> Iterator[Reply]:
         if not (session.liked or session.query or session.filters):
-            yield Reply(["More of what? Tell me a few movies you liked or what you are in the mood for."])
+            yield Reply([f"More of what? Tell me a few {self.domain.kinds} you liked or what you are in the mood for."])
             return
         yield from self._recommend(session, ["Here are more:"], exclude_shown="all")
 
@@ -353,8 +363,8 @@ class ChatEngine:
     # ------------------------------------------------------------------------------------------ requests
     def _request(self, text: str, session: Session) -> Iterator[Reply]:
         matches, ambiguous, unknown_titles, intention, skipped = [], [], [], [], 0
-        cue = bool(HISTORY_CUE.search(text))
-        for clause in split_request(text):
+        cue = bool(self.vocab.patterns.history_cue.search(text))
+        for clause in split_request(text, self.vocab):
             res = self.catalog.resolve_titles(clause, max_pieces=MAX_RESOLVE_PIECES)
             skipped += res.skipped
             matches += [m for m in res.matches if m.idx not in {x.idx for x in matches}]
@@ -373,7 +383,7 @@ class ChatEngine:
 
         recognised = [self.catalog.item(m.idx) for m in matches]
         lines = self._understanding(recognised, matches, ambiguous, unknown_titles, skipped)
-        intention_text = " ".join(p for p in intention if has_content(p))
+        intention_text = " ".join(p for p in intention if has_content(p, self.vocab))
         change, _ = extract_filters(intention_text, self.vocab) if intention_text else (FilterChange(), "")
         query = sanitize_query(intention_text) if intention_text else ""
         if not recognised and not query:
@@ -382,16 +392,16 @@ class ChatEngine:
             yield Reply(lines, kind="error", unknown=unknown_titles)
             return
         if not recognised and not ambiguous and not self._understood(intention_text):
-            yield Reply(lines + self._not_understood(text, session), kind="error")
+            yield Reply(lines + self._not_understood(text, session, self.domain), kind="error")
             return
 
         # a wish without titles after earlier turns refines them: show new items, not the same list again
         follow_up = not recognised and bool(session.liked or session.query)
-        more_like = bool(recognised) and asks_more_like(text)
+        more_like = bool(recognised) and asks_more_like(text, self.vocab)
         if recognised:
             lines += self._add_liked([i["idx"] for i in recognised], session)
         if more_like:
-            lines.append(f"More like {', '.join(_label(i) for i in recognised)}: new titles only.")
+            lines.append(f"More like {', '.join(_label(i) for i in recognised)}: new {self.domain.entries} only.")
         session.last_named, session.last_named_turn = [i["idx"] for i in recognised], session.turns
         # "older"/"newer" in a wish compare with the titles it names ("like Star Wars but older"), else with the
         # list on screen or the history
@@ -426,11 +436,11 @@ class ChatEngine:
         return is_intention_piece(wish, self.vocab) or bool(self.catalog.search(wish, limit=1))
 
     @staticmethod
-    def _not_understood(text: str, session: Session) -> list[str]:
+    def _not_understood(text: str, session: Session, domain: Domain) -> list[str]:
         shown = text if len(text) <= 60 else text[:60].rsplit(" ", 1)[0] + "…"
         lines = [f"Sorry, I did not understand \"{shown}\": it holds no title, genre, decade or mood I know.",
-                 "Tell me a few titles you liked (\"I loved Toy Story and Fargo\") or what you are in the mood "
-                 "for (\"a funny 90s movie\", \"something dark from the 70s\")."]
+                 f"Tell me a few {domain.entries} you liked{_quoted(domain.example_history)} or what you are in the "
+                 f"mood for{_quoted(domain.example_wish)}."]
         if session.liked or session.query:
             lines.append("Your earlier titles and wishes are unchanged.")
         return lines
@@ -441,7 +451,7 @@ class ChatEngine:
         session.liked = liked[-self.cfg.max_history_items:]
         session.rejected = [i for i in session.rejected if i not in new]
         if len(liked) > self.cfg.max_history_items:
-            return [f"I keep the last {self.cfg.max_history_items} titles you liked."]
+            return [f"I keep the last {self.cfg.max_history_items} {self.domain.entries} you liked."]
         return []
 
     def _set_wish(self, query: str, change: FilterChange, session: Session,
@@ -463,8 +473,8 @@ class ChatEngine:
             lines.append(note)
         mood = unknown_mood_word(query, self.vocab)
         if mood:
-            lines.append(f"I have no filter for \"{mood}\" (moods I know: {KNOWN_MOODS}); the model reads it as "
-                         "part of your wish.")
+            known = f" (moods I know: {KNOWN_MOODS})" if self.vocab.moods else ""   # none fit this catalogue's genres
+            lines.append(f"I have no filter for \"{mood}\"{known}; the model reads it as part of your wish.")
         return lines
 
     # ------------------------------------------------------------------------------------------ recommending
@@ -481,7 +491,8 @@ class ChatEngine:
             yield Reply(lines + [f"I cannot recommend right now: {self.model_error}"], kind="error", **extra)
             return
         if not (session.liked or session.query):
-            yield Reply(lines + ["Tell me a movie you liked or what you are in the mood for."], kind="error", **extra)
+            yield Reply(lines + [f"Tell me {article(self.domain.kind)} you liked or what you are in the mood for."],
+                        kind="error", **extra)
             return
         exclude = set(session.rejected) | set(session.named)
         if exclude_shown == "all":
@@ -520,10 +531,10 @@ class ChatEngine:
 
     # ------------------------------------------------------------------------------------------ explaining
     def reason(self, item: dict, session: Session, rank: int = 1, candidates: int = 0) -> str:
-        """One line a person can check against the data: the wish words it fits, the genres it shares with a
-        title they named, how many viewers of that title watched it too, the same decade; else how widely it was
-        watched and where the model ranked it. No model probability: spread over a whole catalogue it reads as
-        "0.01%" for a good pick and says nothing to a person."""
+        """One line a person can check against the data, in the words of the catalogue's domain: the wish words
+        it fits, the genres it shares with a title they named, how many viewers of that title watched it too, the
+        same decade; else how widely it was watched and where the model ranked it. No model probability: spread
+        over a whole catalogue it reads as "0.01%" for a good pick and says nothing to a person."""
         parts = []
         fits = [w for w in session.wishes if not w.negated and w.fits(item)]
         if fits:
@@ -547,7 +558,8 @@ class ChatEngine:
         return f"{', '.join(sorted(shared))}, like {display_title(best['title'])}" if best else ""
 
     def _cowatched(self, item: dict, named: list[dict]) -> str:
-        """"watched by 12 of the 40 people who watched Fargo": the share, not the count, picks the title."""
+        """"watched by 12 of the 40 people who watched Fargo" ("bought by ..." for products): the share, not the
+        count, picks the title."""
         if self.cowatch is None:
             return ""
         best = None
@@ -558,7 +570,8 @@ class ChatEngine:
         if best is None:
             return ""
         both, viewers, h = best
-        return f"watched by {both:,} of the {viewers:,} people who watched {display_title(h['title'])}"
+        watched = self.domain.watched
+        return f"{watched} by {both:,} of the {viewers:,} people who {watched} {display_title(h['title'])}"
 
     @staticmethod
     def _same_decade(item: dict, named: list[dict]) -> str:
@@ -572,10 +585,12 @@ class ChatEngine:
         pop = item.get("popularity") or 0
         n = len(self._popularity)
         place = n - bisect.bisect_right(self._popularity, pop) + 1      # 1 = the most watched item
+        d = self.domain
         if pop and place <= n * 0.1:
-            known = f"one of the {math.ceil(100 * place / n)}% most watched titles ({pop:,} viewers)"
+            known = f"one of the {math.ceil(100 * place / n)}% most {d.watched} {d.entries} ({pop:,} {d.person}s)"
         else:
-            known = f"{pop:,} viewer{'s' if pop != 1 else ''} in the data" if pop else "a title few have rated"
+            known = f"{pop:,} {d.person}{'s' if pop != 1 else ''} in the data" if pop else \
+                f"{article(d.entry)} few have rated"
         of = f" of {candidates:,} candidates" if candidates else ""
         return f"{known}; the model's pick #{rank}{of}"
 
@@ -600,7 +615,7 @@ class ChatEngine:
         if item.get("brand"):
             lines.append(f"By {item['brand']}.")
         if item["idx"] in session.liked:
-            lines.append("It is in your list of liked titles.")
+            lines.append(f"It is in your list of liked {self.domain.entries}.")
         if pos:
             lines.append(f"Say \"more like #{pos}\" to steer towards it, or \"not #{pos}\" to drop it.")
         return lines

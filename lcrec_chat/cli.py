@@ -13,8 +13,9 @@ COMMANDS = {
     "index": "embed item texts, train the RQ-VAE, assign conflict-free item codes",
     "train": "tune the backbone (LoRA/QLoRA) on the six alignment tasks",
     "baselines": "fit and score the classic baselines (Popularity, SASRec, GRU4Rec, text kNN) on the run's split",
+    "methods": "train and score the LLM methods beside LC-Rec (CLLM4Rec, CoLLM) on the run's split",
     "evaluate": "full-ranking evaluation of the tuned model beside the baselines",
-    "pipeline": "run prepare, index, train, baselines and evaluate in order (unchanged stages are skipped)",
+    "pipeline": "run prepare, index, train, baselines, methods and evaluate in order (unchanged stages are skipped)",
     "serve": "start the Gradio chat app on a run folder",
     "export": "copy a run's small servable artifacts (adapter, codes, catalogue, metrics...) to --to",
 }
@@ -23,6 +24,7 @@ EXAMPLES = {
     "index": "python -m lcrec_chat index --config configs/ml-100k.yaml",
     "train": "python -m lcrec_chat train --config configs/ml-100k.yaml --set train.max_minutes=15",
     "baselines": "OMP_NUM_THREADS=1 python -m lcrec_chat baselines --config configs/ml-100k.yaml",
+    "methods": "python -m lcrec_chat methods --config configs/ml-100k.yaml --set methods.run=[cllm4rec]",
     "evaluate": "python -m lcrec_chat evaluate --config configs/ml-100k.yaml --set eval.max_users=200",
     "pipeline": "python -m lcrec_chat pipeline --config configs/ml-100k.yaml",
     "serve": "python -m lcrec_chat serve --config configs/ml-100k.yaml --set run_dir=models/ml-100k",
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_stage(stage: str, cfg, force: bool) -> dict:
     from . import stages
     if stage == "pipeline":
-        return {name: run_stage(name, cfg, force) for name in ("prepare", "index", "train", "baselines", "evaluate")}
+        return {name: run_stage(name, cfg, force) for name in ("prepare", "index", "train", "baselines", "methods", "evaluate")}
     return getattr(stages, stage)(cfg, force=force)
 
 

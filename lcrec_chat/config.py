@@ -81,7 +81,8 @@ class ModelConfig:
     base: str = "smollm2-135m"     # packaged default, or any HF model id / local folder
     # auto (bf16 where the processor runs it natively: avx512_bf16/AMX or a bf16 GPU; fp32 elsewhere, where
     # bf16 is emulated and 5-300x slower) | fp32 | bf16 | nf4 (bitsandbytes 4-bit; QLoRA when training)
-    dtype: Literal["auto", "fp32", "bf16", "nf4"] = "fp32"
+    # int8: int8 weights and dynamic int8 activations in every linear layer (PyTorch's x86 kernels; CPU inference only)
+    dtype: Literal["auto", "fp32", "bf16", "int8", "nf4"] = "fp32"
     cache_dir: str = ".cache/models"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -123,7 +124,7 @@ class EvalConfig:
     # precision of the evaluated model; "" = model.dtype; auto = bf16 where native, else fp32. bf16 decodes
     # ~1.5x faster than fp32 on CPUs with avx512_bf16/AMX and on GPUs (rankings checked against fp32 in the model
     # card), but several times slower on CPUs without them
-    dtype: Literal["", "auto", "fp32", "bf16", "nf4"] = ""
+    dtype: Literal["", "auto", "fp32", "bf16", "int8", "nf4"] = ""
     cutoffs: list[int] = field(default_factory=lambda: [1, 5, 10])   # K of HR@K / NDCG@K
     batch_size: int = 8
     max_users: int = 0             # 0 = every user
@@ -166,6 +167,55 @@ class ChatConfig:
 
 
 @dataclass
+class CLLM4RecConfig:
+    """CLLM4Rec (Zhu et al., WWW 2024) on the run's backbone: one new token per user and per item; pretraining on
+    collaborative documents (a user's token, a few hard words, then the tokens of the items they interacted with)
+    and content documents (an item's token, then its text), with the mutual regularisation that pulls each
+    user/item's collaborative and content token rows together; then fine-tuning with an item head (softmax over
+    all items) that scores the whole catalogue in one forward pass."""
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lr: float = 1.0e-3               # LoRA weights
+    token_lr: float = 1.0e-2         # the new user/item token rows (collaborative and content)
+    batch_size: int = 16
+    window: int = 20                 # items per collaborative document and per fine-tuning history
+    pretrain_minutes: float = 10.0   # wall-time budget of the pretraining stage (both document kinds)
+    finetune_minutes: float = 12.0   # wall-time budget of the recommendation fine-tuning stage
+    reg_weight: float = 1.0          # weight of the mutual regularisation (squared distance of the two rows)
+    seed: int = 42
+
+
+@dataclass
+class CoLLMConfig:
+    """CoLLM (Zhang et al., 2023): a collaborative model's user and item embeddings, mapped by a small MLP into the
+    LLM's token-embedding space at placeholder positions beside the titles; the LLM answers "will this user
+    like X?" with Yes/No and the Yes probability is the score. Two stages as in the paper: LoRA on the text-only
+    prompt, then the mapping with the LoRA frozen."""
+    collab: Literal["sasrec", "mf"] = "sasrec"   # sasrec = the baselines stage's sasrec.pt; mf = a matrix factorisation fitted here
+    history: int = 10                # history titles in the prompt (the paper's TALLRec-style prompt uses 10)
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lr: float = 1.0e-3               # stage 1 (LoRA) and stage 2 (mapping)
+    batch_size: int = 8
+    text_minutes: float = 12.0       # stage 1 wall-time budget
+    mapping_minutes: float = 10.0    # stage 2 wall-time budget
+    negatives: int = 9               # unseen items sampled per held-out target for AUC / per-user AUC (and per training positive: 1)
+    rerank_depth: int = 20           # candidates of the base ranker that CoLLM re-ranks for top-K
+    # valid rows (re-ranking, AUC) and the text-only AUC row on the first N users: each user costs ~20 LLM
+    # passes, a full valid pass as much as test; test is scored on every user (eval.max_users)
+    valid_users: int = 200
+    seed: int = 42
+
+
+@dataclass
+class MethodsConfig:
+    """The LLM recommenders trained beside LC-Rec by the `methods` stage (each into run_dir/<name>/)."""
+    run: list[Literal["cllm4rec", "collm"]] = field(default_factory=lambda: ["cllm4rec", "collm"])
+    cllm4rec: CLLM4RecConfig = field(default_factory=CLLM4RecConfig)
+    collm: CoLLMConfig = field(default_factory=CoLLMConfig)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/ml-100k"
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +224,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
 
     @property
     def run_path(self) -> Path:

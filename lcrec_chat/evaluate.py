@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .decoding import GenerationStats
 from .metrics import list_metrics, rank_metrics, stage_inputs
+from .ranking import Ranker, evaluate_ranker
 from .recommender import Recommender, Request
 from .tasks import intention_queries
 
@@ -32,22 +33,37 @@ def generate_ranked(rec: Recommender, requests: Sequence[Request], k: int, desc:
     return ranked
 
 
-def _scored(rec: Recommender, split, requests: list[Request], targets: list[int], ks: Sequence[int], desc: str,
-            prior_weight: float) -> dict:
-    stats = GenerationStats()
+class LCRecRanker(Ranker):
+    """LC-Rec behind the one ranking interface: trie-constrained generation from a history prompt of ``style``
+    (with a collaborative prior when ``prior_weight`` > 0). ``stats`` counts every raw beam it generated."""
+
+    def __init__(self, rec: Recommender, style: str = "dense", template: int = 0, prior_weight: float = 0.0,
+                 desc: str = "lcrec") -> None:
+        self.rec, self.style, self.template, self.prior_weight, self.desc = rec, style, template, prior_weight, desc
+        self.name = f"lcrec-{style}{'-hybrid' if prior_weight else ''}"
+        self.num_items = rec.num_items
+        self.stats = GenerationStats()
+
+    def recommend(self, histories: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int,
+                  batch_size: int = 0, users: Sequence[int] | None = None) -> list[list[int]]:
+        requests = [Request(history=list(h), exclude=list(e), style=self.style, template=self.template)
+                    for h, e in zip(histories, exclude)]
+        return generate_ranked(self.rec, requests, k, self.desc, self.prior_weight, self.stats)
+
+
+def _with_generation_facts(ranker: LCRecRanker, run) -> dict:
+    """One evaluator for every method (ranking.evaluate_ranker), plus what only generation has: raw-beam
+    statistics and the seconds the pass took."""
     started = time.perf_counter()
-    ranked = generate_ranked(rec, requests, max(max(ks), 10), desc, prior_weight, stats)
-    return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, rec.num_items), **stats.as_dict(),
-            "seconds": round(time.perf_counter() - started, 3)}
+    row = run()
+    return {**row, **ranker.stats.as_dict(), "seconds": round(time.perf_counter() - started, 3)}
 
 
 def evaluate_sequential(rec: Recommender, split, stage: str, style: str = "chat", template: int = 0,
                         max_users: int = 0, ks: Sequence[int] = (1, 5, 10), prior_weight: float = 0.0) -> dict:
     """Next-item metrics of one prompt style on one stage, with list and raw-beam statistics."""
-    histories, exclude, targets = stage_inputs(split, stage, max_users)
-    requests = [Request(history=h, exclude=e, style=style, template=template) for h, e in zip(histories, exclude)]
-    name = f"{style}{' hybrid' if prior_weight else ''} {stage}"
-    return _scored(rec, split, requests, targets, ks, name, prior_weight)
+    ranker = LCRecRanker(rec, style, template, prior_weight, f"{style}{' hybrid' if prior_weight else ''} {stage}")
+    return _with_generation_facts(ranker, lambda: evaluate_ranker(ranker, split, stage, ks, max_users))
 
 
 def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0, seed: int = 7,
@@ -56,7 +72,12 @@ def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0,
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     queries = intention_queries(rec.builder.describer, targets, seed)
     requests = [Request(query=q, exclude=e) for q, e in zip(queries, exclude)]
-    return {**_scored(rec, split, requests, targets, ks, f"itemsearch {stage}", 0.0), "example_queries": queries[:5]}
+    ranker = LCRecRanker(rec, desc=f"itemsearch {stage}")
+
+    def run() -> dict:
+        ranked = generate_ranked(rec, requests, max(max(ks), 10), ranker.desc, 0.0, ranker.stats)
+        return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, rec.num_items)}
+    return {**_with_generation_facts(ranker, run), "example_queries": queries[:5]}
 
 
 def choose_prior_weight(rec: Recommender, split, style: str, weights: Sequence[float], users: int) -> dict:

@@ -24,22 +24,28 @@ Genre phrases: adjacent genre words are one compound that needs every genre ("ro
 any of them ("comedy or romance"). A mood wants some genres and avoids others ("lighter": Comedy, Animation, ...
 and no Horror, War, Crime, Thriller); a genre the message names wins over the mood's wanted genres.
 
+Item words and verbs ("this movie", "seen #2", "I watched ...") are those of the catalogue's domain
+(``patterns_for``: "this product", "bought #2", "I bought ..." for Amazon); the examples here are MovieLens ones.
+
 Numbers and ordinals count as item references only in forms a title rarely takes ("#2", "number 2", "the
 second one", "the second" at the end of a message), so "First Knight" or "The Last of the Mohicans" stay titles.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
+from .data.domain import MOVIE, Domain
 from .tasks import GENRE_ADJECTIVE, GENRE_NOUN
 
 MAX_QUERY_CHARS = 200
 
 # word or phrase -> catalogue genre (MovieLens names); phrases the intention templates use are included
-# (tasks.GENRE_ADJECTIVE / GENRE_NOUN), so what the model was tuned on maps back to the same genre.
+# (tasks.GENRE_ADJECTIVE / GENRE_NOUN), so what the model was tuned on maps back to the same genre. Like the
+# mood table below, it serves any domain: a Vocabulary only keeps the genres its catalogue has.
 GENRE_WORDS: dict[str, tuple[str, ...]] = {
     "Comedy": ("comedy", "comedies", "funny", "funnier", "comedic", "humor", "humour", "hilarious", "laugh",
                "laughs", "rom-com", "romcom", "rom-coms"),
@@ -92,31 +98,24 @@ _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixt
              "eighth": 8, "ninth": 9, "tenth": 10, "last": -1}
 _DECADE_WORDS = {"twenties": 1920, "thirties": 1930, "forties": 1940, "fifties": 1950, "sixties": 1960,
                  "seventies": 1970, "eighties": 1980, "nineties": 1990}
-_NOUN = r"(?:one|movie|film|title|item|pick|suggestion|recommendation|option)s?"
 _ORD = "|".join(_ORDINALS)
-# item references; group "n" holds the number or ordinal word
+_ORDINAL = rf"(?P<n>{_ORD}|\d{{1,2}}(?:st|nd|rd|th))"
+# item references that name no item word; group "n" holds the number or ordinal word (the ones that do,
+# "the second movie", are in DomainPatterns)
 _REF_PATTERNS = [
     re.compile(r"#\s?(?P<n>\d{1,2})\b"),
     re.compile(r"\b(?:number|no\.|nr\.?|item|option|pick)\s?(?P<n>\d{1,2})\b", re.I),
-    re.compile(rf"\b(?:the\s+)?(?P<n>{_ORD}|\d{{1,2}}(?:st|nd|rd|th))\s+{_NOUN}\b", re.I),
-    re.compile(rf"\bthe\s+(?P<n>{_ORD}|\d{{1,2}}(?:st|nd|rd|th))\b(?=\s*(?:$|[?.!,;]|and\b|or\b))", re.I),
+    re.compile(rf"\bthe\s+{_ORDINAL}\b(?=\s*(?:$|[?.!,;]|and\b|or\b))", re.I),
 ]
-_FOCUS_REF = re.compile(rf"\b(?:that|this|the\s+same)\s+{_NOUN}\b|^\W*(?:that|this)\W*$|"
-                        r"\b(?:about|like|liked|love|loved|not|seen|skip|drop)\s+(?:it|that|this)\W*$", re.I)
-_BARE_NUMBER = re.compile(r"^\W*(?:not|no|skip|drop|hide|remove|seen|more\s+like|like|what\s+is|what's|"
-                          r"tell\s+me\s+about|about|info|details)?\s*(?P<n>\d{1,2})\s*[?.!]*\s*$", re.I)
 
 _RESET = re.compile(r"^\W*(?:please\s+)?(?:let'?s\s+)?(?:start\s+(?:over|again|afresh)|restart|reset|"
                     r"new\s+(?:search|conversation|chat|session)|forget\s+(?:it|that|everything|all)|"
                     r"begin\s+again|clear(?:\s+(?:all|everything|the\s+chat))?)\b[\s:,.!-]*", re.I)
-_REJECT = re.compile(r"\b(?:not|no|nope|never|without|skip|drop|remove|hide|exclude|hate|hated|dislike|"
-                     r"disliked|don'?t|didn'?t|seen|saw|watched|already|boring|meh)\b", re.I)
+_REJECT_WORDS = (r"not|no|nope|never|without|skip|drop|remove|hide|exclude|hate|hated|dislike|disliked|don'?t|"
+                 r"didn'?t|already|boring|meh")
 _LIKE = re.compile(r"\b(?:more\s+like|like|liked|love|loved|enjoy|enjoyed|similar|yes|good|great|nice|"
                    r"perfect|keep)\b", re.I)
 _INFO = re.compile(r"\b(?:what|which|who|tell|about|info|information|details?|describe|explain|why)\b|\?", re.I)
-_MORE = re.compile(r"^\W*(?:(?:show|give)\s+(?:me\s+)?)?(?:some\s+)?(?:more|others?|other\s+ones|"
-                   r"something\s+else|anything\s+else|different\s+ones|next(?:\s+ones)?|more\s+please|"
-                   r"more\s+(?:recommendations|suggestions|movies|films|picks))(?:\s+please)?\W*$", re.I)
 
 _THANKS = re.compile(r"\W*(?:(?:thanks?|thank\s+you|thx|ok(?:ay)?|cool|nice|great|awesome|perfect|got\s+it|"
                      r"a\s+lot|so\s+much|much\s+appreciated)[\s,!.]*)+", re.I)
@@ -145,35 +144,82 @@ _NEGATION_GAP = r"(?:(?:a|an|any|more|so|very|too|that|overly)\s+)?"
 # the form the intention templates of tasks.py use for an item with both genres)
 _COMPOUND_GAP = r"(?:\s*-\s*|\s+(?:(?:'|’)?(?:19|20)?\d0(?:'|’)?s\s+)?)"
 
-# words that carry no request of their own (a refinement is filter phrases plus these)
+# words that carry no request of their own (a refinement is filter phrases plus these, and the item words)
 _FILLER = frozenset("""
-a an the only just something anything some more movies movie films film ones one please pls show me give
+a an the only just something anything some more ones one please pls show me give
 make it them those these instead but and or now then from in of with about maybe lets let's let try rather
 ok okay i want would like prefer could you can bit little slightly stuff that are is be to what how also
 really very much too so thanks thank same kind sort type types kinds genre genres year years decade decades
 era eras time ones please stick keep keeping limit restrict filter filtered by only that's thats which
 """.split())
 
-# an unknown piece of a pasted history is part of an intention when it holds one of these (or a filter word)
-_INTENTION_WORDS = re.compile(
-    r"\b(?:movies?|films?|something|anything|want|wanna|need|looking|look|recommend|suggest|mood|tonight|"
-    r"night|evening|weekend|watch|classic|old|new|recent|good|great|fun|light|dark|feel-good|date|friends|"
-    r"scarier|funnier|darker|lighter|similar|different|about|set\s+in|starring|with\s+a|for\s+a)\b", re.I)
 # where a pasted history turns into a wish: split there so each side is read on its own
 _CLAUSE_SPLIT = re.compile(r"\s*(?:[.!?;\n]+|,?\s+\b(?:but|now|though|although|however|except)\b)\s*", re.I)
-_LIKE_PREAMBLE = re.compile(r"\b((?:something|anything|stuff|more|movies?|films?|ones?|titles?)\s+"
-                            r"(?:like|similar\s+to|such\s+as|in\s+the\s+vein\s+of))\s+", re.I)
-HISTORY_CUE = re.compile(r"\b(?:loved?|liked|like|enjoy(?:ed)?|adored?|watched|seen|saw|favou?rites?|"
-                         r"fan\s+of|similar\s+to|such\s+as|into|rewatched|grew\s+up\s+with|history|watchlist)\b",
-                         re.I)
-# "more like Raiders of the Lost Ark": steer towards named titles and show new items only
-_MORE_LIKE = re.compile(r"^\W*(?:(?:show|give)\s+(?:me\s+)?)?(?:some\s+)?(?:more|others?|other\s+ones)"
-                        r"(?:\s+(?:movies?|films?|ones?|titles?|stuff|things))?\s+(?:like|similar\s+to)\b", re.I)
-# a message shaped like a mood ("something quirky", "a bit more upbeat"): its one word should be a mood we know
-_MOOD_SHAPE = re.compile(r"^\W*(?:(?:i(?:'?d|\s+would)?\s+(?:want|like|prefer)|give\s+me|show\s+me|maybe)\s+)?"
-                         r"(?:something|anything|a\s+bit|a\s+little|more|less|not\s+(?:too|so)|nothing(?:\s+too)?)"
-                         r"\s+(?:more\s+|less\s+)?(?P<w>[a-z][a-z'-]*)"
-                         r"(?:\s+(?:one|ones|movies?|films?|please|instead|now|then|tonight))*\W*$", re.I)
+
+
+def _words(words: Iterable[str]) -> str:
+    """A regex alternation of literal words."""
+    return "|".join(re.escape(w) for w in words)
+
+
+@dataclass(frozen=True)
+class DomainPatterns:
+    """The patterns that name items or what people do with them ("the second movie", "seen #2", "I watched
+    ..."), in the words of one Domain; see ``patterns_for``."""
+    focus_ref: re.Pattern        # "that movie", "seen it": the item last talked about
+    noun_ref: re.Pattern         # "the second movie"
+    bare_number: re.Pattern      # "seen 3"
+    reject: re.Pattern           # "seen #2", "not #3"
+    more: re.Pattern             # "show me more movies"
+    more_like: re.Pattern        # "more like Raiders of the Lost Ark": steer towards titles, new items only
+    like_preamble: re.Pattern    # "movies like Toy Story": cut after the preamble so the title stands alone
+    history_cue: re.Pattern      # "loved", "watched", "my watchlist": the titles named are a history
+    intention_words: re.Pattern  # an unknown piece holding one of these (or a filter word) is part of a wish
+    mood_shape: re.Pattern       # "something quirky": its one word should be a mood we know
+    filler: frozenset[str]       # words that carry no request of their own
+
+
+@functools.cache      # a handful of domains; every Vocabulary of one domain shares its compiled patterns
+def patterns_for(domain: Domain) -> DomainPatterns:
+    """The compiled item patterns of ``domain``; generic words ("recommend", "something", "like") are the same
+    for every domain."""
+    nouns = _words(domain.nouns())
+    noun = rf"(?:one|{_words([domain.kind, domain.synonym])}|title|item|pick|suggestion|recommendation|option)s?"
+    seen = re.escape(domain.seen)
+    past = _words(domain.past_verbs)
+    return DomainPatterns(
+        focus_ref=re.compile(rf"\b(?:that|this|the\s+same)\s+{noun}\b|^\W*(?:that|this)\W*$|"
+                             rf"\b(?:about|like|liked|love|loved|not|{seen}|skip|drop)\s+(?:it|that|this)\W*$",
+                             re.I),
+        noun_ref=re.compile(rf"\b(?:the\s+)?{_ORDINAL}\s+{noun}\b", re.I),
+        bare_number=re.compile(rf"^\W*(?:not|no|skip|drop|hide|remove|{seen}|more\s+like|like|what\s+is|what's|"
+                               r"tell\s+me\s+about|about|info|details)?\s*(?P<n>\d{1,2})\s*[?.!]*\s*$", re.I),
+        reject=re.compile(rf"\b(?:{_REJECT_WORDS}|{past})\b", re.I),
+        more=re.compile(r"^\W*(?:(?:show|give)\s+(?:me\s+)?)?(?:some\s+)?(?:more|others?|other\s+ones|"
+                        r"something\s+else|anything\s+else|different\s+ones|next(?:\s+ones)?|more\s+please|"
+                        rf"more\s+(?:recommendations|suggestions|{_words([domain.kinds, domain.synonyms])}|picks))"
+                        r"(?:\s+please)?\W*$", re.I),
+        more_like=re.compile(r"^\W*(?:(?:show|give)\s+(?:me\s+)?)?(?:some\s+)?(?:more|others?|other\s+ones)"
+                             rf"(?:\s+(?:{nouns}|ones?|titles?|stuff|things))?\s+(?:like|similar\s+to)\b", re.I),
+        like_preamble=re.compile(rf"\b((?:something|anything|stuff|more|{nouns}|ones?|titles?)\s+"
+                                 r"(?:like|similar\s+to|such\s+as|in\s+the\s+vein\s+of))\s+", re.I),
+        # "rewatched", "rebought": the past forms with "re" count too
+        history_cue=re.compile(rf"\b(?:loved?|liked|like|enjoy(?:ed)?|adored?|(?:re)?(?:{past})|"
+                               r"favou?rites?|fan\s+of|similar\s+to|such\s+as|into|grew\s+up\s+with|history|"
+                               rf"{re.escape(domain.list_name)})\b", re.I),
+        intention_words=re.compile(
+            rf"\b(?:{nouns}|something|anything|want|wanna|need|looking|look|recommend|suggest|mood|tonight|"
+            rf"night|evening|weekend|{re.escape(domain.watch)}|classic|old|new|recent|good|great|fun|light|dark|"
+            r"feel-good|date|friends|scarier|funnier|darker|lighter|similar|different|about|set\s+in|starring|"
+            r"with\s+a|for\s+a)\b", re.I),
+        mood_shape=re.compile(r"^\W*(?:(?:i(?:'?d|\s+would)?\s+(?:want|like|prefer)|give\s+me|show\s+me|maybe)\s+)?"
+                              r"(?:something|anything|a\s+bit|a\s+little|more|less|not\s+(?:too|so)|"
+                              r"nothing(?:\s+too)?)\s+(?:more\s+|less\s+)?(?P<w>[a-z][a-z'-]*)"
+                              rf"(?:\s+(?:one|ones|{nouns}|please|instead|now|then|tonight))*\W*$", re.I),
+        filler=_FILLER | {w.casefold() for w in domain.nouns()},
+    )
+
+
 _LEADING_CONNECTOR = re.compile(r"^(?:(?:and|but|now|so|then|also|though|although|however|except|well|ok|"
                                 r"okay|plus)\b[\s,]*)+", re.I)
 
@@ -336,9 +382,12 @@ def _alternation(words: Iterable[str]) -> str:
 
 
 class Vocabulary:
-    """Genre and mood words of one catalogue: only genres the catalogue has are recognised."""
+    """The words of one catalogue: its genre and mood words (only genres the catalogue has are recognised) and
+    the item words of its domain (``patterns``: "movie", "watched" or "product", "bought")."""
 
-    def __init__(self, genres: Iterable[str]):
+    def __init__(self, genres: Iterable[str], domain: Domain = MOVIE):
+        self.domain = domain
+        self.patterns = patterns_for(domain)
         known = {g.casefold(): g for g in genres}
         table: dict[str, set[str]] = {}
         for genre, words in GENRE_WORDS.items():
@@ -487,16 +536,16 @@ def _genre_filters(change: FilterChange, vocab: Vocabulary, text: str) -> None:
     change.excluded_genres = list(dict.fromkeys(change.excluded_genres))
 
 
-def _only_filler(text: str) -> bool:
+def _only_filler(text: str, vocab: Vocabulary) -> bool:
     words = re.findall(r"[\w']+", text.casefold())
-    return all(w in _FILLER or re.fullmatch(_NEGATION, w) for w in words)
+    return all(w in vocab.patterns.filler or re.fullmatch(_NEGATION, w) for w in words)
 
 
 # ---------------------------------------------------------------------------------------------- commands
 
-def _refs(text: str) -> list[int]:
+def _refs(text: str, patterns: DomainPatterns) -> list[int]:
     found: list[tuple[int, int]] = []
-    for pattern in _REF_PATTERNS:
+    for pattern in _REF_PATTERNS + [patterns.noun_ref]:
         for m in pattern.finditer(text):
             word = m.group("n").casefold()
             n = _ORDINALS.get(word)
@@ -505,7 +554,7 @@ def _refs(text: str) -> list[int]:
             if n != 0:
                 found.append((m.start(), n))
     if not found:
-        m = _BARE_NUMBER.match(text)
+        m = patterns.bare_number.match(text)
         if m and int(m.group("n")) > 0:
             found.append((0, int(m.group("n"))))
     return list(dict.fromkeys(n for _, n in sorted(found)))
@@ -521,61 +570,63 @@ def parse_command(text: str, vocab: Vocabulary) -> Command | None:
     m = _RESET.match(stripped)
     if m:
         return Command("reset", rest=stripped[m.end():].strip())
-    refs = _refs(stripped)
-    focus = not refs and bool(_FOCUS_REF.search(stripped))
+    patterns = vocab.patterns
+    refs = _refs(stripped, patterns)
+    focus = not refs and bool(patterns.focus_ref.search(stripped))
     if refs or focus:
-        if _REJECT.search(stripped) and not re.search(r"\b(?:more\s+like|not\s+bad)\b", stripped, re.I):
+        if patterns.reject.search(stripped) and not re.search(r"\b(?:more\s+like|not\s+bad)\b", stripped, re.I):
             return Command("reject", refs, focus)
         if _LIKE.search(stripped):
             return Command("like", refs, focus)
         return Command("info", refs, focus)
-    if _MORE.match(stripped):
+    if patterns.more.match(stripped):
         return Command("more")
     change, rest = extract_filters(stripped, vocab)
-    if change and _only_filler(rest):
+    if change and _only_filler(rest, vocab):
         return Command("refine", change=change)
     return None
 
 
 # ---------------------------------------------------------------------------------------------- requests
 
-def split_request(text: str) -> list[str]:
+def split_request(text: str, vocab: Vocabulary) -> list[str]:
     """Clauses of a request, cut where a history turns into a wish ("I loved X, but now something
     scary") and after "something like" (so "movies like Toy Story" gives the title on its own)."""
     clauses = []
     for clause in _CLAUSE_SPLIT.split(text):
-        clause = _LIKE_PREAMBLE.sub(lambda m: m.group(1) + "; ", clause)
+        clause = vocab.patterns.like_preamble.sub(lambda m: m.group(1) + "; ", clause)
         clauses.extend(c.strip() for c in clause.split(";"))
     return [c for c in clauses if c]
 
 
 def is_intention_piece(piece: str, vocab: Vocabulary) -> bool:
     """Whether text left over after title resolution reads as a wish rather than an unknown title."""
-    if _INTENTION_WORDS.search(piece) or vocab.genre_mentions(piece) or vocab.mood_mentions(piece):
+    if vocab.patterns.intention_words.search(piece) or vocab.genre_mentions(piece) or vocab.mood_mentions(piece):
         return True
     change, _ = extract_filters(piece, vocab)
     return bool(change)
 
 
-def asks_more_like(text: str) -> bool:
+def asks_more_like(text: str, vocab: Vocabulary) -> bool:
     """"more like <title>", "others similar to <title>": the titles steer, and only new items are wanted."""
-    return bool(_MORE_LIKE.match(text))
+    return bool(vocab.patterns.more_like.match(text))
 
 
 def unknown_mood_word(text: str, vocab: Vocabulary) -> str | None:
     """The word of a mood-shaped message ("something quirky") when it is no genre, mood or wish word we know."""
-    m = _MOOD_SHAPE.match(text.strip())
+    m = vocab.patterns.mood_shape.match(text.strip())
     if not m:
         return None
     word = m.group("w")
-    known = (word.casefold() in vocab.words or word.casefold() in vocab.moods or word.casefold() in _FILLER
-             or _INTENTION_WORDS.fullmatch(word) or extract_filters(word, vocab)[0])
+    folded = word.casefold()
+    known = (folded in vocab.words or folded in vocab.moods or folded in vocab.patterns.filler
+             or vocab.patterns.intention_words.fullmatch(word) or extract_filters(word, vocab)[0])
     return None if known else word
 
 
-def has_content(piece: str) -> bool:
+def has_content(piece: str, vocab: Vocabulary) -> bool:
     """False for pieces made only of filler ("I want something like")."""
-    return not _only_filler(re.sub(HISTORY_CUE, " ", piece))
+    return not _only_filler(vocab.patterns.history_cue.sub(" ", piece), vocab)
 
 
 def sanitize_query(text: str, max_chars: int = MAX_QUERY_CHARS) -> str:
@@ -605,5 +656,5 @@ def resolve_refs(refs: list[int], shown: list[int]) -> tuple[list[int], list[int
 
 __all__ = ["Command", "FilterChange", "Filters", "Wish", "Mention", "Mood", "Vocabulary", "extract_filters",
            "parse_command", "split_request", "is_intention_piece", "has_content", "sanitize_query", "resolve_refs",
-           "asks_more_like", "unknown_mood_word", "HISTORY_CUE", "GENRE_WORDS", "MOOD_WORDS", "KNOWN_MOODS",
-           "MAX_QUERY_CHARS"]
+           "asks_more_like", "unknown_mood_word", "DomainPatterns", "patterns_for", "GENRE_WORDS", "MOOD_WORDS",
+           "KNOWN_MOODS", "MAX_QUERY_CHARS"]

@@ -68,6 +68,20 @@ def render(metrics: dict[str, Any], ks: Sequence[int] = (1, 5, 10)) -> str:
                 f"templates, first {spread['users']} users, valid NDCG@10): mean {spread['mean']:.4f}, stdev "
                 f"{spread['stdev']:.4f}, per template " + ", ".join(f"{v:.4f}" for v in spread["ndcg@10_per_template"])
                 + "."]
+    if "collm_auc" in metrics:
+        out += ["", "## CoLLM: will this user like X? (AUC)", "",
+                "Each user's held-out target against unseen items sampled with a fixed seed; every row scores the "
+                "same pairs. uAUC: the mean of per-user AUCs.", "",
+                "| stage | scorer | users | AUC | uAUC |", "|---|---|---|---|---|"]
+        for stage, rows in metrics["collm_auc"].items():
+            out += [f"| {stage} | {name} | {r['users']} | {r['auc']:.4f} | {r['uauc']:.4f} |" for name, r in rows.items()]
+    if "cllm4rec_paper_metrics_test" in metrics:
+        p = metrics["cllm4rec_paper_metrics_test"]
+        out += ["", f"CLLM4Rec at the paper's cut-offs (test): Recall@20 {p['recall@20']:.4f}, Recall@40 "
+                f"{p['recall@40']:.4f}, NDCG@100 {p['ndcg@100']:.4f}."]
+    if metrics.get("train_seconds"):
+        out += ["", "Training time: " + ", ".join(f"{name} {s / 60:.1f} min" for name, s in metrics["train_seconds"].items())
+                + "."]
     seconds = metrics.get("seconds", {})
     if seconds:
         out += ["", f"Time: baselines stage {seconds.get('baselines', 0):.0f} s, LC-Rec generation "

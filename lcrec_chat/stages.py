@@ -3,6 +3,8 @@
 prepare  -> config.yaml, split.json, stats.json, catalog.sqlite
 index    -> item_emb.npy, rqvae.pt, codes.json, index_report.json, code_usage.png (+ codes in the catalogue)
 train    -> adapter/, checkpoint/, train_log.jsonl, train_summary.json, loss_curves.png
+baselines -> baselines.json, sasrec.pt, gru4rec.pt
+methods  -> methods.json, cllm4rec/, collm/ (the LLM methods beside LC-Rec)
 evaluate -> metrics.json, report.md
 
 A stage whose inputs and config section did not change is skipped (recorded in stages.json); --force reruns it.
@@ -194,6 +196,33 @@ def baselines(cfg: Config, force: bool = False) -> dict:
     return result
 
 
+def methods(cfg: Config, force: bool = False) -> dict:
+    """methods.json (+ cllm4rec/, collm/): the LLM methods of ``cfg.methods.run`` trained on the run's split and
+    scored on its protocol (methods/run.py). Each method's row is cached under the fingerprint of its inputs,
+    so a stopped stage resumes with the next method and an unchanged method is never retrained."""
+    from .methods.run import RUNNERS
+    run = cfg.run_path
+    split_path = require(run, "split.json", "prepare")
+    out = run / "methods.json"
+    cached = json.loads(out.read_text()) if out.exists() and not force else {}
+    rows: dict[str, dict] = {}
+    for name in cfg.methods.run:
+        inputs = [getattr(cfg.methods, name), cfg.model, cfg.eval.cutoffs, cfg.eval.max_users,
+                  _file_stamp(split_path)]
+        if name == "collm" and cfg.methods.collm.collab == "sasrec":
+            inputs.append(_file_stamp(require(run, "sasrec.pt", "baselines")))
+        fp = _fingerprint(*inputs)
+        if cached.get(name, {}).get("fingerprint") == fp:
+            log.info("methods: %s up to date (use --force to retrain)", name)
+            rows[name] = cached[name]
+            continue
+        log.info("methods: training and scoring %s", name)
+        rows[name] = {**RUNNERS[name](cfg, run, load_split(run), load_items(run)), "fingerprint": fp}
+        cached[name] = rows[name]
+        out.write_text(json.dumps(cached, indent=1))
+    return rows
+
+
 def _wait_for_baselines(run: Path) -> None:
     """If another process is running the baselines stage on this run, wait for it instead of redoing it."""
     marker = run / "baselines.running"
@@ -290,6 +319,22 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
                 rec, split, "test", style, 0, cfg.eval.max_users, ks, choice["weight"]))}
     for key, result in classic["methods"].items():
         table[BASELINE_NAMES.get(key, key)] = result
+    _add_llm_methods(cfg, metrics)
+    served = _served_dtype()
+    if served != dtype:
+        # the precision the app serves (ui.serving_dtype), on test: pure LC-Rec and the app's hybrid weight
+        served_rec = Recommender.from_run(cfg, run, dtype=served)
+        style = cfg.eval.styles[0]
+        table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}), served {served}"] = {"test": cache.get(
+            f"served {served} {style} test", lambda: evaluate_sequential(served_rec, split, "test", style, 0,
+                                                                         cfg.eval.max_users, ks))}
+        if cfg.chat.prior_weight > 0 and rec.prior_model is not None:
+            served_rec.prior_model = rec.prior_model
+            table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={cfg.chat.prior_weight:g}, "
+                  f"served {served}"] = {"test": cache.get(
+                      f"served {served} hybrid {cfg.chat.prior_weight:g} test", lambda: evaluate_sequential(
+                          served_rec, split, "test", style, 0, cfg.eval.max_users, ks, cfg.chat.prior_weight))}
+        metrics["served_precision"] = served
     index_report = run / "index_report.json"
     if index_report.exists():
         metrics["indexing"] = json.loads(index_report.read_text())
@@ -302,10 +347,37 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     return metrics
 
 
+METHOD_NAMES = {"cllm4rec": "CLLM4Rec (user/item tokens, item head)",
+                "collm": "CoLLM-{collab}: re-ranks SASRec's top {depth}"}
+
+
+def _add_llm_methods(cfg: Config, metrics: dict) -> None:
+    """Rows of the `methods` stage (methods.json), when it ran: CLLM4Rec and CoLLM beside LC-Rec."""
+    path = cfg.run_path / "methods.json"
+    if not path.exists():
+        return
+    for name, entry in json.loads(path.read_text()).items():
+        if name not in cfg.methods.run:
+            continue
+        label = METHOD_NAMES[name].format(collab=entry.get("collab", ""), depth=cfg.methods.collm.rerank_depth)
+        metrics["methods"][label] = {"valid": entry["valid"], "test": entry["test"]}
+        metrics.setdefault("train_seconds", {})[label] = entry["train_seconds"]
+        if "auc" in entry:
+            metrics["collm_auc"] = entry["auc"]
+        if "paper_metrics_test" in entry:
+            metrics["cllm4rec_paper_metrics_test"] = entry["paper_metrics_test"]
+
+
+def _served_dtype() -> str:
+    from .ui import serving_dtype
+    return serving_dtype("auto")
+
+
 # what a run folder needs to be served and inspected; never the checkpoint or the base model
 EXPORTED = ("config.yaml", "catalog.sqlite", "split.json", "stats.json", "codes.json", "rqvae.pt", "item_emb.npy",
             "item_emb.json", "index_report.json", "code_usage.png", "train_log.jsonl", "train_summary.json",
-            "loss_curves.png", "metrics.json", "report.md", "adapter", "sasrec.pt", "baselines.json")
+            "loss_curves.png", "metrics.json", "report.md", "adapter", "sasrec.pt", "baselines.json", "methods.json",
+            "cllm4rec", "collm")
 
 
 def export(cfg: Config, target: str | Path, force: bool = False) -> dict:

@@ -11,7 +11,8 @@ How a message is read:
      position the longest run of parts that names a title exactly wins, then the best fuzzy match;
   3. each candidate run is tried as written and with leading filler removed one phrase at a time
      ("I loved", "also", "movies like", a label such as "My history:"), so "Love Actually" survives while
-     "I loved X" and "My history: X" become "X";
+     "I loved X" and "My history: X" become "X"; the item words and verbs of the filler ("movies like",
+     "I watched", "I bought") come from the item domains (``lcrec_chat.data.domain``);
   4. a trailing "(1994)" is always a year hint; a bare trailing "1994" only when the run without it
      is a title and the run with it is not ("Death Race 2000" stays a title).
 
@@ -35,10 +36,12 @@ import functools
 import logging
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from rapidfuzz import fuzz, process
+
+from .data.domain import DOMAINS, Domain
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +58,43 @@ _LIST_MARKER = re.compile(r"^\s*(?:[-*–—+>]+|\(?\d{1,3}[.)]|#\d{1,3})\s+")
 _SOFT_SPLIT = re.compile(r"\s*,\s*|\s+(?:and|plus)\s+|\s*&\s*|(?<=[.!?])\s+", re.IGNORECASE)
 _EDGE_JUNK = " \t\"'`«»“”‘’.,!?:;-–—[]{}*_~"   # not parentheses: "(1994)" is a year hint
 
-# One filler phrase at a time, longest alternatives first so "i've" is not read as "i".
-_FILLER_PREFIX = re.compile(
-    r"^(?:my\s+(?:all[- ]time\s+)?favou?rites?(?:\s+(?:movies?|films?|ones?))?"
-    r"(?:\s+(?:are|is|were|include))?|all[- ]time\s+favou?rites?(?:\s+(?:are|is|were|include))?"
-    r"|favou?rites?(?:\s+(?:are|is|were|include))?"
-    # a label before a list ("My history:", "watch history -", "my ratings:"); only before a colon or dash,
-    # so an unknown title that starts with the word ("History of ...") is still reported whole
-    r"|(?:(?:my|our)\s+)?(?:(?:watch(?:ing)?|viewing|movie|film|rating)\s+)?"
-    r"(?:history|list|watchlist|ratings?|log|diary)"
-    r"(?:\s+(?:so\s+far|is|was|are|were|includes?))?(?=\s*[:\-–—])|here(?:'s|\s+is|\s+are)|these\s+are"
-    r"|(?:movies?|films?|things|stuff|something|anything)\s+(?:like|similar\s+to)|such\s+as|for\s+example"
-    r"|e\.g\.|eg|(?:recommend|suggest|give|show|find|get)(?:\s+(?:me|us))?|similar\s+to|more\s+like"
-    r"|based\s+on|because\s+of|please|something|anything"
-    r"|i'?ve|we'?ve|i'?d|i'?m|i\s+am|i\s+have|i\s+had|i|we|you|they"
-    r"|and|also|plus|then|too|oh|well|so|but|or|really|just|recently|lately|yesterday|last\s+night"
-    r"|especially|definitely|absolutely|totally|including|like|loved?|liked|enjoy(?:ed)?|adored?"
-    r"|hated?|disliked|re-?watched|watched|watching|watch|saw|seen|see|rated|been|have|had|has"
-    r"|the\s+(?:movies?|films?)|movies?|films?)(?![\w'])[\s:,\-]*",
-    re.IGNORECASE,
-)
+
+def _words(words: Iterable[str]) -> str:
+    """A regex alternation of literal words, longest first."""
+    return "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+
+
+@functools.cache
+def filler_prefix(domains: tuple[Domain, ...]) -> re.Pattern:
+    """One leading filler phrase ("I loved", "My history:", "movies like"), in the item words of ``domains``.
+    Longest alternatives first so "i've" is not read as "i"."""
+    nouns = _words(w for d in domains for w in d.nouns())
+    verbs = _words(w for d in domains for w in d.present_verbs)
+    past = _words(w for d in domains for w in d.past_verbs)
+    # what may qualify a list label: "watch history", "viewing history" (history_name's first word), "movie list"
+    qualifiers = _words(w for d in domains for w in (d.watch, d.watching, d.history_name.split()[0], d.kind,
+                                                        d.synonym, "rating"))
+    lists = _words(d.list_name for d in domains)
+    return re.compile(
+        rf"^(?:my\s+(?:all[- ]time\s+)?favou?rites?(?:\s+(?:{nouns}|ones?))?"
+        r"(?:\s+(?:are|is|were|include))?|all[- ]time\s+favou?rites?(?:\s+(?:are|is|were|include))?"
+        r"|favou?rites?(?:\s+(?:are|is|were|include))?"
+        # a label before a list ("My history:", "watch history -", "my ratings:"); only before a colon or dash,
+        # so an unknown title that starts with the word ("History of ...") is still reported whole
+        rf"|(?:(?:my|our)\s+)?(?:(?:{qualifiers})\s+)?(?:history|list|{lists}|ratings?|log|diary)"
+        r"(?:\s+(?:so\s+far|is|was|are|were|includes?))?(?=\s*[:\-–—])|here(?:'s|\s+is|\s+are)|these\s+are"
+        rf"|(?:{nouns}|things|stuff|something|anything)\s+(?:like|similar\s+to)|such\s+as|for\s+example"
+        r"|e\.g\.|eg|(?:recommend|suggest|give|show|find|get)(?:\s+(?:me|us))?|similar\s+to|more\s+like"
+        r"|based\s+on|because\s+of|please|something|anything"
+        r"|i'?ve|we'?ve|i'?d|i'?m|i\s+am|i\s+have|i\s+had|i|we|you|they"
+        r"|and|also|plus|then|too|oh|well|so|but|or|really|just|recently|lately|yesterday|last\s+night"
+        r"|especially|definitely|absolutely|totally|including|like|loved?|liked|enjoy(?:ed)?|adored?"
+        rf"|hated?|disliked|(?:re-?)?(?:{past})|{verbs}|rated|been|have|had|has"
+        rf"|the\s+(?:{nouns})|{nouns})(?![\w'])[\s:,\-]*",
+        re.IGNORECASE,
+    )
+
+
 _FILLER_SUFFIX = re.compile(
     r"[\s,]*\b(?:too|as\s+well|also|a\s+lot|very\s+much|so\s+much|please|lol|haha)\s*[.!?]*$", re.IGNORECASE)
 _PAREN_YEAR = re.compile(r"^(?P<title>.*?)[\s,]*[(\[]\s*(?P<year>(?:18|19|20)\d\d)\s*[)\]]?\s*$")
@@ -178,7 +198,7 @@ def _trim(text: str) -> str:
             return text
 
 
-def _variants(run: str) -> tuple[str, ...]:
+def _variants(run: str, filler: re.Pattern) -> tuple[str, ...]:
     """The run as written, then with one more leading filler phrase removed each time; each also
     without a trailing "too"/"as well". Unstripped first, so "Love Actually" is tried before "Actually"."""
     out: list[str] = []
@@ -188,18 +208,18 @@ def _variants(run: str) -> tuple[str, ...]:
         short = _trim(_FILLER_SUFFIX.sub("", text))
         if short and short != text:
             out.append(short)
-        m = _FILLER_PREFIX.match(text)
+        m = filler.match(text)
         if not m or m.end() == 0:
             break
         text = _trim(text[m.end():])
     return tuple(dict.fromkeys(out))[:MAX_VARIANTS]
 
 
-def _core(piece: str) -> str | None:
+def _core(piece: str, filler: re.Pattern) -> str | None:
     """What an unmatched piece is reported as: filler removed; None when it was only filler."""
     text = _trim(piece)
     stripped = False
-    while (m := _FILLER_PREFIX.match(text)) and m.end() > 0:
+    while (m := filler.match(text)) and m.end() > 0:
         word = text.split(None, 1)[0]
         if stripped and word[:1].isupper() and word != "I":
             break   # "I loved Love Actually": a capital mid-sentence starts the title
@@ -222,11 +242,16 @@ def _year_splits(text: str) -> list[tuple[str, int | None]]:
 
 
 class TitleIndex:
-    """Normalised-title index over catalogue rows (dicts with idx, title, year, popularity)."""
+    """Normalised-title index over catalogue rows (dicts with idx, title, year, popularity).
+
+    ``domain``: the item kind of the rows, whose words lead a pasted list ("I watched:", "I bought:"); None
+    reads the words of every known domain, as rows do not say what they are. Exact titles are tried before
+    filler is stripped, so another domain's words cannot eat into a title that is named as written."""
 
     def __init__(self, rows: Sequence[dict], fuzzy_cutoff: float = 85.0, ambiguity_ratio: float = 1.5,
-                 alt_confidence: float = 0.9, series_confidence: float = 0.8):
+                 alt_confidence: float = 0.9, series_confidence: float = 0.8, domain: Domain | None = None):
         self._rows = rows
+        self._filler = filler_prefix((domain,) if domain else tuple(DOMAINS.values()))
         self.fuzzy_cutoff = fuzzy_cutoff
         self.ambiguity_ratio = ambiguity_ratio
         self._alias_notes = {alt_confidence: "matched an alternative title",
@@ -347,7 +372,7 @@ class TitleIndex:
         widths = range(min(self._max_span, len(parts) - i), 0, -1)
         runs = [(w, segment[parts[i][0]:parts[i + w - 1][1]]) for w in widths]
         for w, run in runs:
-            for text in _variants(run):
+            for text in _variants(run, self._filler):
                 if len(text) > self._max_run_chars:
                     continue   # no title is this long; a shorter variant may still be one
                 hit = self._exact(text)
@@ -358,14 +383,14 @@ class TitleIndex:
                     return self._choose(text, cands, hint, note), w
         best = None
         for w, run in runs:
-            for text in dict.fromkeys(t for t in (_trim(run), _core(run)) if t):
+            for text in dict.fromkeys(t for t in (_trim(run), _core(run, self._filler)) if t):
                 hit = self._fuzzy(text, budget)
                 if hit and (best is None or hit[2] > best[0]):
                     best = (hit[2], w, text, hit[0], hit[1])
         if best:
             score, w, text, cands, hint = best
             return self._choose(text, cands, hint, f"closest title to '{text}' (similarity {score:.0f})"), w
-        return _core(segment[parts[i][0]:parts[i][1]]), 1
+        return _core(segment[parts[i][0]:parts[i][1]], self._filler), 1
 
     def resolve(self, text: str, max_pieces: int = 50, max_chars: int = 10_000,
                 max_fuzzy_scans: int = 120) -> Resolution:

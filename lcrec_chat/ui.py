@@ -27,6 +27,7 @@ import gradio as gr  # noqa: E402
 
 from .chat import ChatEngine, CoWatch, Reply, Session  # noqa: E402
 from .config import Config  # noqa: E402
+from .data.domain import MOVIE, Domain, article  # noqa: E402
 from .hardware import resolve_dtype  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -152,27 +153,35 @@ def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
 
 # --------------------------------------------------------------------------------------------- the page
 
-def _examples() -> dict:
+def _examples(domain: Domain) -> dict:
+    """Example prompts and conversations; they name MovieLens titles, so other domains get none."""
     try:
-        return json.loads((ASSETS / "examples.json").read_text())
+        return json.loads((ASSETS / "examples.json").read_text()) if domain == MOVIE else {}
     except (OSError, ValueError):
-        return {"prompts": [], "conversations": []}
+        return {}
 
 
-def _how_it_works() -> str:
+def _how_it_works(domain: Domain) -> str:
     try:
         text = (ASSETS / "how_it_works.md").read_text()
     except OSError:
         text = ""
-    convs = _examples().get("conversations") or []
+    convs = _examples(domain).get("conversations") or []
     if convs:
         text += "\n\n**Example conversations** (one message per arrow):\n\n" + "\n".join(
             "- " + " → ".join(f"“{m}”" for m in conv) for conv in convs)
     return text
 
 
+def input_placeholder(domain: Domain) -> str:
+    """The hint in the empty message box: the domain's example history and wish."""
+    examples = [e for e in (domain.example_history, domain.example_wish) if e]
+    return "e.g. " + " — or — ".join(examples)
+
+
 def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
-    """The page. Handlers close over the shared engine only; everything per user is in gr.State."""
+    """The page, in the words of the catalogue the engine serves. Handlers close over the shared engine only;
+    everything per user is in gr.State."""
 
     def on_message(message: str, session: Session | None, messages: list | None) -> Iterator[tuple]:
         session = session if isinstance(session, Session) else engine.new_session()
@@ -199,8 +208,9 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
             k = cfg.chat.default_k
         return engine.answer(message, history if isinstance(history, list) else None, k)
 
-    examples = _examples().get("prompts") or []
-    with gr.Blocks(title="LC-Rec chat: movie recommendations") as demo:
+    domain = engine.domain
+    examples = _examples(domain).get("prompts") or []
+    with gr.Blocks(title=f"LC-Rec chat: {domain.kind} recommendations") as demo:
         gr.Markdown("## LC-Rec chat\nA small language model tuned to recommend by writing item codes. "
                     "Tell it what you liked or what you are in the mood for.")
         gr.Markdown(status, elem_classes=["lcrec-status-error"] if status.startswith("⚠") else ["lcrec-status"],
@@ -212,17 +222,17 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
         chatbot = gr.Chatbot(show_label=False, elem_id="lcrec-chat", height=None, min_height=CHAT_MIN_HEIGHT,
                              max_height=CHAT_MAX_HEIGHT, autoscroll=True, resizable=True, feedback_options=None,
                              layout="panel", buttons=["copy"],
-                             placeholder="Ask for a movie, or paste a few you liked.")
+                             placeholder=f"Ask for {article(domain.kind)}, or paste a few you liked.")
         with gr.Row():
-            box = gr.Textbox(show_label=False, placeholder="e.g. I loved Toy Story and Aladdin — or — something "
-                             "scary from the 80s", max_length=cfg.chat.max_message_chars, lines=1, scale=6,
-                             elem_id="lcrec-input", autofocus=True)
+            box = gr.Textbox(show_label=False, placeholder=input_placeholder(domain),
+                             max_length=cfg.chat.max_message_chars, lines=1, scale=6, elem_id="lcrec-input",
+                             autofocus=True)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="lcrec-send")
             clear = gr.Button("Start over", scale=1, elem_id="lcrec-reset")
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[box], label="Try")
         with gr.Accordion("How it works", open=False):
-            gr.Markdown(_how_it_works())
+            gr.Markdown(_how_it_works(domain))
         with gr.Accordion("Last reply as data (what the API returns)", open=False):
             data = gr.JSON(label="reply", elem_id="lcrec-json")
 

@@ -12,9 +12,14 @@ from dataclasses import fields
 import pytest
 
 from lcrec_chat import run_folder, stages
-from lcrec_chat.config import load_config
-from lcrec_chat.data import DOMAINS, MOVIE, PRODUCT, domain_named
+from lcrec_chat.catalog import Catalog
+from lcrec_chat.chat import ChatEngine, CoWatch
+from lcrec_chat.config import ChatConfig, Config, load_config
+from lcrec_chat.data import DOMAINS, MOVIE, PRODUCT, domain_named, load_ml100k
+from lcrec_chat.intents import Vocabulary, has_content, parse_command, split_request
+from lcrec_chat.recommender import Recommendation
 from lcrec_chat.tasks import TASKS, TEMPLATES, Describer, intention_queries, prompts_for
+from lcrec_chat.titles import TitleIndex
 
 MOVIE_WORDS = ("movie", "film", "watch", "viewer", "viewing", "cinema", "tonight", "genre")
 PRODUCT_WORDS = ("product", "products", "bought", "buy", "buys", "buying", "shopper", "purchase history",
@@ -147,3 +152,82 @@ def test_describer_defaults_to_movies():
     text = Describer(items, [1, 1]).preference([0, 1], random.Random(0))
     assert text == ("This user mostly watches comedy and horror movie and picks a mix of hits and lesser-known "
                     "titles. Recent favourites: A and B.")
+
+
+# ------------------------------------------------------------------------------------------- the chat
+
+CHAT_MOVIE_WORDS = ("movie", "film", "watch")
+
+
+def popularity_recommender(catalog: Catalog):
+    """Recommender.recommend's signature over catalogue popularity (as tests/test_chat.py's recommender)."""
+    def recommend(history=(), query="", k=10, exclude=(), filters=None, num_beams=None):
+        allowed = catalog.filter_indices(**filters) if filters else set(range(len(catalog)))
+        ranked = sorted(allowed - set(exclude) - set(history), key=lambda i: (-catalog.item(i)["popularity"], i))
+        return [Recommendation(i, -1.0 - r, catalog.item(i)) for r, i in enumerate(ranked[:k])]
+    return recommend
+
+
+def final_text(engine: ChatEngine, message: str) -> str:
+    return list(engine.respond(message, engine.new_session()))[-1].as_text()
+
+
+@pytest.fixture(scope="module")
+def product_engine(amazon_run):
+    run, _ = amazon_run
+    catalog = Catalog(run / "catalog.sqlite")
+    cowatch = CoWatch(run_folder.load_split(run).train_sequences())
+    return ChatEngine(catalog, popularity_recommender(catalog), ChatConfig(), cowatch=cowatch)
+
+
+def test_product_chat_speaks_of_products(product_engine):
+    assert product_engine.domain is PRODUCT
+    welcome = final_text(product_engine, "hi")
+    assert "products" in welcome and "buying" in welcome
+    assert not [w for w in CHAT_MOVIE_WORDS if w in welcome.lower()], welcome
+    reply = list(product_engine.respond("I bought: Snark SN-5 Clip-On Tuner; Boss DS-1 Distortion Pedal",
+                                        product_engine.new_session()))[-1]
+    assert [r["title"] for r in reply.recognised] == ["Snark SN-5 Clip-On Tuner", "Boss DS-1 Distortion Pedal"]
+    assert reply.unknown == [] and reply.cards
+    text = reply.as_text()
+    assert not [w for w in CHAT_MOVIE_WORDS if w in text.lower()], text
+    assert re.search(r"\b(bought|shoppers?|products)\b", " ".join(c.reason for c in reply.cards)), text
+
+
+def test_movie_chat_still_speaks_of_movies(tmp_path):
+    catalog = Catalog.build(tmp_path / "catalog.sqlite", load_ml100k(max_users=20))
+    engine = ChatEngine(catalog, popularity_recommender(catalog), ChatConfig())
+    assert engine.domain is MOVIE
+    welcome = final_text(engine, "hi")
+    assert "movies you liked" in welcome and "watching" in welcome and "bought" not in welcome
+    assert "viewer" in final_text(engine, "I watched Toy Story and Fargo")
+
+
+def test_the_intent_parser_reads_product_cues():
+    products, movies = Vocabulary(["Tuners"], PRODUCT), Vocabulary(["Comedy"], MOVIE)
+    message = "I bought: Snark Tuner; Boss Pedal"
+    assert products.patterns.history_cue.search(message) and not movies.patterns.history_cue.search(message)
+    assert parse_command(message, products) is None and not has_content("I bought", products)
+    assert split_request("products like Snark Tuner", products) == ["products like", "Snark Tuner"]
+    assert parse_command("I already bought #2", products).kind == "reject"
+    assert parse_command("bought #2", movies).kind == "info"           # "bought" is no movie word
+    assert parse_command("that product", products).focus and parse_command("more items", products).kind == "more"
+
+
+def test_titles_strip_the_labels_of_a_domain():
+    rows = [{"idx": 0, "item_id": "a", "title": "Snark Tuner", "year": None, "popularity": 3},
+            {"idx": 1, "item_id": "b", "title": "Boss Pedal", "year": None, "popularity": 2}]
+    for text in ("I bought: Snark Tuner; Boss Pedal", "My purchase history: Snark Tuner, Boss Pedal",
+                 "Wishlist - Snark Tuner; Boss Pedal", "items like Snark Tuner and Boss Pedal"):
+        assert TitleIndex(rows, domain=PRODUCT).resolve(text).idxs == [0, 1], text
+        assert TitleIndex(rows).resolve(text).idxs == [0, 1], text        # no domain: every domain's words
+    assert TitleIndex(rows, domain=MOVIE).resolve("I bought: Snark Tuner").unknown == ["bought: Snark Tuner"]
+
+
+def test_the_page_names_the_catalogues_items(product_engine):
+    from lcrec_chat.ui import build_app, input_placeholder
+    demo = build_app(product_engine, Config(), "ready")
+    assert demo.title == "LC-Rec chat: product recommendations"
+    boxes = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "lcrec-input"]
+    assert boxes[0].placeholder == input_placeholder(PRODUCT) == "e.g. a gift for a beginner"
+    assert input_placeholder(MOVIE).startswith("e.g. I loved Toy Story")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lcrec_chat.baselines import (GRU4Rec, Popularity, SASRec, SequentialRecommender, TextKNN, evaluate_baseline,
+from lcrec_chat.ranking import evaluate_ranker
+from lcrec_chat.baselines import (GRU4Rec, Popularity, SASRec, SequentialRecommender, TextKNN,
                                   run_baselines, training_windows)
 from lcrec_chat.config import EvalConfig
 from lcrec_chat.data.dataset import Dataset, Item
@@ -80,7 +81,7 @@ def test_popularity_order_and_exclusion():
     pop = Popularity().fit(split, 10)
     assert pop.recommend([[], [3]], [[], [3]], 3) == [[3, 1, 0], [1, 0, 2]]
     # valid: each user's own past is skipped, so targets 7, 9, 5 sit at ranks 4, 7, 4
-    m = evaluate_baseline(pop, split, "valid", ks=(1, 5))
+    m = evaluate_ranker(pop, split, "valid", ks=(1, 5))
     assert m == pytest.approx({"hr@1": 0.0, "hr@5": 2 / 3, "ndcg@1": 0.0,
                                "ndcg@5": 2 / math.log2(6) / 3, "users": 3,
                                # lists: 7, 8 and 9 items once the past is excluded; every item but 3 appears
@@ -118,7 +119,7 @@ def test_sasrec_learns_a_sequential_pattern():
     split = successor_split()
     model = SASRec(max_len=8, hidden=32, heads=2, dropout=0.1, lr=5e-3, batch_size=32, epochs=6, patience=6,
                    seed=1, num_threads=1, progress=False).fit(split, 30)
-    test = evaluate_baseline(model, split, "test")
+    test = evaluate_ranker(model, split, "test")
     # chance HR@1 is 1/17 (30 items minus the 13 already seen); the pattern is deterministic
     assert test["hr@1"] > 0.8, test
     assert model.best_ndcg == max(e["valid_ndcg@10"] for e in model.epochs_log)
@@ -128,7 +129,7 @@ def test_gru4rec_learns_a_sequential_pattern_and_reloads(tmp_path):
     split = successor_split()
     model = GRU4Rec(max_len=8, hidden=32, gru_hidden=32, dropout=0.0, lr=1e-2, batch_size=32, epochs=8,
                     patience=8, seed=1, num_threads=1, progress=False).fit(split, 30)
-    assert evaluate_baseline(model, split, "test")["hr@1"] > 0.8
+    assert evaluate_ranker(model, split, "test")["hr@1"] > 0.8
     model.save(tmp_path / "gru.pt")
     again = SequentialRecommender.load(tmp_path / "gru.pt")
     assert isinstance(again, GRU4Rec) and torch.allclose(again.score([[1, 2, 3]]), model.score([[1, 2, 3]]))
@@ -160,7 +161,7 @@ def test_sasrec_leaves_global_state_and_restores_best_epoch():
     assert torch.equal(torch.random.get_rng_state(), rng_state)
     assert len(model.epochs_log) == 3
     # the restored weights are the best epoch's: re-scoring valid reproduces its NDCG@10
-    again = evaluate_baseline(model, split, "valid", ks=(10,))["ndcg@10"]
+    again = evaluate_ranker(model, split, "valid", ks=(10,))["ndcg@10"]
     assert again == pytest.approx(model.best_ndcg)
     same = SASRec(**small).fit(split, 30)
     assert same.epochs_log == model.epochs_log           # seeded: identical run
@@ -198,4 +199,4 @@ def test_every_baseline_excludes_the_past_on_real_movielens():
             histories, exclude, targets = stage_inputs(split, stage)
             ranked = model.recommend(histories, exclude, 50)
             assert all(len(r) == 50 and not set(r) & set(x) for r, x in zip(ranked, exclude))
-            assert evaluate_baseline(model, split, stage)["users"] == 50
+            assert evaluate_ranker(model, split, stage)["users"] == 50

@@ -17,7 +17,8 @@ def _frozen(mapping: dict[str, str]) -> Mapping[str, str]:
 
 @dataclass(frozen=True)
 class Domain:
-    """The vocabulary of one item kind. Each text field is a word or phrase the templates insert as-is.
+    """The vocabulary of one item kind. Each text field is a word or phrase the templates (and the chat's
+    replies, lcrec_chat.chat) insert as-is; the verb tuples are what the chat reads in messages (intents).
 
     Verbs are given in every form the templates need, because English forms ("watched", "bought") cannot be
     derived reliably. `genre_noun` / `genre_adjective` are format strings for a genre missing from the maps
@@ -27,6 +28,7 @@ class Domain:
     kind: str              # "movie": one item
     kinds: str             # "movies"
     synonym: str           # "film": another word for one item, for varied phrasing
+    synonyms: str          # "films"
     entry: str             # "title": one catalogue entry, as in "a comedy title"
     entries: str           # "titles", as in "popular, well-known titles"
     watch: str             # the verb of an interaction, in the forms the templates use
@@ -40,12 +42,26 @@ class Domain:
     era: str               # "era": what else tells items apart ("from another era")
     naming: str            # "title and year": what names one item
     moment: str            # " tonight": when a wish is for ("I want to watch X tonight"); may be empty
+    list_name: str         # "watchlist": a list a person keeps of items ("my watchlist: X, Y")
+    # what the chat quotes as examples: a wish, and a pasted history ("" where no title suits every dataset
+    # of the kind)
+    example_wish: str
+    example_history: str
     genre_noun: str = "{}"
     genre_adjective: str = "{}"
     # hash=False: mappings cannot be hashed, and equal domains still hash equal without them
     genre_nouns: Mapping[str, str] = field(default_factory=dict, hash=False)
     genre_adjectives: Mapping[str, str] = field(default_factory=dict, hash=False)
     occasions: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # the chat reads these in messages: forms saying a person already had an item ("I've seen X", "seen #2")
+    # and the other forms that may lead a pasted list ("I watch X"); English forms cannot be derived
+    past_verbs: tuple[str, ...] = ()
+    present_verbs: tuple[str, ...] = ()
+    example_filters: tuple[str, ...] = ()   # refinements the chat's help quotes ("only comedies")
+
+    def nouns(self) -> tuple[str, ...]:
+        """Every word for items, singular and plural: "movie", "movies", "film", "films"."""
+        return self.kind, self.kinds, self.synonym, self.synonyms
 
     def words(self) -> dict[str, str]:
         """Template words: every text field, a capitalised form of each ("History_name") and the article
@@ -69,9 +85,13 @@ def article(phrase: str) -> str:
 
 
 MOVIE = Domain(
-    name="movie", kind="movie", kinds="movies", synonym="film", entry="title", entries="titles",
+    name="movie", kind="movie", kinds="movies", synonym="film", synonyms="films", entry="title", entries="titles",
     watch="watch", watched="watched", watches="watches", watching="watching", seen="seen", person="viewer",
     history_name="viewing history", genre_word="genres", era="era", naming="title and year", moment=" tonight",
+    list_name="watchlist", example_wish="a funny 90s movie for a family night",
+    example_history="I loved Toy Story, Aladdin and GoldenEye",
+    past_verbs=("watched", "seen", "saw"), present_verbs=("watch", "watching", "see"),
+    example_filters=("only comedies", "no horror", "something older", "from the 80s"),
     genre_noun="{} movie", genre_adjective="{}",
     genre_adjectives=_frozen({
         "Comedy": "funny", "Horror": "scary", "Romance": "romantic", "Action": "action-packed",
@@ -98,9 +118,11 @@ MOVIE = Domain(
 # ("Electric Guitar Strings"): the shelf names the item ("an electric guitar strings product"), and the top
 # level is the same for every item, so it is not used as an adjective.
 PRODUCT = Domain(
-    name="product", kind="product", kinds="products", synonym="item", entry="product", entries="products",
-    watch="buy", watched="bought", watches="buys", watching="buying", seen="bought", person="shopper",
-    history_name="purchase history", genre_word="categories", era="brand", naming="title", moment="",
+    name="product", kind="product", kinds="products", synonym="item", synonyms="items", entry="product",
+    entries="products", watch="buy", watched="bought", watches="buys", watching="buying", seen="bought",
+    person="shopper", history_name="purchase history", genre_word="categories", era="brand", naming="title",
+    moment="", list_name="wishlist", example_wish="a gift for a beginner", example_history="",
+    past_verbs=("bought", "purchased", "ordered", "owned", "used"), present_verbs=("buy", "buying", "own", "use"),
     genre_noun="{} product", genre_adjective="",
 )
 

@@ -1,0 +1,290 @@
+"""Collaborative vectors as LLM input tokens: the piece CoLLM uses (and LC-Rec can reuse).
+
+A collaborative model (SASRec, or a matrix factorisation fitted here) gives a vector per user history and per
+item. `CollabMapper`, a small MLP, maps such vectors into the LLM's token-embedding space, and
+`embed_with_collab` builds the LLM's `inputs_embeds` from token ids in which a reserved placeholder id marks
+the positions to fill with mapped vectors (row-major order: row 0's placeholders first, left to right).
+
+Choices made here:
+- Placeholder: an existing special token that movie text never contains, so neither the tokenizer nor the
+  embedding matrix changes (no resize, nothing extra in the saved adapter). For SmolLM2 that is
+  ``<gh_stars>`` (id 7, a marker of its GitHub pretraining data). Its own embedding row is never read: every
+  occurrence is replaced. Prompts are assembled from token ids with the placeholder id inserted directly, so
+  its text form only matters to callers that tokenize text containing it (`placeholder_id` checks it is one id).
+- The mapper normalises its input (LayerNorm: SASRec's user states and item embeddings differ in scale by
+  several times, and one mapper serves both) and rescales its output to the mean norm of the LLM's ordinary
+  token embeddings, so mapped vectors enter at the scale the first layer expects.
+- Sources (`CollabSource`): `user_vectors(histories)` [B, D] and `item_vectors()` [N, D], dot-product
+  compatible (the source's own score of item i for a history is their dot product).
+  - `SASRecSource`: the final state of a trained `SequentialRecommender` over the history (the vector SASRec
+    scores with), and its item embedding table.
+  - `MFSource`: a matrix factorisation fitted here with BPR on the training windows, whose user factor is the
+    mean of the history items' factors (an asymmetric MF, as FISM, Kabbur et al. 2013). We state it so:
+    a history's user vector is the mean of its items' history-side factors, never a user's own row, because
+    the evaluated histories and the app's users come without a fitted user row; the same rule is used when
+    fitting, so training and scoring agree. Item vectors are the target-side factors.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcrec_chat.data.split import Split
+
+log = logging.getLogger(__name__)
+
+# Tried in order; the first that the tokenizer knows as one id is the placeholder (SmolLM2, Llama 3, Qwen 2).
+PLACEHOLDER_CANDIDATES = ("<gh_stars>", "<|reserved_special_token_0|>", "<|fim_pad|>")
+
+
+class CollabError(ValueError):
+    """Collaborative vectors that do not fit the prompt or the model."""
+
+
+# ---------------------------------------------------------------------------------- token side
+
+def placeholder_id(tokenizer, candidates: Sequence[str] = PLACEHOLDER_CANDIDATES) -> tuple[str, int]:
+    """(token text, id) of the first candidate the tokenizer encodes as exactly one known id."""
+    vocab = tokenizer.get_vocab()
+    for token in candidates:
+        if token in vocab and tokenizer.encode(token, add_special_tokens=False) == [vocab[token]]:
+            return token, vocab[token]
+    raise CollabError(f"none of {list(candidates)} is a single token of this tokenizer; pass another placeholder")
+
+
+def token_embedding_norm(model) -> float:
+    """Mean L2 norm of the rows of the model's input embedding matrix."""
+    with torch.no_grad():
+        return float(model.get_input_embeddings().weight.float().norm(dim=1).mean())
+
+
+class CollabMapper(nn.Module):
+    """collab_dim -> hidden -> token_dim: LayerNorm, Linear, GELU, Linear, then each output row rescaled to
+    norm `token_norm` (the mean norm of ordinary token embeddings)."""
+
+    def __init__(self, collab_dim: int, token_dim: int, token_norm: float, hidden: int = 256) -> None:
+        super().__init__()
+        self.collab_dim, self.token_dim, self.hidden = collab_dim, token_dim, hidden
+        self.net = nn.Sequential(nn.LayerNorm(collab_dim), nn.Linear(collab_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, token_dim))
+        self.register_buffer("token_norm", torch.tensor(float(token_norm)))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        out = self.net(vectors.float())
+        return F.normalize(out, dim=-1, eps=1e-8) * self.token_norm
+
+
+def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
+                      collab_vectors: torch.Tensor | None = None) -> torch.Tensor:
+    """`inputs_embeds` [B, L, H] for `input_ids` [B, L]: the token embeddings, except that the placeholder
+    positions (row-major order) hold the rows of `collab_vectors` [P, H] (already mapped to token space).
+
+    Differentiable in `collab_vectors` (stage 2 trains the mapper through it). With no placeholders,
+    `collab_vectors` may be None or empty.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = input_ids == placeholder
+    count = int(mask.sum())
+    given = 0 if collab_vectors is None else collab_vectors.shape[0]
+    if count != given:
+        raise CollabError(f"{count} placeholder positions but {given} collaborative vectors")
+    if count == 0:
+        return embeds
+    if collab_vectors.shape[-1] != embeds.shape[-1]:
+        raise CollabError(f"collaborative vectors have width {collab_vectors.shape[-1]}, "
+                          f"token embeddings {embeds.shape[-1]}")
+    return embeds.masked_scatter(mask.unsqueeze(-1), collab_vectors.to(embeds.dtype))
+
+
+# ---------------------------------------------------------------------------------- sources
+
+@runtime_checkable
+class CollabSource(Protocol):
+    """Vectors of a collaborative model: a history's user vector and every item's vector, dot-compatible."""
+
+    kind: str
+    dim: int
+    num_items: int
+
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:   # [B, dim], float32, CPU
+        ...
+
+    def item_vectors(self) -> torch.Tensor:                                        # [num_items, dim]
+        ...
+
+
+def source_scores(source: CollabSource, histories: Sequence[Sequence[int]],
+                  candidates: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The source's own score (dot product) of each history's candidates: [B, C]."""
+    users = source.user_vectors(histories)
+    items = source.item_vectors()[torch.as_tensor([list(c) for c in candidates], dtype=torch.long)]
+    return (items * users.unsqueeze(1)).sum(-1)
+
+
+class SASRecSource:
+    """User vector = the final state of a trained `SequentialRecommender` (SASRec or GRU4Rec) after the history
+    (what it scores the catalogue with); item vectors = its item embedding table (padding row left out)."""
+
+    kind = "sasrec"
+
+    def __init__(self, model) -> None:
+        if getattr(model, "net", None) is None:
+            raise CollabError("SASRecSource needs a fitted SequentialRecommender")
+        self.model = model
+        self.model.net.eval()
+        self.num_items = int(model.num_items)
+        with torch.no_grad():
+            self._items = model.net.item_emb.weight[1:].detach().float().cpu().clone()
+        self.dim = int(self._items.shape[1])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SASRecSource":
+        from lcrec_chat.baselines import SequentialRecommender
+        return cls(SequentialRecommender.load(path))
+
+    @torch.no_grad()
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        self.model._check_histories(histories)
+        net = self.model.net
+        net.eval()
+        device = next(net.parameters()).device
+        return net(self.model.sequences(histories).to(device), last=1)[:, -1].float().cpu()
+
+    def item_vectors(self) -> torch.Tensor:
+        return self._items
+
+
+class MFSource:
+    """Asymmetric matrix factorisation: score(history, i) = mean_{j in history} P_j . Q_i, BPR-trained on every
+    training window (the previous `window` items -> the next item, one uniformly sampled negative the user
+    never had in training). User vector = that mean of P rows; item vectors = Q."""
+
+    kind = "mf"
+
+    def __init__(self, history_factors: torch.Tensor, item_factors: torch.Tensor, window: int = 20) -> None:
+        if history_factors.shape != item_factors.shape:
+            raise CollabError(f"factor tables differ: {tuple(history_factors.shape)} vs {tuple(item_factors.shape)}")
+        self.p = history_factors.detach().float().cpu()
+        self.q = item_factors.detach().float().cpu()
+        self.num_items, self.dim = self.q.shape
+        self.window = window
+        self.fit_log: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        out = torch.zeros(len(histories), self.dim)
+        for row, items in enumerate(histories):
+            items = list(items)[-self.window:]
+            if any(not 0 <= i < self.num_items for i in items):
+                raise CollabError(f"history {row} holds an item outside 0..{self.num_items - 1}")
+            if items:
+                out[row] = self.p[items].mean(0)
+        return out
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.q
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"kind": self.kind, "p": self.p, "q": self.q, "window": self.window,
+                    "fit_log": self.fit_log}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MFSource":
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved.get("kind") != cls.kind:
+            raise CollabError(f"{path}: not a saved MFSource")
+        source = cls(saved["p"], saved["q"], saved["window"])
+        source.fit_log = saved.get("fit_log", [])
+        return source
+
+    @classmethod
+    def fit(cls, split: Split, num_items: int, dim: int = 64, window: int = 20, seconds: float = 10.0,
+            epochs: int = 30, lr: float = 5e-3, batch_size: int = 1024, weight_decay: float = 1e-6,
+            seed: int = 42) -> "MFSource":
+        """BPR over every training window until `epochs` or `seconds` of wall time run out (a few seconds on
+        ML-100K). Deterministic for a seed; leaves the global torch RNG untouched."""
+        hist, pos, owner, seen = _mf_windows(split.train_sequences(), window)
+        rng = np.random.default_rng(seed)
+        start, log_rows = time.perf_counter(), []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            p = nn.Embedding(num_items + 1, dim, padding_idx=0)   # row 0: padding of short histories
+            q = nn.Embedding(num_items, dim)
+            for table in (p, q):
+                nn.init.normal_(table.weight, std=0.1)
+            with torch.no_grad():
+                p.weight[0].zero_()
+            opt = torch.optim.Adam([*p.parameters(), *q.parameters()], lr=lr, weight_decay=weight_decay)
+            for epoch in range(1, epochs + 1):
+                neg = torch.as_tensor(_sample_unseen(rng, owner, seen, num_items))
+                order = torch.randperm(len(pos))
+                total = 0.0
+                for b in range(0, len(order), batch_size):
+                    idx = order[b:b + batch_size]
+                    h = hist[idx]
+                    user = p(h).sum(1) / (h > 0).sum(1, keepdim=True).clamp(min=1)
+                    diff = (user * (q(pos[idx]) - q(neg[idx]))).sum(-1)
+                    loss = -F.logsigmoid(diff).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * len(idx)
+                log_rows.append({"epoch": epoch, "loss": total / len(order)})
+                if time.perf_counter() - start > seconds:
+                    break
+        source = cls(p.weight[1:], q.weight, window)
+        source.fit_log = log_rows
+        log.info("MF (BPR, dim %d): %d epochs in %.1f s, loss %.4f -> %.4f", dim, len(log_rows),
+                 time.perf_counter() - start, log_rows[0]["loss"], log_rows[-1]["loss"])
+        return source
+
+
+def _mf_windows(sequences: Sequence[Sequence[int]], window: int
+                ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[set[int]]]:
+    """(history [W, window] of item + 1 left-padded with 0, next item [W], owning sequence [W], item sets)."""
+    hist, pos, owner = [], [], []
+    for s, seq in enumerate(sequences):
+        for t in range(1, len(seq)):
+            h = [i + 1 for i in seq[max(0, t - window):t]]
+            hist.append([0] * (window - len(h)) + h)
+            pos.append(seq[t])
+            owner.append(s)
+    if not pos:
+        raise CollabError("no training sequence has two or more items; there is nothing to fit")
+    return (torch.tensor(hist), torch.tensor(pos), np.asarray(owner), [set(s) for s in sequences])
+
+
+def _sample_unseen(rng: np.random.Generator, owner: np.ndarray, seen: list[set[int]], num_items: int
+                   ) -> np.ndarray:
+    """One uniform item per row that its owner never had (rejection; rows whose owner had every item keep
+    their draw)."""
+    draw = rng.integers(0, num_items, size=len(owner))
+    for row in range(len(owner)):
+        items = seen[owner[row]]
+        for _ in range(100):
+            if int(draw[row]) not in items:
+                break
+            draw[row] = rng.integers(0, num_items)
+    return draw
+
+
+def make_source(kind: str, split: Split | None = None, num_items: int = 0, sasrec_path: str | Path | None = None,
+                seed: int = 42, **mf_options) -> CollabSource:
+    """The source CoLLMConfig.collab names: "sasrec" loads `sasrec_path` (the baselines stage's sasrec.pt);
+    "mf" fits an `MFSource` on `split` (options: those of `MFSource.fit`)."""
+    if kind == "sasrec":
+        if sasrec_path is None:
+            raise CollabError("collab=sasrec needs the path of a saved SASRec (sasrec.pt)")
+        return SASRecSource.load(sasrec_path)
+    if kind == "mf":
+        if split is None or num_items < 1:
+            raise CollabError("collab=mf needs the split and the item count to fit on")
+        return MFSource.fit(split, num_items, seed=seed, **mf_options)
+    raise CollabError(f"collab must be sasrec or mf, not {kind!r}")
