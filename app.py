@@ -2,8 +2,8 @@
 
 Everything lives in lcrec_chat; this file only picks the run, the precision and the address Spaces gives.
 Environment overrides: LCREC_RUN_DIR, LCREC_CONFIG (used when the run folder has no config.yaml),
-LCREC_DTYPE (auto | nf4 | bf16 | fp32; auto = NF4 on a CUDA GPU, else bf16 where the CPU runs it natively, else
-fp32; see lcrec_chat.ui.serving_dtype), GRADIO_SERVER_NAME/PORT.
+LCREC_DTYPE (auto | int8 | nf4 | bf16 | fp32; auto = NF4 on a CUDA GPU, else int8 through PyTorch's x86 kernels, else
+bf16 where the CPU runs it natively, else fp32; see lcrec_chat.ui.serving_dtype), GRADIO_SERVER_NAME/PORT.
 """
 import importlib.util
 import logging

@@ -81,6 +81,7 @@ class Session:
     last_named_turn: int = 0
     k: int = 5
     turns: int = 0
+    method: str = ""                                    # the recommender chosen on the page ("" = the app's default)
 
     def summary(self) -> dict:
         return {"liked": list(self.liked), "query": self.query, "filters": self.filters.describe(),
@@ -225,12 +226,15 @@ class ChatEngine:
             yield Reply([f"Sorry, something went wrong while answering ({type(e).__name__}); the server log has "
                          "the details. Try again, or \"start over\"."], kind="error")
 
-    def answer(self, message: str, liked: Sequence[str | int] | None = None, k: int | None = None) -> dict:
-        """Stateless API: one message (+ optional liked titles or item indices) -> the final reply as a dict."""
+    def answer(self, message: str, liked: Sequence[str | int] | None = None, k: int | None = None,
+               method: str = "") -> dict:
+        """Stateless API: one message (+ optional liked titles or item indices) -> the final reply as a dict.
+        ``method`` picks one of the app's recommenders (MethodRouter); "" = the default."""
         if self.catalog is None:
             return Reply([f"The app is not ready: {self.catalog_error}"], kind="error").as_dict()
         session = self.new_session()
         session.k = self._clamp_k(k)
+        session.method = method if isinstance(method, str) else ""
         seeded: list[Reply] = []
         if liked:
             if len(liked) > self.cfg.max_history_items * 5:
@@ -511,11 +515,12 @@ class ChatEngine:
                         kind="error", **extra)
             return
         k = min(session.k, len(pool))
-        request = {"history": list(session.liked), "query": session.query, "filters": filters,
+        request = {"history": list(session.liked), "query": session.query, "filters": filters, "method": session.method,
                    "excluded_genres": list(session.filters.excluded_genres), "exclude": len(exclude), "k": k}
         yield Reply(lines + ["Looking for recommendations…"], done=False, kind="recommend", request=request, **extra)
+        chosen = {"method": session.method} if session.method else {}   # only a MethodRouter takes a method
         ranked = self.recommend_fn(history=list(session.liked), query=session.query, k=k,
-                                   exclude=sorted(exclude), filters=filters, num_beams=self.cfg.num_beams)
+                                   exclude=sorted(exclude), filters=filters, num_beams=self.cfg.num_beams, **chosen)
         cards = []
         for rank, rec in enumerate(ranked[:k], 1):
             item = rec.item or self.catalog.item(rec.idx)

@@ -162,6 +162,9 @@ class ChatConfig:
     # > 0: hybrid decoding in the app, weighting each code step by the run's SASRec (sasrec.pt, written by the
     # baselines stage) as evaluated in the model card's hybrid row; 0 = pure LC-Rec
     prior_weight: float = 0.0
+    # the recommender the app starts with (serve --method; the page can switch to any other the run folder has):
+    # lcrec | sasrec | cllm4rec | collm (CoLLM re-ranking LC-Rec's candidates)
+    method: Literal["lcrec", "sasrec", "cllm4rec", "collm"] = "lcrec"
     queue_size: int = 16
     concurrency: int = 2
 
@@ -176,7 +179,7 @@ class CLLM4RecConfig:
     lora_r: int = 8
     lora_alpha: int = 32
     lr: float = 1.0e-3               # LoRA weights
-    token_lr: float = 1.0e-2         # the new user/item token rows (collaborative and content)
+    token_lr: float = 1.0e-3         # the new user/item token rows (1e-2 diverged on SmolLM2 in a 15-step probe)
     batch_size: int = 16
     window: int = 20                 # items per collaborative document and per fine-tuning history
     pretrain_minutes: float = 10.0   # wall-time budget of the pretraining stage (both document kinds)

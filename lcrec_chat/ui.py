@@ -12,7 +12,6 @@ lives only in per-session ``gr.State`` (deleted when the tab closes or after ``S
 """
 from __future__ import annotations
 
-import functools
 import html
 import importlib.util
 import json
@@ -29,6 +28,7 @@ from .chat import ChatEngine, CoWatch, Reply, Session  # noqa: E402
 from .config import Config  # noqa: E402
 from .data.domain import MOVIE, Domain, article  # noqa: E402
 from .hardware import resolve_dtype  # noqa: E402
+from .serving import MethodRouter  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,15 @@ def render_user(message: str) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 def serving_dtype(requested: str = "auto", device: str = "auto") -> str:
-    """The backbone precision to serve in.
+    """The backbone precision to serve LC-Rec in.
 
-    "auto": 4-bit NF4 on a CUDA GPU with bitsandbytes (its real 4-bit kernels); on a CPU, bf16 where the
-    processor runs it natively and fp32 elsewhere (hardware.resolve_dtype). Measured on these 2-core CPUs,
-    bitsandbytes' NF4 served slower (p50 1.68 s vs 0.93 s), heavier (RSS 1.58 vs 1.34 GB) and worse (test
-    NDCG@10 0.045 vs 0.057) than fp32, so it is not the CPU default until a 4-bit path beats it.
-    "nf4": 4-bit wherever bitsandbytes is installed, else as "auto". fp32/bf16 are kept as they are."""
+    "auto": 4-bit NF4 on a CUDA GPU with bitsandbytes (its real 4-bit kernels); on a CPU, int8 (int8 weights and
+    dynamic int8 activations through PyTorch's x86 kernels: on the 2-core CPUs of this project a recommendation
+    is 2.4x faster than fp32 and the server needs about 0.5 GB less), or bf16/fp32 by hardware.resolve_dtype on a
+    PyTorch build without those kernels. bitsandbytes' NF4 on these CPUs served slower (p50 1.68 s vs 0.93 s),
+    heavier (RSS 1.58 vs 1.34 GB) and worse than fp32, and PyTorch's 4-bit CPU matmul (int4 weights, bf16
+    activations) runs at 0.6-1.2x fp32's speed: model card, "Serving precision".
+    "nf4": 4-bit wherever bitsandbytes is installed, else as "auto". fp32/bf16/int8 are kept as they are."""
     import torch
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     has_bnb = importlib.util.find_spec("bitsandbytes") is not None
@@ -94,7 +96,8 @@ def serving_dtype(requested: str = "auto", device: str = "auto") -> str:
         return requested
     if cuda:
         return "nf4" if has_bnb else ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
-    return resolve_dtype("auto", "cpu")
+    engines = torch.backends.quantized.supported_engines
+    return "int8" if "fbgemm" in engines or "x86" in engines else resolve_dtype("auto", "cpu")
 
 
 def missing_artifacts(run_dir: str | Path) -> list[str]:
@@ -137,17 +140,16 @@ def load_engine(cfg: Config) -> tuple[ChatEngine, str]:
         msg = f"chat.history_prompt must be dense or chat, got {cfg.chat.history_prompt!r}"
         return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
     try:
-        from .recommender import Recommender
-        rec = Recommender.from_run(cfg, run, prior_weight=cfg.chat.prior_weight)
+        from .serving import MethodRouter
+        router = MethodRouter(cfg, run, cfg.chat.method)
+        router.get(router.default)   # the default method loads now; the others when a session first picks them
     except Exception as e:   # any failure to load must leave a running page that explains it
         log.exception("model failed to load from %s", run)
         msg = f"the model failed to load from `{run}` ({type(e).__name__}: {e})"
         return ChatEngine(catalog, None, cfg.chat, model_error=msg, catalog_error=catalog_error), f"⚠ {msg}"
-    engine = ChatEngine(rec.catalog, functools.partial(rec.recommend, style=cfg.chat.history_prompt), cfg.chat,
-                        cowatch=load_cowatch(run))
-    method = f"LC-Rec + SASRec prior (w={rec.prior_weight:g})" if rec.prior_model is not None else "LC-Rec"
-    status = (f"{method}: model `{cfg.model.base}` ({cfg.model.dtype}) with the adapter of `{run}` · "
-              f"{len(rec.catalog):,} items from {rec.catalog.dataset_name or 'the catalogue'}")
+    engine = ChatEngine(router.catalog, router, cfg.chat, cowatch=load_cowatch(run))
+    status = (f"{router.label()}: model `{cfg.model.base}` ({cfg.model.dtype}) with the run `{run}` · "
+              f"{len(router.catalog):,} items from {router.catalog.dataset_name or 'the catalogue'}")
     return engine, status
 
 
@@ -195,20 +197,32 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
     def on_reset() -> tuple:
         return [], engine.new_session(), [], {}
 
-    def recommend(message: str, history: list[str | int] | None = None, k: int = cfg.chat.default_k) -> dict:
+    def on_method(method: str, session: Session | None) -> Session:
+        session = session if isinstance(session, Session) else engine.new_session()
+        session.method = method if method in methods else ""
+        return session
+
+    def recommend(message: str, history: list[str | int] | None = None, k: int = cfg.chat.default_k,
+                  method: str = "") -> dict:
         """Stateless recommendations. message: a wish and/or titles, as typed in the chat (may be empty when
         history is given). history: titles or catalogue item indices the user liked, oldest first. k: number of
-        items (capped by the server). Returns {"text", "kind", "items": [{"rank", "idx", "title", "year",
-        "genres", "reason", "score"}], "recognised", "unknown", "request"}."""
+        items (capped by the server). method: one of the recommenders the app serves ("" = its default).
+        Returns {"text", "kind", "items": [{"rank", "idx", "title", "year", "genres", "reason", "score"}],
+        "recognised", "unknown", "request"}."""
         if not isinstance(message, str):
             message = ""
         try:
             k = int(k)
         except (TypeError, ValueError):
             k = cfg.chat.default_k
-        return engine.answer(message, history if isinstance(history, list) else None, k)
+        if method and method not in methods:
+            return {"text": f"Unknown method {method!r}; this app serves {', '.join(methods) or 'none'}.",
+                    "kind": "error", "items": [], "recognised": [], "unknown": [], "request": {}}
+        return engine.answer(message, history if isinstance(history, list) else None, k, method or "")
 
     domain = engine.domain
+    router = engine.recommend_fn if isinstance(engine.recommend_fn, MethodRouter) else None
+    methods = {m: router.label(m) for m in router.available} if router else {}
     examples = _examples(domain).get("prompts") or []
     with gr.Blocks(title=f"LC-Rec chat: {domain.kind} recommendations") as demo:
         gr.Markdown("## LC-Rec chat\nA small language model tuned to recommend by writing item codes. "
@@ -229,6 +243,13 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
                              autofocus=True)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="lcrec-send")
             clear = gr.Button("Start over", scale=1, elem_id="lcrec-reset")
+        if len(methods) > 1:
+            method_choice = gr.Radio(choices=[(label, m) for m, label in methods.items()], value=router.default,
+                                     label="Recommender", elem_id="lcrec-method",
+                                     info="LC-Rec is this app's model; the others are trained on the same data "
+                                          "for comparison (model card)")
+            method_choice.change(on_method, [method_choice, session_state], [session_state],
+                                 api_visibility="private")
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[box], label="Try")
         with gr.Accordion("How it works", open=False):

@@ -5,6 +5,8 @@ project's model cache so only the very first run pays ~10 s to read the tokenize
 """
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 from pathlib import Path
 
@@ -238,6 +240,18 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     assert not isinstance(folded, PeftModel)
     with torch.no_grad():
         torch.testing.assert_close(folded(**batch).logits, logits)
+
+    int8, _ = load_finetuned(dataclasses.replace(tiny(), dtype="int8"), tmp_path / "adapter")  # what a CPU serves
+    linears = [m for m in int8.modules() if type(m) is torch.nn.Linear]
+    quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert not linears and len(quantized) == 2 * 7 + 1        # every projection of both layers and the head
+    with torch.no_grad():
+        approx = int8(**batch).logits
+    # int8 rounding moves the logits a little, never the ranking of clearly separated tokens
+    assert (approx - logits).abs().max() < 0.05 * logits.abs().max()
+    assert (approx[0, -1].topk(5).indices == logits[0, -1].topk(5).indices).float().mean() >= 0.8
+    with pytest.raises(BackboneError, match="int8 is for CPU inference"):
+        load_finetuned(dataclasses.replace(tiny(), dtype="int8"), tmp_path / "adapter", for_training=True)
 
     merged = peft_model.merge_and_unload()
     after_in, after_out = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight

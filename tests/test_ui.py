@@ -81,13 +81,17 @@ def test_serving_dtype_follows_the_processor_and_keeps_explicit_choices(monkeypa
     from lcrec_chat.hardware import native_bf16
     assert serving_dtype("fp32") == "fp32" and serving_dtype("bf16") == "bf16"
     assert serving_dtype("nf4", device="cpu") == "nf4"          # asked for: bitsandbytes is installed (CPU too)
-    if not torch.cuda.is_available():                           # auto on a CPU: native bf16 or fp32, never NF4
-        assert serving_dtype("auto") == ("bf16" if native_bf16() else "fp32")
+    if not torch.cuda.is_available():                           # auto on a CPU: int8 (x86 kernels), never NF4
+        assert serving_dtype("auto") == "int8"
+        assert serving_dtype("int8") == "int8"
+        monkeypatch.setattr(torch.backends.quantized, "supported_engines", ["none"])
+        assert serving_dtype("auto") == ("bf16" if native_bf16() else "fp32")   # a build without them
+        monkeypatch.undo()
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     if not torch.cuda.is_available():
-        assert serving_dtype("nf4") == ("bf16" if native_bf16() else "fp32")
+        assert serving_dtype("nf4") == "int8"
 
 
 def test_app_starts_and_explains_a_missing_run_folder(tiny_run, tmp_path):

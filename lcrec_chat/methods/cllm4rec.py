@@ -101,11 +101,12 @@ class CLLM4Rec(Ranker):
             torch.manual_seed(cfg.seed)
             self.lm = self._with_lora(backbone.load_model(model_cfg, for_training=True), lora_dropout)
         base = self.lm.get_base_model()
-        self.decoder, self.embed, self.lm_head = base.get_decoder(), base.get_input_embeddings(), base.get_output_embeddings()
+        self.decoder, self.embed = base.get_decoder(), base.get_input_embeddings()
+        self.lm_head = base.get_output_embeddings()
         self.rows = TokenRows(num_users, self.num_items, self.embed.weight.shape[1]).to(self.device)
         self._init_item_rows()
-        words = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        self.interacted, self.will = words(" has interacted with"), words(" the user will interact with")
+        self.interacted = self.tokenizer.encode(" has interacted with", add_special_tokens=False)
+        self.will = self.tokenizer.encode(" the user will interact with", add_special_tokens=False)
         self.fit_summary: dict = {}
         self.curves: dict[str, list[dict]] = {"pretrain": [], "finetune": []}
 
