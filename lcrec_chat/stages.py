@@ -218,8 +218,9 @@ def methods(cfg: Config, force: bool = False) -> dict:
             continue
         log.info("methods: training and scoring %s", name)
         rows[name] = {**RUNNERS[name](cfg, run, load_split(run), load_items(run)), "fingerprint": fp}
-        cached[name] = rows[name]
-        out.write_text(json.dumps(cached, indent=1))
+        # re-read before writing: another process may have finished another method meanwhile
+        written = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps({**written, name: rows[name]}, indent=1))
     return rows
 
 
