@@ -16,12 +16,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# as app.py: the backbone precision is the app's default (ui.serving_dtype, LCREC_DTYPE) unless an override sets it
 SERVER = """
-import logging, sys
+import logging, os, sys
 from lcrec_chat.config import load_config
-from lcrec_chat.ui import serve
+from lcrec_chat.ui import serve, serving_dtype
 logging.basicConfig(level=logging.WARNING)
 cfg = load_config(sys.argv[1], ["run_dir=" + sys.argv[2]] + sys.argv[4:])
+if not any(o.startswith("model.dtype=") for o in sys.argv[4:]):
+    cfg.model.dtype = serving_dtype(os.environ.get("LCREC_DTYPE", "auto"), cfg.model.device)
 cfg.chat.host = "127.0.0.1"
 serve(cfg, port=int(sys.argv[3]))
 """

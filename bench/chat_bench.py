@@ -72,6 +72,30 @@ def play(url: str, rounds: int, errors: list, timings: list) -> None:
                 errors.append(f"{message!r}: no cards ({data.get('text', '')[:200]})")
 
 
+# ordinary /recommend requests (stateless API): a pasted history, a wish, both, a history with a filter
+REQUESTS = [("", ["Toy Story", "Fargo"]), ("a funny 90s movie for a family night", []),
+            ("I loved Pulp Fiction and Reservoir Dogs", []), ("something scary from the 80s", ["Alien"]),
+            ("", ["Star Wars", "Raiders of the Lost Ark", "The Terminator"]), ("only comedies", ["Aladdin", "Babe"])]
+
+
+def recommend_latency(url: str, methods: list[str], rounds: int) -> dict:
+    """/recommend seconds per method (one warm-up request each, then every request `rounds` times)."""
+    from gradio_client import Client
+    client, out = Client(url, verbose=False), {}
+    for method in methods:
+        client.predict(*REQUESTS[0], 5, method, api_name="/recommend")   # loads the method, warms it up
+        times, empty = [], 0
+        for _ in range(rounds):
+            for message, history in REQUESTS:
+                start = time.perf_counter()
+                data = client.predict(message, history, 5, method, api_name="/recommend")
+                times.append(time.perf_counter() - start)
+                empty += not data.get("items")
+        out[method] = {"requests": len(times), "p50_s": pct(times, 0.5), "p95_s": pct(times, 0.95),
+                       "without_items": empty}
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
@@ -116,6 +140,9 @@ def main() -> None:
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--screenshot", action="store_true", help="also save assets/screenshot.png")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--methods", default="", help="comma-separated methods whose /recommend latency to time "
+                    "(default: the app's default method; 'all' = every method the run folder serves)")
+    ap.add_argument("--recommend-rounds", type=int, default=2, help="plays of the /recommend request list")
     args = ap.parse_args()
     config = args.config or (str(Path(args.run_dir) / "config.yaml") if (Path(args.run_dir) / "config.yaml").exists()
                              else "configs/ml-100k.yaml")
@@ -130,6 +157,11 @@ def main() -> None:
         if status["kind"] == "error":
             raise SystemExit(f"the app cannot recommend: {status['text']}")
         rss_loaded = rss_mb(server)
+        from lcrec_chat.serving import available_methods
+        served = available_methods(args.run_dir)
+        methods = served if args.methods == "all" else [m for m in args.methods.split(",") if m] or [""]
+        latency = recommend_latency(url, methods, args.recommend_rounds)
+        rss_after_methods = rss_mb(server)
 
         seq_errors, seq = [], []
         play(url, args.rounds, seq_errors, seq)
@@ -162,12 +194,17 @@ def main() -> None:
         "run_dir": args.run_dir, "config": config, "overrides": args.overrides,
         "machine": {**machine_record(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "startup_s": round(startup, 1), "rss_loaded_mb": round(rss_loaded), "rss_peak_mb": round(max(peak)),
+        "recommend": latency, "rss_after_methods_mb": round(rss_after_methods), "methods_served": served,
         "sequential": {**summarise(seq), "errors": seq_errors},
         "concurrent": {"sessions": args.sessions, **summarise(conc), "wall_s": round(wall, 2),
                        "replies_per_s": round(len(conc) / wall, 2), "errors": conc_errors},
     }
     rows = [("startup (load model, first page)", f"{startup:.1f} s"),
-            ("RSS after load / peak under load", f"{rss_loaded:.0f} / {max(peak):.0f} MB")]
+            ("RSS after load / peak under load", f"{rss_loaded:.0f} / {max(peak):.0f} MB"),
+            ("RSS with every timed method loaded", f"{rss_after_methods:.0f} MB")]
+    for method, r in latency.items():
+        rows.append((f"/recommend {method or 'default method'} p50 / p95 ({r['requests']} requests)",
+                     f"{r['p50_s']:.2f} / {r['p95_s']:.2f} s"))
     for name in ("sequential", "concurrent"):
         r = result[name]
         rows += [(f"{name}: replies (errors)", f"{r['replies']} ({len(r['errors'])})"),

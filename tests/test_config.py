@@ -26,7 +26,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     ("- a\n- b\n", "expected a mapping at the top level"),
     ("train: [\n", "not valid YAML"),
     ("eval:\n  styles: [dense, chta]\n", "eval.styles[1]: 'chta' is not one of 'dense', 'chat', 'seqrec'"),
-    ("model:\n  dtype: fp16\n", "model.dtype: 'fp16' is not one of 'auto', 'fp32', 'bf16', 'nf4'"),
+    ("model:\n  dtype: fp16\n", "model.dtype: 'fp16' is not one of 'auto', 'fp32', 'bf16', 'int8', 'nf4'"),
     ("train:\n  autocast: yes\n", "train.autocast: True is not one of"),
 ])
 def test_bad_config_names_the_problem(tmp_path, text, fragment):
