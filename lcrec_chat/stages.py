@@ -217,7 +217,7 @@ def methods(cfg: Config, force: bool = False) -> dict:
             rows[name] = cached[name]
             continue
         log.info("methods: training and scoring %s", name)
-        rows[name] = {**RUNNERS[name](cfg, run, load_split(run), load_items(run)), "fingerprint": fp}
+        rows[name] = {**RUNNERS[name](cfg, run, load_split(run), load_items(run), fp), "fingerprint": fp}
         # re-read before writing: another process may have finished another method meanwhile
         written = json.loads(out.read_text()) if out.exists() else {}
         out.write_text(json.dumps({**written, name: rows[name]}, indent=1))
@@ -327,18 +327,20 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     served = _served_dtype()
     if served != dtype:
         # the precision the app serves (ui.serving_dtype), on test: pure LC-Rec and the app's hybrid weight
+        from .backbone import INT8_RECIPE
+        served_recipe = INT8_RECIPE if served == "int8" else served   # a changed recipe is measured again
         served_rec = Recommender.from_run(cfg, run, dtype=served)
         style = cfg.eval.styles[0]
-        table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}), served {served}"] = {"test": cache.get(
-            f"served {served} {style} test", lambda: evaluate_sequential(served_rec, split, "test", style, 0,
+        table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}), served {served_recipe}"] = {"test": cache.get(
+            f"served {served_recipe} {style} test", lambda: evaluate_sequential(served_rec, split, "test", style, 0,
                                                                          cfg.eval.max_users, ks))}
         if cfg.chat.prior_weight > 0 and rec.prior_model is not None:
             served_rec.prior_model = rec.prior_model
             table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={cfg.chat.prior_weight:g}, "
-                  f"served {served}"] = {"test": cache.get(
-                      f"served {served} hybrid {cfg.chat.prior_weight:g} test", lambda: evaluate_sequential(
+                  f"served {served_recipe}"] = {"test": cache.get(
+                      f"served {served_recipe} hybrid {cfg.chat.prior_weight:g} test", lambda: evaluate_sequential(
                           served_rec, split, "test", style, 0, cfg.eval.max_users, ks, cfg.chat.prior_weight))}
-        metrics["served_precision"] = served
+        metrics["served_precision"] = served_recipe
     index_report = run / "index_report.json"
     if index_report.exists():
         metrics["indexing"] = json.loads(index_report.read_text())

@@ -244,7 +244,8 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     int8, _ = load_finetuned(dataclasses.replace(tiny(), dtype="int8"), tmp_path / "adapter")  # what a CPU serves
     linears = [m for m in int8.modules() if type(m) is torch.nn.Linear]
     quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert not linears and len(quantized) == 2 * 7 + 1        # every projection of both layers and the head
+    assert len(linears) == 2 and len(quantized) == 2 * 6 + 1   # every projection but down_proj, and the head
+    assert all(name.endswith("down_proj") for name, m in int8.named_modules() if type(m) is torch.nn.Linear)
     with torch.no_grad():
         approx = int8(**batch).logits
     # int8 rounding moves the logits a little, never the ranking of clearly separated tokens

@@ -44,6 +44,11 @@ def test_methods_stage_trains_saves_and_scores_each_method(methods_run):
                for r in auc.values())
     again = stages.methods(cfg)   # unchanged inputs: read back, never retrained
     assert again["cllm4rec"]["train_seconds"] == rows["cllm4rec"]["train_seconds"]
+    (run / "methods.json").unlink()   # a stage stopped while scoring: the trained models are scored, not retrained
+    resumed = stages.methods(cfg)
+    for name in rows:
+        assert resumed[name]["train_seconds"] == rows[name]["train_seconds"]
+        assert resumed[name]["test"]["ndcg@10"] == pytest.approx(rows[name]["test"]["ndcg@10"])
 
 
 def test_evaluate_reports_every_method_in_one_table(methods_run):

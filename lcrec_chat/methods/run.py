@@ -9,6 +9,7 @@ alone on the same pairs) and, for top-K, as a re-ranker of SASRec's top `rerank_
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,15 +23,37 @@ from ..ranking import evaluate_ranker
 log = logging.getLogger(__name__)
 
 PAPER_CUTOFFS = (20, 40, 100)   # CLLM4Rec reports Recall@20/40 and NDCG@100
+TRAINED = "trained.json"        # {fingerprint, train_seconds}: the saved model is the finished training of these inputs
 
 
-def run_cllm4rec(cfg: Config, run: Path, split: Split, items: list[dict]) -> dict[str, Any]:
+def _trained_seconds(folder: Path, fingerprint: str) -> float | None:
+    """Training seconds of the model saved in `folder` if it was trained from these inputs, else None: a stage
+    stopped while scoring resumes without retraining."""
+    path = folder / TRAINED
+    if not fingerprint or not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["train_seconds"] if saved.get("fingerprint") == fingerprint else None
+
+
+def _mark_trained(folder: Path, fingerprint: str, seconds: float) -> None:
+    (folder / TRAINED).write_text(json.dumps({"fingerprint": fingerprint, "train_seconds": round(seconds, 1)}))
+
+
+def run_cllm4rec(cfg: Config, run: Path, split: Split, items: list[dict], fingerprint: str = "") -> dict[str, Any]:
     from .cllm4rec import CLLM4Rec
-    started = time.perf_counter()
-    model = CLLM4Rec(cfg.methods.cllm4rec, cfg.model, items, num_users=len(split.users))
-    model.fit(split, len(items))
-    train_seconds = time.perf_counter() - started
-    model.save(run / "cllm4rec")
+    folder = run / "cllm4rec"
+    train_seconds = _trained_seconds(folder, fingerprint)
+    if train_seconds is not None:
+        log.info("CLLM4Rec: scoring the model trained in %s", folder)
+        model = CLLM4Rec.load(folder, cfg.model)
+    else:
+        started = time.perf_counter()
+        model = CLLM4Rec(cfg.methods.cllm4rec, cfg.model, items, num_users=len(split.users))
+        model.fit(split, len(items))
+        train_seconds = time.perf_counter() - started
+        model.save(folder)
+        _mark_trained(folder, fingerprint, train_seconds)
     entry: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "fit": model.fit_summary}
     for stage in STAGES:
         scored = time.perf_counter()
@@ -44,20 +67,27 @@ def run_cllm4rec(cfg: Config, run: Path, split: Split, items: list[dict]) -> dic
     return entry
 
 
-def run_collm(cfg: Config, run: Path, split: Split, items: list[dict]) -> dict[str, Any]:
+def run_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerprint: str = "") -> dict[str, Any]:
     from ..baselines import SequentialRecommender
-    from .collab_tokens import make_source
+    from .collab_tokens import MFSource, make_source
     from .collm import CoLLM, CoLLMReranker, source_auc
     c = cfg.methods.collm
-    sasrec_path = run / "sasrec.pt"
-    started = time.perf_counter()
-    source = make_source(c.collab, split=split, num_items=len(items), sasrec_path=sasrec_path, seed=c.seed)
-    model = CoLLM(c, cfg.model, items, source)
-    model.fit(split, len(items))
-    train_seconds = time.perf_counter() - started
-    model.save(run / "collm")
-    if c.collab == "mf":
-        source.save(run / "collm" / "mf.pt")
+    sasrec_path, folder = run / "sasrec.pt", run / "collm"
+    train_seconds = _trained_seconds(folder, fingerprint)
+    if train_seconds is not None:
+        log.info("CoLLM: scoring the model trained in %s", folder)
+        source = MFSource.load(folder / "mf.pt") if c.collab == "mf" else make_source(c.collab, sasrec_path=sasrec_path)
+        model = CoLLM.load(folder, cfg.model, source)
+    else:
+        started = time.perf_counter()
+        source = make_source(c.collab, split=split, num_items=len(items), sasrec_path=sasrec_path, seed=c.seed)
+        model = CoLLM(c, cfg.model, items, source)
+        model.fit(split, len(items))
+        train_seconds = time.perf_counter() - started
+        model.save(folder)
+        if c.collab == "mf":
+            source.save(folder / "mf.pt")
+        _mark_trained(folder, fingerprint, train_seconds)
     entry: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "fit": model.fit_summary,
                              "collab": c.collab}
     # AUC: every test user (and `valid_users` valid users), the held-out target against `negatives` unseen items
