@@ -231,3 +231,22 @@ def test_the_page_names_the_catalogues_items(product_engine):
     boxes = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "lcrec-input"]
     assert boxes[0].placeholder == input_placeholder(PRODUCT) == "e.g. a gift for a beginner"
     assert input_placeholder(MOVIE).startswith("e.g. I loved Toy Story")
+
+
+def test_the_llm_methods_use_the_domain_words():
+    """CoLLM's prompt and CLLM4Rec's content documents speak of products for a product catalogue."""
+    from lcrec_chat.backbone import load_tokenizer
+    from lcrec_chat.config import CLLM4RecConfig, ModelConfig
+    from lcrec_chat.data.domain import PRODUCT
+    from lcrec_chat.methods.cllm4rec import CLLM4Rec
+    from lcrec_chat.methods.collm import PromptBuilder
+    tiny = ModelConfig(base="tiny-llama")
+    tokenizer = load_tokenizer(tiny)
+    builder = PromptBuilder(tokenizer, ["Snark SN-5 Clip-On Tuner", "Boss DS-1 Distortion Pedal"], placeholder=7,
+                            history=2, watched=PRODUCT.watched)
+    opening = tokenizer.decode(builder.open)
+    assert opening == f"A user {PRODUCT.watched}:" and "watch" not in opening
+    items = [{"title": "Snark SN-5 Clip-On Tuner", "year": None, "genres": ["Tuners"]}]
+    model = CLLM4Rec(CLLM4RecConfig(), tiny, items, num_users=1, item_kind=PRODUCT.kind, progress=False)
+    text = tokenizer.decode(model.content_doc(0)[0][1:])
+    assert f"is a {PRODUCT.kind} titled Snark" in text and "movie" not in text

@@ -91,11 +91,11 @@ class PromptBuilder:
     """Token ids of CoLLM prompts; the history prefix and the candidate suffix concatenate to the full prompt."""
 
     def __init__(self, tokenizer, item_texts: Sequence[str], placeholder: int, history: int,
-                 max_title_tokens: int = 16, history_years: bool = False) -> None:
+                 max_title_tokens: int = 16, history_years: bool = False, watched: str = "watched") -> None:
         self.tokenizer, self.item_texts, self.placeholder = tokenizer, list(item_texts), placeholder
         self.history, self.max_title_tokens, self.history_years = history, max_title_tokens, history_years
         enc = self._encode
-        self.open, self.none, self.sep, self.stop = enc("A user watched:"), enc(" nothing"), enc(","), enc(".")
+        self.open, self.none, self.sep, self.stop = enc(f"A user {watched}:"), enc(" nothing"), enc(","), enc(".")
         self.user, self.ask, self.close = enc(" The user is"), enc(" Will they like"), enc("? Answer:")
         self._items: dict[tuple[int, bool], list[int]] = {}
 
@@ -216,21 +216,22 @@ class CoLLM:
                  source: CollabSource, *, mapper_hidden: int = 256, lora_dropout: float = 0.05,
                  max_title_tokens: int = 16, history_years: bool = False, max_steps: int = 0,
                  train_pairs: int = 0, eval_batch_size: int = 32, progress: bool = True,
-                 item_texts: Sequence[str] | None = None, adapter_dir: str | Path | None = None) -> None:
+                 item_texts: Sequence[str] | None = None, adapter_dir: str | Path | None = None,
+                 watched: str = "watched") -> None:
         texts = list(item_texts) if item_texts is not None else [item_text(it) for it in items or []]
         if len(texts) != source.num_items:
             raise CollabError(f"{len(texts)} items but the collaborative source knows {source.num_items}")
         self.cfg, self.model_cfg, self.source = cfg, model_cfg, source
         self.options = dict(mapper_hidden=mapper_hidden, lora_dropout=lora_dropout, max_title_tokens=max_title_tokens,
                             history_years=history_years, max_steps=max_steps, train_pairs=train_pairs,
-                            eval_batch_size=eval_batch_size)
+                            eval_batch_size=eval_batch_size, watched=watched)   # watched: the domain's verb
         self.progress, self.num_items, self.item_texts = progress, len(texts), texts
         self.device = torch.device(resolve_device(model_cfg.device))
         self.tokenizer = load_tokenizer(model_cfg)
         self.placeholder_token, self.placeholder = placeholder_id(self.tokenizer)
         self.answer_ids = [self._single_token(a) for a in ANSWERS]
         self.prompts = PromptBuilder(self.tokenizer, texts, self.placeholder, cfg.history, max_title_tokens,
-                                     history_years)
+                                     history_years, watched)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = self._with_lora(load_model(model_cfg, for_training=True), adapter_dir, lora_dropout)

@@ -26,6 +26,14 @@ PAPER_CUTOFFS = (20, 40, 100)   # CLLM4Rec reports Recall@20/40 and NDCG@100
 TRAINED = "trained.json"        # {fingerprint, train_seconds}: the saved model is the finished training of these inputs
 
 
+def _domain(run: Path):
+    """The run's item words (data.domain): content documents and prompts say "movie"/"watched" or "product"/"bought"."""
+    from ..catalog import Catalog
+    from ..data.domain import domain_named
+    with Catalog(run / "catalog.sqlite") as catalog:
+        return domain_named(catalog.domain)
+
+
 def _trained_seconds(folder: Path, fingerprint: str) -> float | None:
     """Training seconds of the model saved in `folder` if it was trained from these inputs, else None: a stage
     stopped while scoring resumes without retraining."""
@@ -49,7 +57,8 @@ def run_cllm4rec(cfg: Config, run: Path, split: Split, items: list[dict], finger
         model = CLLM4Rec.load(folder, cfg.model)
     else:
         started = time.perf_counter()
-        model = CLLM4Rec(cfg.methods.cllm4rec, cfg.model, items, num_users=len(split.users))
+        model = CLLM4Rec(cfg.methods.cllm4rec, cfg.model, items, num_users=len(split.users),
+                         item_kind=_domain(run).kind)
         model.fit(split, len(items))
         train_seconds = time.perf_counter() - started
         model.save(folder)
@@ -81,7 +90,7 @@ def run_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerpri
     else:
         started = time.perf_counter()
         source = make_source(c.collab, split=split, num_items=len(items), sasrec_path=sasrec_path, seed=c.seed)
-        model = CoLLM(c, cfg.model, items, source)
+        model = CoLLM(c, cfg.model, items, source, watched=_domain(run).watched)
         model.fit(split, len(items))
         train_seconds = time.perf_counter() - started
         model.save(folder)
