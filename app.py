@@ -3,7 +3,8 @@
 Everything lives in lcrec_chat; this file only picks the run, the precision and the address Spaces gives.
 Environment overrides: LCREC_RUN_DIR, LCREC_CONFIG (used when the run folder has no config.yaml),
 LCREC_DTYPE (auto | int8 | nf4 | bf16 | fp32; auto = NF4 on a CUDA GPU, else int8 through PyTorch's x86 kernels, else
-bf16 where the CPU runs it natively, else fp32; see lcrec_chat.ui.serving_dtype), GRADIO_SERVER_NAME/PORT.
+bf16 where the CPU runs it natively, else fp32; see lcrec_chat.ui.serving_dtype), LCREC_METHOD (lcrec | sasrec | cllm4rec | collm: the recommender the page
+starts with), GRADIO_SERVER_NAME/PORT.
 """
 import importlib.util
 import logging
@@ -33,6 +34,8 @@ def main() -> None:
     resolved = Path(RUN_DIR) / "config.yaml"     # the settings the run was trained with, when shipped
     cfg = load_config(resolved if resolved.is_file() else PRESET, [f"run_dir={RUN_DIR}"])
     cfg.model.dtype = serving_dtype(os.environ.get("LCREC_DTYPE", "auto"), cfg.model.device)
+    if os.environ.get("LCREC_METHOD"):   # an unknown name is explained on the page (ui.load_engine)
+        cfg.chat.method = os.environ["LCREC_METHOD"]
     cfg.chat.host = os.environ.get("GRADIO_SERVER_NAME", cfg.chat.host)   # Spaces sets 0.0.0.0
     cfg.chat.port = int(os.environ.get("GRADIO_SERVER_PORT", cfg.chat.port))
     serve(cfg)

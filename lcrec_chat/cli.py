@@ -5,8 +5,9 @@ import argparse
 import json
 import logging
 import sys
+import typing
 
-from .config import ConfigError, load_config
+from .config import ChatConfig, ConfigError, load_config
 
 COMMANDS = {
     "prepare": "load the dataset, split it leave-one-out, build the SQLite catalogue",
@@ -27,7 +28,7 @@ EXAMPLES = {
     "methods": "python -m lcrec_chat methods --config configs/ml-100k.yaml --set methods.run=[cllm4rec]",
     "evaluate": "python -m lcrec_chat evaluate --config configs/ml-100k.yaml --set eval.max_users=200",
     "pipeline": "python -m lcrec_chat pipeline --config configs/ml-100k.yaml",
-    "serve": "python -m lcrec_chat serve --config configs/ml-100k.yaml --set run_dir=models/ml-100k",
+    "serve": "python -m lcrec_chat serve --config configs/ml-100k.yaml --set run_dir=models/ml-100k --method cllm4rec",
     "export": "python -m lcrec_chat export --config configs/ml-100k.yaml --to models/ml-100k",
 }
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
             p.add_argument("--port", type=int)
             p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+            p.add_argument("--method", choices=typing.get_args(typing.get_type_hints(ChatConfig)["method"]),
+                           help="the recommender the app starts with (default chat.method: lcrec); the page can "
+                                "switch to any other the run folder has")
         if name == "export":
             p.add_argument("--to", required=True, help="folder to write (a model card already there is kept)")
     return parser
@@ -73,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.port:
             cfg.chat.port = args.port
         cfg.chat.share = cfg.chat.share or args.share
+        if args.method:
+            cfg.chat.method = args.method
         serve(cfg)
         return 0
     try:
