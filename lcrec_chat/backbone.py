@@ -333,7 +333,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     import ctypes
     import gc
     import warnings
-    if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
         raise BackboneError("int8 needs PyTorch's x86 quantized kernels (fbgemm), which this build lacks")
     from torch.ao.quantization import per_channel_dynamic_qconfig
     spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_stage(stage: str, cfg, force: bool) -> dict:
     from . import stages
     if stage == "pipeline":
-        return {name: run_stage(name, cfg, force) for name in ("prepare", "index", "train", "baselines", "methods", "evaluate")}
+        return {name: run_stage(name, cfg, force)
+                for name in ("prepare", "index", "train", "baselines", "methods", "evaluate")}
     return getattr(stages, stage)(cfg, force=force)
 
 

@@ -194,7 +194,8 @@ class CoLLMConfig:
     LLM's token-embedding space at placeholder positions beside the titles; the LLM answers "will this user
     like X?" with Yes/No and the Yes probability is the score. Two stages as in the paper: LoRA on the text-only
     prompt, then the mapping with the LoRA frozen."""
-    collab: Literal["sasrec", "mf"] = "sasrec"   # sasrec = the baselines stage's sasrec.pt; mf = a matrix factorisation fitted here
+    # sasrec = the baselines stage's sasrec.pt; mf = a matrix factorisation (BPR) fitted here
+    collab: Literal["sasrec", "mf"] = "sasrec"
     history: int = 10                # history titles in the prompt (the paper's TALLRec-style prompt uses 10)
     lora_r: int = 8
     lora_alpha: int = 32
@@ -202,7 +203,7 @@ class CoLLMConfig:
     batch_size: int = 8
     text_minutes: float = 12.0       # stage 1 wall-time budget
     mapping_minutes: float = 10.0    # stage 2 wall-time budget
-    negatives: int = 9               # unseen items sampled per held-out target for AUC / per-user AUC (and per training positive: 1)
+    negatives: int = 9               # unseen items sampled per held-out target for AUC / per-user AUC (training: 1)
     rerank_depth: int = 20           # candidates of the base ranker that CoLLM re-ranks for top-K
     # valid rows (re-ranking, AUC) and the text-only AUC row on the first N users: each user costs ~20 LLM
     # passes, a full valid pass as much as test; test is scored on every user (eval.max_users)

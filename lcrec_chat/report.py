@@ -74,13 +74,15 @@ def render(metrics: dict[str, Any], ks: Sequence[int] = (1, 5, 10)) -> str:
                 "same pairs. uAUC: the mean of per-user AUCs.", "",
                 "| stage | scorer | users | AUC | uAUC |", "|---|---|---|---|---|"]
         for stage, rows in metrics["collm_auc"].items():
-            out += [f"| {stage} | {name} | {r['users']} | {r['auc']:.4f} | {r['uauc']:.4f} |" for name, r in rows.items()]
+            out += [f"| {stage} | {name} | {r['users']} | {r['auc']:.4f} | {r['uauc']:.4f} |"
+                    for name, r in rows.items()]
     if "cllm4rec_paper_metrics_test" in metrics:
         p = metrics["cllm4rec_paper_metrics_test"]
         out += ["", f"CLLM4Rec at the paper's cut-offs (test): Recall@20 {p['recall@20']:.4f}, Recall@40 "
                 f"{p['recall@40']:.4f}, NDCG@100 {p['ndcg@100']:.4f}."]
     if metrics.get("train_seconds"):
-        out += ["", "Training time: " + ", ".join(f"{name} {s / 60:.1f} min" for name, s in metrics["train_seconds"].items())
+        out += ["", "Training time: " + ", ".join(f"{name} {s / 60:.1f} min"
+                                                  for name, s in metrics["train_seconds"].items())
                 + "."]
     seconds = metrics.get("seconds", {})
     if seconds:
