@@ -205,9 +205,11 @@ class CoLLMConfig:
     mapping_minutes: float = 10.0    # stage 2 wall-time budget
     negatives: int = 9               # unseen items sampled per held-out target for AUC / per-user AUC (training: 1)
     rerank_depth: int = 20           # candidates of the base ranker that CoLLM re-ranks for top-K
-    # valid rows (re-ranking, AUC) and the text-only AUC row on the first N users: each user costs ~20 LLM
-    # passes, a full valid pass as much as test; test is scored on every user (eval.max_users)
+    # scoring scope: each user costs ~20 candidate passes of the LLM (~2 s on one core), so the valid rows (re-ranking,
+    # AUC) and the text-only AUC row use the first `valid_users` users, and the test rows the first `test_users`
+    # (0 = every user, eval.max_users); these never change the trained model
     valid_users: int = 200
+    test_users: int = 0
     seed: int = 42
 
 

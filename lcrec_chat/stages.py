@@ -196,6 +196,9 @@ def baselines(cfg: Config, force: bool = False) -> dict:
     return result
 
 
+SCORING_KEYS = ("negatives", "rerank_depth", "valid_users", "test_users")   # method settings that only score
+
+
 def methods(cfg: Config, force: bool = False) -> dict:
     """methods.json (+ cllm4rec/, collm/): the LLM methods of ``cfg.methods.run`` trained on the run's split and
     scored on its protocol (methods/run.py). Each method's row is cached under the fingerprint of its inputs,
@@ -212,12 +215,15 @@ def methods(cfg: Config, force: bool = False) -> dict:
         if name == "collm" and cfg.methods.collm.collab == "sasrec":
             inputs.append(_file_stamp(require(run, "sasrec.pt", "baselines")))
         fp = _fingerprint(*inputs)
+        # what the trained model depends on: the scoring scope can change without retraining (methods/run.py)
+        method_cfg = dataclasses.asdict(getattr(cfg.methods, name))
+        train_fp = _fingerprint({k: v for k, v in method_cfg.items() if k not in SCORING_KEYS}, *inputs[1:])
         if cached.get(name, {}).get("fingerprint") == fp:
             log.info("methods: %s up to date (use --force to retrain)", name)
             rows[name] = cached[name]
             continue
         log.info("methods: training and scoring %s", name)
-        rows[name] = {**RUNNERS[name](cfg, run, load_split(run), load_items(run), fp), "fingerprint": fp}
+        rows[name] = {**RUNNERS[name](cfg, run, load_split(run), load_items(run), train_fp), "fingerprint": fp}
         # re-read before writing: another process may have finished another method meanwhile
         written = json.loads(out.read_text()) if out.exists() else {}
         out.write_text(json.dumps({**written, name: rows[name]}, indent=1))

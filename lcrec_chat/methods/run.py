@@ -101,7 +101,8 @@ def run_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerpri
                              "collab": c.collab}
     # AUC: every test user (and `valid_users` valid users), the held-out target against `negatives` unseen items
     auc: dict[str, Any] = {}
-    for stage, users in (("test", cfg.eval.max_users), ("valid", c.valid_users)):
+    test_users = c.test_users or cfg.eval.max_users
+    for stage, users in (("test", test_users), ("valid", c.valid_users)):
         auc[stage] = {"CoLLM": model.auc(split, stage, c.negatives, users, c.seed),
                       f"{c.collab} alone": source_auc(source, split, stage, c.negatives, users, c.seed)}
     auc["test"]["text only (stage 1, TALLRec-style)"] = model.auc(split, "test", c.negatives, c.valid_users,
@@ -110,7 +111,7 @@ def run_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerpri
     # top-K: re-rank SASRec's top candidates (SASRec is the strongest model the run has)
     base = SequentialRecommender.load(sasrec_path)
     reranker = CoLLMReranker(model, base, depth=c.rerank_depth)
-    for stage, users in (("valid", c.valid_users), ("test", cfg.eval.max_users)):
+    for stage, users in (("valid", c.valid_users), ("test", test_users)):
         scored = time.perf_counter()
         entry[stage] = evaluate_ranker(reranker, split, stage, cfg.eval.cutoffs, users)
         entry[stage]["seconds"] = round(time.perf_counter() - scored, 1)
