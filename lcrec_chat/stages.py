@@ -277,9 +277,10 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
     fp = _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
     # the stage is stale when any row source changed; LC-Rec's cached rows only when LC-Rec's inputs did
-    stage_fp = _fingerprint(fp, *(_file_stamp(run / name) for name in ("baselines.json", "methods.json")
+    def stage_fp() -> str:
+        return _fingerprint(fp, *(_file_stamp(run / name) for name in ("baselines.json", "methods.json")
                                   if (run / name).exists()), cfg.methods.run, cfg.chat.prior_weight)
-    if not force and record.fresh("evaluate", stage_fp) and (run / "metrics.json").exists():
+    if not force and record.fresh("evaluate", stage_fp()) and (run / "metrics.json").exists():
         log.info("evaluate: up to date (use --force to rerun)")
         return json.loads((run / "metrics.json").read_text())
     started = time.time()
@@ -355,7 +356,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
                           "this_call": round(time.time() - started, 1)}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(metrics, run / "report.md", cfg)
-    record.done("evaluate", stage_fp)
+    record.done("evaluate", stage_fp())   # after this call's baselines stage may have written baselines.json
     return metrics
 
 

@@ -96,8 +96,13 @@ def serving_dtype(requested: str = "auto", device: str = "auto") -> str:
         return requested
     if cuda:
         return "nf4" if has_bnb else ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
-    engines = torch.backends.quantized.supported_engines
-    return "int8" if "fbgemm" in engines or "x86" in engines else resolve_dtype("auto", "cpu")
+    return "int8" if has_int8_kernels() else resolve_dtype("auto", "cpu")
+
+
+def has_int8_kernels() -> bool:
+    """Whether this PyTorch build has the x86 integer kernels (fbgemm) that int8 serving runs on."""
+    import torch
+    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines))
 
 
 def missing_artifacts(run_dir: str | Path) -> list[str]:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from lcrec_chat.backbone import INT8_RECIPE
 from lcrec_chat import stages
 from lcrec_chat.config import load_config
 
@@ -17,9 +18,12 @@ def test_evaluate_stage_writes_metrics_and_report_for_every_method(tiny_run, tmp
     methods = metrics["methods"]
     dense, chat = "LC-Rec (dense prompt, text+collaborative codes)", "LC-Rec (request prompt, text+collaborative codes)"
     hybrid = next(name for name in methods if name.startswith("Hybrid: LC-Rec (dense prompt) + SASRec prior, w="))
-    assert set(methods) == {dense, chat, hybrid, "Popularity", "SASRec", "GRU4Rec", "Text-embedding kNN"}
+    # the precision the app serves on a CPU (int8), beside the evaluated one: a test row of its own
+    served = f"LC-Rec (dense prompt), served {INT8_RECIPE}"
+    assert metrics["served_precision"] == INT8_RECIPE and set(methods[served]) == {"test"}
+    assert set(methods) == {dense, chat, hybrid, served, "Popularity", "SASRec", "GRU4Rec", "Text-embedding kNN"}
     for name, per_stage in methods.items():
-        for stage in ("valid", "test"):
+        for stage in ("valid", "test")[1 if name == served else 0:]:
             m = per_stage[stage]
             assert m["users"] == (metrics["hybrid"]["users"] if (name, stage) == (hybrid, "valid") else 6)
             assert 0 <= m["ndcg@10"] <= m["hr@10"] <= 1, (name, stage)
@@ -30,7 +34,7 @@ def test_evaluate_stage_writes_metrics_and_report_for_every_method(tiny_run, tmp
     # generation time counts every LLM pass: both prompts, itemsearch, the whole weight search, the hybrid test
     passes = [methods[n][s]["seconds"] for n in (dense, chat) for s in ("valid", "test")]
     passes += [metrics["itemsearch"]["LC-Rec"]["test"]["seconds"], metrics["hybrid"]["seconds"],
-               methods[hybrid]["test"]["seconds"]]
+               methods[hybrid]["test"]["seconds"], methods[served]["test"]["seconds"]]
     assert metrics["hybrid"]["seconds"] > methods[hybrid]["valid"]["seconds"]       # three weights, not one
     assert metrics["seconds"]["lcrec"] == pytest.approx(sum(passes), abs=0.2)
     search = metrics["itemsearch"]

@@ -84,7 +84,8 @@ def test_serving_dtype_follows_the_processor_and_keeps_explicit_choices(monkeypa
     if not torch.cuda.is_available():                           # auto on a CPU: int8 (x86 kernels), never NF4
         assert serving_dtype("auto") == "int8"
         assert serving_dtype("int8") == "int8"
-        monkeypatch.setattr(torch.backends.quantized, "supported_engines", ["none"])
+        import lcrec_chat.ui as ui
+        monkeypatch.setattr(ui, "has_int8_kernels", lambda: False)
         assert serving_dtype("auto") == ("bf16" if native_bf16() else "fp32")   # a build without them
         monkeypatch.undo()
     real_find_spec = importlib.util.find_spec
