@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from lcrec_chat.config import load_config
-from lcrec_chat.ui import serve, serving_dtype
+from lcrec_chat.hardware import serving_dtype
+from lcrec_chat.ui import serve
 
 RUN_DIR = os.environ.get("LCREC_RUN_DIR", "models/ml-100k")
 PRESET = os.environ.get("LCREC_CONFIG", "configs/ml-100k.yaml")

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = """
 import logging, os, sys
 from lcrec_chat.config import load_config
-from lcrec_chat.ui import serve, serving_dtype
+from lcrec_chat.hardware import serving_dtype
+from lcrec_chat.ui import serve
 logging.basicConfig(level=logging.WARNING)
 cfg = load_config(sys.argv[1], ["run_dir=" + sys.argv[2]] + sys.argv[4:])
 if not any(o.startswith("model.dtype=") for o in sys.argv[4:]):

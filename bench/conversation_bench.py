@@ -679,7 +679,7 @@ def main() -> None:
     config = args.config or (str(run_dir / "config.yaml") if (run_dir / "config.yaml").exists()
                              else "configs/ml-100k.yaml")
     cfg = load_config(config, [f"run_dir={run_dir}"])
-    from lcrec_chat.ui import serving_dtype
+    from lcrec_chat.hardware import serving_dtype
     dtype = serving_dtype(args.dtype, "cpu")
     why = "the app's default (ui.serving_dtype)" if args.dtype == "auto" else "as asked"
     conversations = [c for c in CONVERSATIONS if not args.only or c.cid in args.only]

@@ -12,6 +12,7 @@ A stage whose inputs and config section did not change is skipped (recorded in s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -336,17 +337,20 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         # the precision the app serves (ui.serving_dtype), on test: pure LC-Rec and the app's hybrid weight
         from .backbone import INT8_RECIPE
         served_recipe = INT8_RECIPE if served == "int8" else served   # a changed recipe is measured again
-        served_rec = Recommender.from_run(cfg, run, dtype=served)
+        @functools.cache
+        def served_rec() -> Recommender:   # loaded (and quantised) only when a served row is not cached
+            loaded = Recommender.from_run(cfg, run, dtype=served)
+            loaded.prior_model = rec.prior_model
+            return loaded
         style = cfg.eval.styles[0]
         table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}), served {served_recipe}"] = {"test": cache.get(
-            f"served {served_recipe} {style} test", lambda: evaluate_sequential(served_rec, split, "test", style, 0,
+            f"served {served_recipe} {style} test", lambda: evaluate_sequential(served_rec(), split, "test", style, 0,
                                                                          cfg.eval.max_users, ks))}
         if cfg.chat.prior_weight > 0 and rec.prior_model is not None:
-            served_rec.prior_model = rec.prior_model
             table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={cfg.chat.prior_weight:g}, "
                   f"served {served_recipe}"] = {"test": cache.get(
                       f"served {served_recipe} hybrid {cfg.chat.prior_weight:g} test", lambda: evaluate_sequential(
-                          served_rec, split, "test", style, 0, cfg.eval.max_users, ks, cfg.chat.prior_weight))}
+                          served_rec(), split, "test", style, 0, cfg.eval.max_users, ks, cfg.chat.prior_weight))}
         metrics["served_precision"] = served_recipe
     index_report = run / "index_report.json"
     if index_report.exists():
@@ -382,7 +386,7 @@ def _add_llm_methods(cfg: Config, metrics: dict) -> None:
 
 
 def _served_dtype() -> str:
-    from .ui import serving_dtype
+    from .hardware import serving_dtype
     return serving_dtype("auto")
 
 

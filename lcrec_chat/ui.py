@@ -13,7 +13,6 @@ lives only in per-session ``gr.State`` (deleted when the tab closes or after ``S
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
 import logging
 import os
@@ -76,34 +75,6 @@ def render_user(message: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- loading
-
-def serving_dtype(requested: str = "auto", device: str = "auto") -> str:
-    """The backbone precision to serve LC-Rec in.
-
-    "auto": 4-bit NF4 on a CUDA GPU with bitsandbytes (its real 4-bit kernels); on a CPU, int8 (int8 weights and
-    dynamic int8 activations through PyTorch's x86 kernels: on the 2-core CPUs of this project a recommendation
-    is 2.4x faster than fp32 and the server needs about 0.5 GB less), or bf16/fp32 by hardware.resolve_dtype on a
-    PyTorch build without those kernels. bitsandbytes' NF4 on these CPUs served slower (p50 1.68 s vs 0.93 s),
-    heavier (RSS 1.58 vs 1.34 GB) and worse than fp32, and PyTorch's 4-bit CPU matmul (int4 weights, bf16
-    activations) runs at 0.6-1.2x fp32's speed: model card, "Serving precision".
-    "nf4": 4-bit wherever bitsandbytes is installed, else as "auto". fp32/bf16/int8 are kept as they are."""
-    import torch
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-    if requested == "nf4":
-        return "nf4" if has_bnb else serving_dtype("auto", device)
-    if requested != "auto":
-        return requested
-    if cuda:
-        return "nf4" if has_bnb else ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
-    return "int8" if has_int8_kernels() else resolve_dtype("auto", "cpu")
-
-
-def has_int8_kernels() -> bool:
-    """Whether this PyTorch build has the x86 integer kernels (fbgemm) that int8 serving runs on."""
-    import torch
-    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines))
-
 
 def missing_artifacts(run_dir: str | Path) -> list[str]:
     run = Path(run_dir)

@@ -13,7 +13,8 @@ import pytest
 
 from lcrec_chat.catalog import Catalog
 from lcrec_chat.chat import Card, Reply
-from lcrec_chat.ui import ASSETS, build_app, launch, load_engine, render_reply, serve, serving_dtype
+from lcrec_chat.hardware import serving_dtype
+from lcrec_chat.ui import ASSETS, build_app, launch, load_engine, render_reply, serve
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -84,8 +85,8 @@ def test_serving_dtype_follows_the_processor_and_keeps_explicit_choices(monkeypa
     if not torch.cuda.is_available():                           # auto on a CPU: int8 (x86 kernels), never NF4
         assert serving_dtype("auto") == "int8"
         assert serving_dtype("int8") == "int8"
-        import lcrec_chat.ui as ui
-        monkeypatch.setattr(ui, "has_int8_kernels", lambda: False)
+        import lcrec_chat.hardware as hardware
+        monkeypatch.setattr(hardware, "has_int8_kernels", lambda: False)
         assert serving_dtype("auto") == ("bf16" if native_bf16() else "fp32")   # a build without them
         monkeypatch.undo()
     real_find_spec = importlib.util.find_spec
