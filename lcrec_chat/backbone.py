@@ -296,19 +296,26 @@ def load_in_memory(path: str | Path):
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise BackboneError(f"{folder}: no .safetensors weights to load")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    from transformers.initialization import no_init_weights
+    with no_init_weights():   # every weight is overwritten by the file: a random init would cost seconds
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     for file in files:
         model.load_state_dict(safetensors.torch.load(file.read_bytes()), strict=False, assign=True)
     model.tie_weights()
     return model.eval()
 
 
-# The int8 recipe (part of the evaluation's cache key, so a changed recipe is re-measured). Per-channel weight
-# scales, and down_proj left in fp32: its input (the MLP's gated activations) has outlier channels that one
-# per-tensor activation scale flattens. On 100 ML-100K test users the top-10 lists shared with fp32 rose from 56%
-# (per-tensor, every linear int8) and 60% (per-channel) to 76% with down_proj in fp32.
-INT8_KEEP_FP32 = ("down_proj",)
-INT8_RECIPE = "int8 per-channel, down_proj fp32"
+# The int8 recipe (part of the evaluation's cache key, so a changed recipe is re-measured). Per-channel int8 weight
+# scales and int8 dynamic activations (one scale per tensor) for every linear but down_proj, whose weights are
+# stored in fp16 and computed in fp32 (fbgemm's fp16 GEMM: as fast as fp32 at half the memory, max error ~4e-4 on
+# a layer's outputs against int8's ~5e-2). down_proj's input (the MLP's gated activations) has channels far above
+# the rest (on the shipped model max/median channel range 7,314 in layer 11, 879 in layer 28, 10-15 in most), and
+# one activation scale per tensor flattens every other channel. On 100 ML-100K test users the top-10 lists shared
+# with fp32 were 56% (every linear int8, per-tensor weights), 60% (per-channel), 64% (down_proj int8 after
+# SmoothQuant's scaling, alpha 0.5), 67% (down_proj fp32 in the 7 layers with a range ratio >= 64, int8 elsewhere)
+# and 76% with every down_proj in fp32.
+INT8_RECIPE = "int8 per-channel, down_proj fp16 weights"
+FP16_WEIGHTS = ("down_proj",)
 
 
 class Bf16Embedding(torch.nn.Module):
@@ -324,23 +331,25 @@ class Bf16Embedding(torch.nn.Module):
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """The linear layers (q/k/v/o, gate/up and the LM head; not down_proj, see INT8_KEEP_FP32) as int8 weights with
-    per-channel scales and int8 dynamic activations, computed by PyTorch's x86 kernels (fbgemm: AVX2/AVX-512
-    integer dot products). With every linear in int8, on the 2-core
-    CPUs of this project a 20-beam recommendation runs 2.4x faster than fp32 and the weights take a quarter of
-    the memory; the input embedding is kept in bf16 (a lookup, no matmul). Inference only: nothing here has a
-    backward pass. Call it after LoRA is merged into the weights."""
+    """The linear layers (q/k/v/o, gate/up and the LM head) as int8 weights with per-channel scales and int8
+    dynamic activations, computed by PyTorch's x86 kernels (fbgemm: AVX2/AVX-512 integer dot products); down_proj
+    with fp16 weights (see INT8_RECIPE). On the 2-core CPUs of this project a 20-beam recommendation runs ~2x
+    faster than fp32 and the weights take about a third of the memory; the input embedding is kept in bf16 (a
+    lookup, no matmul). Inference only: nothing here has a backward pass. Call it after LoRA is merged into the
+    weights."""
     import ctypes
     import gc
     import warnings
     if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
         raise BackboneError("int8 needs PyTorch's x86 quantized kernels (fbgemm), which this build lacks")
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-    spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not name.endswith(INT8_KEEP_FP32)}
+    from torch.ao.quantization import float16_dynamic_qconfig, per_channel_dynamic_qconfig
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    int8 = {name: per_channel_dynamic_qconfig for name in linears if not name.endswith(FP16_WEIGHTS)}
+    fp16 = {name: float16_dynamic_qconfig for name in linears if name.endswith(FP16_WEIGHTS)}
     with warnings.catch_warnings():   # torch.ao eager quantisation is deprecated upstream, still shipped in 2.13
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(model, int8, dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(model, fp16, dtype=torch.float16, inplace=True)
     # the head now has its own int8 copy, so the input table is only looked up: bf16 halves it (57 MB for
     # SmolLM2) and each looked-up row is widened back to fp32, exact for bf16 values
     model.set_input_embeddings(Bf16Embedding(model.get_input_embeddings().weight))
@@ -351,10 +360,10 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _linear4bit_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # fp32/bf16 work without it
+    import sys
+    if "bitsandbytes" not in sys.modules:   # no 4-bit layer can exist, and importing it costs seconds
         return []
+    import bitsandbytes as bnb
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
@@ -501,6 +510,48 @@ def save_adapter(model, tokenizer, folder: str | Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+ADAPTER_PREFIX = "base_model.model."   # PEFT's name for the wrapped model in adapter files
+
+
+def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """Fold a LoRA adapter saved by ``save_adapter`` into a plain model, in place, without importing PEFT.
+
+    For serving: importing PEFT pulls bitsandbytes and torch.compile machinery (about 10 s of start-up and
+    ~100 MB). Each targeted linear gets W += (B @ A) * alpha / r, and the trained index-token rows replace the
+    embedding rows they belong to (PEFT stores replacement values under ``trainable_tokens_delta``); both are
+    the arithmetic PEFT's own merge does, so the weights come out identical (tests/test_backbone.py). Adapters
+    with options this does not implement (DoRA, rsLoRA, fan-in-fan-out, per-module ranks, bias, extra saved
+    modules) are refused: load those with ``load_finetuned``'s PEFT path."""
+    import safetensors.torch
+    folder = Path(adapter_dir)
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    unsupported = {key: settings.get(key) for key in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern",
+                                                        "alpha_pattern", "modules_to_save", "target_parameters")
+                   if settings.get(key)}
+    if settings.get("peft_type") != "LORA" or settings.get("bias", "none") != "none" or unsupported:
+        raise BackboneError(f"{folder}: adapter options the plain merge does not implement: "
+                            f"{unsupported or settings.get('peft_type')}")
+    state = safetensors.torch.load((folder / "adapter_model.safetensors").read_bytes())
+    modules = dict(model.named_modules())
+    scaling = settings["lora_alpha"] / settings["r"]
+    indices = settings.get("trainable_token_indices")
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key.removeprefix(ADAPTER_PREFIX)
+            if name.endswith(".lora_A.weight"):
+                module = modules[name.removesuffix(".lora_A.weight")]
+                up = state[key.replace(".lora_A.", ".lora_B.")]
+                module.weight.data += (up @ value) * scaling
+            elif name.endswith(".token_adapter.trainable_tokens_delta"):
+                path = name.removesuffix(".token_adapter.trainable_tokens_delta")
+                rows = indices[path.rsplit(".", 1)[-1]] if isinstance(indices, dict) else indices
+                weight = modules[path].weight
+                weight.data.index_copy_(0, torch.tensor(rows), value.to(weight.dtype))
+            elif not name.endswith(".lora_B.weight"):
+                raise BackboneError(f"{folder}: unexpected adapter tensor {key}")
+    return model
+
+
 def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool = False, merge: bool = False):
     """Base model + the tokenizer saved with the adapter + the adapter; returns (model, tokenizer).
 
@@ -510,7 +561,6 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
     transformers model comes back: a decode step skips the adapter's extra matmuls. 4-bit weights stay
     unmerged (folding into NF4 would re-quantize them).
     """
-    from peft import PeftModel
     from transformers import AutoTokenizer
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -527,11 +577,12 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
         model = load_model(cfg, for_training=for_training)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the same rule as add_index_tokens
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if int8:   # the served path: a plain merge, no PEFT import
+        return quantize_int8(merge_adapter(model, adapter_dir).eval()), tokenizer
+    from peft import PeftModel
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=for_training)
     if not for_training:
         model.eval()
-        if (merge or int8) and cfg.dtype != "nf4":
+        if merge and cfg.dtype != "nf4":
             model = model.merge_and_unload()
-        if int8:
-            model = quantize_int8(model)
     return model, tokenizer

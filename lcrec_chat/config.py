@@ -205,11 +205,12 @@ class CoLLMConfig:
     mapping_minutes: float = 10.0    # stage 2 wall-time budget
     negatives: int = 9               # unseen items sampled per held-out target for AUC / per-user AUC (training: 1)
     rerank_depth: int = 20           # candidates of the base ranker that CoLLM re-ranks for top-K
-    # scoring scope: each user costs ~20 candidate passes of the LLM (~2 s on one core), so the valid rows (re-ranking,
-    # AUC) and the text-only AUC row use the first `valid_users` users, and the test rows the first `test_users`
-    # (0 = every user, eval.max_users); these never change the trained model
-    valid_users: int = 200
+    # scoring scope (0 = every user, up to eval.max_users): each user costs ~30 candidate passes of the LLM (~3 s
+    # on one core), so a quick look can score the first N users; these never change the trained model. The
+    # text-only AUC row (the stage-1 model alone, a reference point) scores the first `text_only_users` test users.
+    valid_users: int = 0
     test_users: int = 0
+    text_only_users: int = 100
     seed: int = 42
 
 

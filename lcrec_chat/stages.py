@@ -197,7 +197,20 @@ def baselines(cfg: Config, force: bool = False) -> dict:
     return result
 
 
-SCORING_KEYS = ("negatives", "rerank_depth", "valid_users", "test_users")   # method settings that only score
+SCORING_KEYS = ("negatives", "rerank_depth", "valid_users", "test_users", "text_only_users")   # method settings that only score
+
+
+def method_fingerprints(cfg: Config, name: str) -> tuple[str, str]:
+    """(row, trained model) fingerprints of one LLM method: the row depends on everything; the trained model not
+    on the scoring scope (SCORING_KEYS), which can change without retraining (methods/run.py)."""
+    run = cfg.run_path
+    inputs = [getattr(cfg.methods, name), cfg.model, cfg.eval.cutoffs, cfg.eval.max_users,
+              _file_stamp(require(run, "split.json", "prepare"))]
+    if name == "collm" and cfg.methods.collm.collab == "sasrec":
+        inputs.append(_file_stamp(require(run, "sasrec.pt", "baselines")))
+    method_cfg = dataclasses.asdict(getattr(cfg.methods, name))
+    train_fp = _fingerprint({k: v for k, v in method_cfg.items() if k not in SCORING_KEYS}, *inputs[1:])
+    return _fingerprint(*inputs), train_fp
 
 
 def methods(cfg: Config, force: bool = False) -> dict:
@@ -206,19 +219,12 @@ def methods(cfg: Config, force: bool = False) -> dict:
     so a stopped stage resumes with the next method and an unchanged method is never retrained."""
     from .methods.run import RUNNERS
     run = cfg.run_path
-    split_path = require(run, "split.json", "prepare")
+    require(run, "split.json", "prepare")
     out = run / "methods.json"
     cached = json.loads(out.read_text()) if out.exists() and not force else {}
     rows: dict[str, dict] = {}
     for name in cfg.methods.run:
-        inputs = [getattr(cfg.methods, name), cfg.model, cfg.eval.cutoffs, cfg.eval.max_users,
-                  _file_stamp(split_path)]
-        if name == "collm" and cfg.methods.collm.collab == "sasrec":
-            inputs.append(_file_stamp(require(run, "sasrec.pt", "baselines")))
-        fp = _fingerprint(*inputs)
-        # what the trained model depends on: the scoring scope can change without retraining (methods/run.py)
-        method_cfg = dataclasses.asdict(getattr(cfg.methods, name))
-        train_fp = _fingerprint({k: v for k, v in method_cfg.items() if k not in SCORING_KEYS}, *inputs[1:])
+        fp, train_fp = method_fingerprints(cfg, name)
         if cached.get(name, {}).get("fingerprint") == fp:
             log.info("methods: %s up to date (use --force to retrain)", name)
             rows[name] = cached[name]

@@ -16,8 +16,8 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lcrec_chat.backbone import (BackboneError, add_index_tokens, build_once, describe, guard_4bit_cpu,
-                                 load_finetuned, load_model, load_tokenizer, lora_config, resolve_model_path,
-                                 save_adapter)
+                                 load_finetuned, load_in_memory, load_model, load_tokenizer, lora_config,
+                                 merge_adapter, resolve_model_path, save_adapter)
 from lcrec_chat.config import ModelConfig, TrainConfig
 
 CACHE = str(Path(__file__).resolve().parents[1] / ".cache" / "models")
@@ -240,12 +240,21 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     assert not isinstance(folded, PeftModel)
     with torch.no_grad():
         torch.testing.assert_close(folded(**batch).logits, logits)
+    # the served path merges without PEFT: the same weights, bit for bit
+    plain = load_in_memory(resolve_model_path("tiny-llama", CACHE))
+    plain.resize_token_embeddings(len(tok), mean_resizing=False)
+    plain_state, peft_state = merge_adapter(plain, tmp_path / "adapter").state_dict(), folded.state_dict()
+    assert set(plain_state) == set(peft_state)
+    assert all(torch.equal(plain_state[k], peft_state[k]) for k in peft_state)
 
     int8, _ = load_finetuned(dataclasses.replace(tiny(), dtype="int8"), tmp_path / "adapter")  # what a CPU serves
-    linears = [m for m in int8.modules() if type(m) is torch.nn.Linear]
-    quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert len(linears) == 2 and len(quantized) == 2 * 6 + 1   # every projection but down_proj, and the head
-    assert all(name.endswith("down_proj") for name, m in int8.named_modules() if type(m) is torch.nn.Linear)
+    assert not [m for m in int8.modules() if type(m) is torch.nn.Linear]
+    quantized = {name: m._packed_params.dtype for name, m in int8.named_modules()
+                 if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
+    assert len(quantized) == 2 * 7 + 1   # every projection and the head
+    assert {n for n, dtype in quantized.items() if dtype == torch.float16} == \
+        {f"model.layers.{i}.mlp.down_proj" for i in range(2)}   # fp16 weights; the rest int8
+    assert {dtype for n, dtype in quantized.items() if not n.endswith("down_proj")} == {torch.qint8}
     with torch.no_grad():
         approx = int8(**batch).logits
     # int8 rounding moves the logits a little, never the ranking of clearly separated tokens

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,32 @@ def test_every_method_answers_through_a_real_server(methods_run):
         assert bad["kind"] == "error" and "bert4rec" in bad["text"] and not bad["items"]
     finally:
         demo.close()
+
+
+def test_collm_scoring_resumes_by_piece_and_shares_pieces_between_processes(methods_run, monkeypatch):
+    from lcrec_chat.methods import run as method_run
+    from lcrec_chat.run_folder import load_items, load_split
+    cfg, rows = methods_run
+    run = Path(cfg.run_dir)
+    _, train_fp = stages.method_fingerprints(cfg, "collm")
+    split = load_split(run)
+    scores = run / "collm" / method_run.SCORES
+    saved = json.loads(scores.read_text())
+    assert len(saved) == len(method_run.COLLM_PIECES)
+    # every piece saved: nothing is computed again (no model is needed)
+    pieces = method_run.score_collm_pieces(cfg, run, split, None, None, train_fp)
+    assert pieces["rerank/test"] == rows["collm"]["test"]
+    # a claim left by a process that is gone is taken over and scored again, to the same figures
+    key = next(k for k in saved if '"auc/valid"' in k)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    scores.write_text(json.dumps({**saved, key: {"scoring_pid": dead.pid}}))
+    model, source, _ = method_run._load_or_fit_collm(cfg, run, split, load_items(run), train_fp)
+    again = method_run.score_collm_pieces(cfg, run, split, model, source, train_fp, ("auc/valid",))
+    assert again["auc/valid"]["CoLLM"]["auc"] == pytest.approx(saved[key]["CoLLM"]["auc"])
+    # a piece claimed by a live process is waited for, not scored twice
+    monkeypatch.setattr(method_run, "WAIT_SECONDS", 0.05)
+    scores.write_text(json.dumps({**saved, key: {"scoring_pid": os.getppid()}}))
+    threading.Timer(0.3, lambda: scores.write_text(json.dumps(saved))).start()
+    waited = method_run.score_collm_pieces(cfg, run, split, None, None, train_fp, ("auc/valid",))
+    assert waited["auc/valid"] == saved[key]

@@ -9,8 +9,10 @@ alone on the same pairs) and, for top-K, as a re-ranker of SASRec's top `rerank_
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -76,45 +78,119 @@ def run_cllm4rec(cfg: Config, run: Path, split: Split, items: list[dict], finger
     return entry
 
 
-def run_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerprint: str = "") -> dict[str, Any]:
-    from ..baselines import SequentialRecommender
+def _load_or_fit_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerprint: str):
+    """(model, source, train_seconds): the CoLLM saved in run/collm if it was trained from these inputs, else
+    a new one trained and saved."""
     from .collab_tokens import MFSource, make_source
-    from .collm import CoLLM, CoLLMReranker, source_auc
-    c = cfg.methods.collm
-    sasrec_path, folder = run / "sasrec.pt", run / "collm"
+    from .collm import CoLLM
+    c, sasrec_path, folder = cfg.methods.collm, run / "sasrec.pt", run / "collm"
     train_seconds = _trained_seconds(folder, fingerprint)
     if train_seconds is not None:
         log.info("CoLLM: scoring the model trained in %s", folder)
         source = MFSource.load(folder / "mf.pt") if c.collab == "mf" else make_source(c.collab, sasrec_path=sasrec_path)
-        model = CoLLM.load(folder, cfg.model, source)
-    else:
-        started = time.perf_counter()
-        source = make_source(c.collab, split=split, num_items=len(items), sasrec_path=sasrec_path, seed=c.seed)
-        model = CoLLM(c, cfg.model, items, source, watched=_domain(run).watched)
-        model.fit(split, len(items))
-        train_seconds = time.perf_counter() - started
-        model.save(folder)
-        if c.collab == "mf":
-            source.save(folder / "mf.pt")
-        _mark_trained(folder, fingerprint, train_seconds)
-    entry: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "fit": model.fit_summary,
-                             "collab": c.collab}
-    # AUC: every test user (and `valid_users` valid users), the held-out target against `negatives` unseen items
-    auc: dict[str, Any] = {}
-    test_users = c.test_users or cfg.eval.max_users
-    for stage, users in (("test", test_users), ("valid", c.valid_users)):
-        auc[stage] = {"CoLLM": model.auc(split, stage, c.negatives, users, c.seed),
-                      f"{c.collab} alone": source_auc(source, split, stage, c.negatives, users, c.seed)}
-    auc["test"]["text only (stage 1, TALLRec-style)"] = model.auc(split, "test", c.negatives, c.valid_users,
-                                                                  c.seed, collab=False)
-    entry["auc"] = auc
-    # top-K: re-rank SASRec's top candidates (SASRec is the strongest model the run has)
-    base = SequentialRecommender.load(sasrec_path)
-    reranker = CoLLMReranker(model, base, depth=c.rerank_depth)
-    for stage, users in (("valid", c.valid_users), ("test", test_users)):
+        return CoLLM.load(folder, cfg.model, source, progress=True), source, train_seconds
+    started = time.perf_counter()
+    source = make_source(c.collab, split=split, num_items=len(items), sasrec_path=sasrec_path, seed=c.seed)
+    model = CoLLM(c, cfg.model, items, source, watched=_domain(run).watched)
+    model.fit(split, len(items))
+    train_seconds = time.perf_counter() - started
+    model.save(folder)
+    if c.collab == "mf":
+        source.save(folder / "mf.pt")
+    _mark_trained(folder, fingerprint, train_seconds)
+    return model, source, train_seconds
+
+
+# longest first, so two processes sharing the work finish together (see score_collm_pieces)
+COLLM_PIECES = ("rerank/valid", "rerank/test", "auc/test", "auc/valid", "text_only_auc/test")
+SCORES = "scores.json"   # CoLLM's scored pieces, each under the inputs it was computed from
+WAIT_SECONDS = 30        # how often a process re-checks pieces another process is scoring
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def score_collm_pieces(cfg: Config, run: Path, split: Split, model, source, fingerprint: str,
+                       names: tuple[str, ...] = COLLM_PIECES) -> dict[str, Any]:
+    """CoLLM's scoring, piece by piece ("auc/test", "rerank/valid", ...), each saved to run/collm/scores.json
+    under a key of everything it depends on. Scoring every user takes over an hour on 2 cores, so:
+    - a stage stopped while scoring resumes at the first unfinished piece;
+    - a piece being scored is claimed (the process id is saved in its place), so a second `methods` process on
+      the same run takes the next unclaimed piece instead: two processes with one thread each
+      (OMP_NUM_THREADS=1) score side by side faster than one with two threads. A claim whose process is gone
+      is taken over."""
+    from ..backbone import _lock
+    from ..baselines import SequentialRecommender
+    from .collm import CoLLMReranker, source_auc
+    c, path = cfg.methods.collm, run / "collm" / SCORES
+    users = {"test": c.test_users or cfg.eval.max_users, "valid": c.valid_users or cfg.eval.max_users}
+
+    def compute(name: str) -> dict[str, Any]:
+        kind, stage = name.split("/")
+        if kind == "auc":
+            return {"CoLLM": model.auc(split, stage, c.negatives, users[stage], c.seed),
+                    f"{c.collab} alone": source_auc(source, split, stage, c.negatives, users[stage], c.seed)}
+        if kind == "text_only_auc":
+            return model.auc(split, stage, c.negatives, c.text_only_users, c.seed, collab=False)
+        # top-K: re-rank SASRec's top candidates (SASRec is the strongest model the run has)
+        reranker = CoLLMReranker(model, SequentialRecommender.load(run / "sasrec.pt"), depth=c.rerank_depth,
+                                 progress=True)
         scored = time.perf_counter()
-        entry[stage] = evaluate_ranker(reranker, split, stage, cfg.eval.cutoffs, users)
-        entry[stage]["seconds"] = round(time.perf_counter() - scored, 1)
+        row = evaluate_ranker(reranker, split, stage, cfg.eval.cutoffs, users[stage])
+        return {**row, "seconds": round(time.perf_counter() - scored, 1)}
+
+    def update(key: str, value: dict | None = None, drop: bool = False) -> dict | None:
+        """Under the file lock: the saved value of `key`; with `value`, save it first; with `drop`, remove it."""
+        with _lock(path.with_suffix(".lock")):
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            if value is not None or drop:
+                saved.pop(key, None)
+                saved.update({key: value} if value is not None else {})
+                path.write_text(json.dumps(saved, indent=1))
+            return saved.get(key)
+
+    keys = {name: json.dumps([fingerprint, name, dataclasses.asdict(c), cfg.eval.cutoffs, cfg.eval.max_users])
+            for name in names}
+    results: dict[str, Any] = {}
+    while len(results) < len(names):
+        for name in [n for n in names if n not in results]:
+            with _lock(path.with_suffix(".lock.claim")):   # read and claim as one step
+                saved = update(keys[name])
+                claimed = isinstance(saved, dict) and set(saved) == {"scoring_pid"}
+                if saved is not None and not claimed:
+                    results[name] = saved
+                    continue
+                if claimed and saved["scoring_pid"] != os.getpid() and _pid_alive(saved["scoring_pid"]):
+                    continue   # another process is scoring it
+                update(keys[name], {"scoring_pid": os.getpid()})
+            log.info("CoLLM: scoring %s", name)
+            try:
+                results[name] = compute(name)
+            except BaseException:   # stopped or failed: leave the piece to whoever runs next
+                update(keys[name], drop=True)
+                raise
+            update(keys[name], results[name])
+        if len(results) < len(names):
+            time.sleep(WAIT_SECONDS)
+    return results
+
+
+def run_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerprint: str = "") -> dict[str, Any]:
+    c = cfg.methods.collm
+    model, source, train_seconds = _load_or_fit_collm(cfg, run, split, items, fingerprint)
+    pieces = score_collm_pieces(cfg, run, split, model, source, fingerprint)
+    auc = {stage: pieces[f"auc/{stage}"] for stage in STAGES}
+    auc["test"]["text only (stage 1, TALLRec-style)"] = pieces["text_only_auc/test"]
+    entry: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "fit": model.fit_summary,
+                             "collab": c.collab, "auc": auc,
+                             "valid": pieces["rerank/valid"], "test": pieces["rerank/test"]}
     log.info("CoLLM: test AUC %.4f (%s alone %.4f) | re-ranked test NDCG@10 %.4f (trained %.0f s)",
              auc["test"]["CoLLM"]["auc"], c.collab, auc["test"][f"{c.collab} alone"]["auc"],
              entry["test"]["ndcg@10"], train_seconds)
