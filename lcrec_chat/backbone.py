@@ -330,6 +330,25 @@ class Bf16Embedding(torch.nn.Module):
         return torch.nn.functional.embedding(input_ids, self.weight).float()
 
 
+@torch.no_grad()
+def dynamic_linear(linear: torch.nn.Linear, dtype: torch.dtype = torch.qint8) -> torch.nn.Module:
+    """What torch.ao's quantize_dynamic makes of `linear` (int8 weights with per-channel symmetric scales, or fp16
+    weights), with identical outputs, packed once: its from_float first packs a zero weight of the full shape,
+    which was a third of the int8 model's load time."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.nn.quantized.modules.utils import _quantize_weight
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+    weight = linear.weight.detach().float()
+    if dtype == torch.qint8:
+        observer = per_channel_dynamic_qconfig.weight()
+        observer(weight)
+        weight = _quantize_weight(weight, observer)
+    module = DynamicLinear(1, 1, dtype=dtype)   # a 1x1 placeholder, replaced by the real packed weight
+    module.in_features, module.out_features = linear.in_features, linear.out_features
+    module.set_weight_bias(weight, None if linear.bias is None else linear.bias.detach().float())
+    return module
+
+
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """The linear layers (q/k/v/o, gate/up and the LM head) as int8 weights with per-channel scales and int8
     dynamic activations, computed by PyTorch's x86 kernels (fbgemm: AVX2/AVX-512 integer dot products); down_proj
@@ -342,14 +361,19 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     import warnings
     if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
         raise BackboneError("int8 needs PyTorch's x86 quantized kernels (fbgemm), which this build lacks")
-    from torch.ao.quantization import float16_dynamic_qconfig, per_channel_dynamic_qconfig
-    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    int8 = {name: per_channel_dynamic_qconfig for name in linears if not name.endswith(FP16_WEIGHTS)}
-    fp16 = {name: float16_dynamic_qconfig for name in linears if name.endswith(FP16_WEIGHTS)}
+    from concurrent.futures import ThreadPoolExecutor
+    linears = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear]
+
+    def convert(named: tuple[str, torch.nn.Linear]) -> torch.nn.Module:
+        return dynamic_linear(named[1], torch.float16 if named[0].endswith(FP16_WEIGHTS) else torch.qint8)
     with warnings.catch_warnings():   # torch.ao eager quantisation is deprecated upstream, still shipped in 2.13
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(model, int8, dtype=torch.qint8, inplace=True)
-        torch.ao.quantization.quantize_dynamic(model, fp16, dtype=torch.float16, inplace=True)
+        # the packing kernels run on one core and release the GIL: one layer per core halves the load time
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            converted = list(pool.map(convert, linears))
+    for (name, _), module in zip(linears, converted):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module)
     # the head now has its own int8 copy, so the input table is only looked up: bf16 halves it (57 MB for
     # SmolLM2) and each looked-up row is widened back to fp32, exact for bf16 values
     model.set_input_embeddings(Bf16Embedding(model.get_input_embeddings().weight))

@@ -420,7 +420,7 @@ def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
             continue
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", "*.lock.*"))   # scoring locks
         else:
             shutil.copy2(src, dst)
         copied.append(name)

@@ -15,8 +15,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lcrec_chat.backbone import (BackboneError, add_index_tokens, build_once, describe, guard_4bit_cpu,
-                                 load_finetuned, load_in_memory, load_model, load_tokenizer, lora_config,
+from lcrec_chat.backbone import (BackboneError, add_index_tokens, build_once, describe, dynamic_linear,
+                                 guard_4bit_cpu, load_finetuned, load_in_memory, load_model, load_tokenizer, lora_config,
                                  merge_adapter, resolve_model_path, save_adapter)
 from lcrec_chat.config import ModelConfig, TrainConfig
 
@@ -271,6 +271,20 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     torch.testing.assert_close(after_out, after_in)  # the tied head learned the same rows ...
     with torch.no_grad():  # ... and the adapter's forward already used them in the head
         torch.testing.assert_close(merged(**batch).logits, logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16])
+def test_dynamic_linear_matches_torch_quantize_dynamic(dtype):
+    from torch.ao.quantization import float16_dynamic_qconfig, per_channel_dynamic_qconfig
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    qconfig = per_channel_dynamic_qconfig if dtype == torch.qint8 else float16_dynamic_qconfig
+    reference = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {"0": qconfig}, dtype=dtype)[0]
+    ours = dynamic_linear(linear, dtype)
+    assert (ours.in_features, ours.out_features) == (48, 40)
+    x = torch.randn(7, 48) * 3
+    assert torch.equal(ours(x), reference(x))
+    assert not torch.equal(ours(x), linear(x))   # it is quantized
 
 
 def test_untied_head_gets_its_new_rows_trained_too():
