@@ -306,16 +306,16 @@ def load_in_memory(path: str | Path):
 
 
 # The int8 recipe (part of the evaluation's cache key, so a changed recipe is re-measured). Per-channel int8 weight
-# scales and int8 dynamic activations (one scale per tensor) for every linear but down_proj, whose weights are
-# stored in fp16 and computed in fp32 (fbgemm's fp16 GEMM: as fast as fp32 at half the memory, max error ~4e-4 on
-# a layer's outputs against int8's ~5e-2). down_proj's input (the MLP's gated activations) has channels far above
-# the rest (on the shipped model max/median channel range 7,314 in layer 11, 879 in layer 28, 10-15 in most), and
-# one activation scale per tensor flattens every other channel. On 100 ML-100K test users the top-10 lists shared
-# with fp32 were 56% (every linear int8, per-tensor weights), 60% (per-channel), 64% (down_proj int8 after
-# SmoothQuant's scaling, alpha 0.5), 67% (down_proj fp32 in the 7 layers with a range ratio >= 64, int8 elsewhere)
-# and 76% with every down_proj in fp32.
-INT8_RECIPE = "int8 per-channel, down_proj fp16 weights"
-FP16_WEIGHTS = ("down_proj",)
+# scales and int8 dynamic activations (one scale per tensor) for every linear but down_proj, which stays fp32: its
+# input (the MLP's gated activations) has channels far above the rest (on the shipped model max/median channel
+# range 7,314 in layer 11, 879 in layer 28, 10-15 in most), and one activation scale per tensor flattens every
+# other channel. On 100 ML-100K test users the top-10 lists shared with fp32 were 56% (every linear int8,
+# per-tensor weights), 60% (per-channel), 64% (down_proj int8 after SmoothQuant's scaling, alpha 0.5), 67%
+# (down_proj fp32 only in the 7 layers with a range ratio >= 64) and 76% with every down_proj in fp32. fp16
+# down_proj weights (fbgemm's fp16 GEMM, half the memory) measured test NDCG@10 0.0547 on all users against 0.0574
+# for fp32 down_proj and 0.0588 for the fp32 model, so down_proj stays fp32.
+INT8_RECIPE = "int8 per-channel, down_proj fp32"
+FP32_LINEARS = ("down_proj",)
 
 
 class Bf16Embedding(torch.nn.Module):
@@ -352,9 +352,9 @@ def dynamic_linear(linear: torch.nn.Linear, dtype: torch.dtype = torch.qint8) ->
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """The linear layers (q/k/v/o, gate/up and the LM head) as int8 weights with per-channel scales and int8
     dynamic activations, computed by PyTorch's x86 kernels (fbgemm: AVX2/AVX-512 integer dot products); down_proj
-    with fp16 weights (see INT8_RECIPE). On the 2-core CPUs of this project a 20-beam recommendation runs ~2x
-    faster than fp32 and the weights take about a third of the memory; the input embedding is kept in bf16 (a
-    lookup, no matmul). Inference only: nothing here has a backward pass. Call it after LoRA is merged into the
+    stays fp32 (see INT8_RECIPE). On the 2-core CPUs of this project a 20-beam recommendation runs ~2x faster
+    than fp32 and the weights take under half the memory; the input embedding is kept in bf16 (a lookup, no
+    matmul). Inference only: nothing here has a backward pass. Call it after LoRA is merged into the
     weights."""
     import ctypes
     import gc
@@ -365,7 +365,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     linears = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear]
 
     def convert(named: tuple[str, torch.nn.Linear]) -> torch.nn.Module:
-        return dynamic_linear(named[1], torch.float16 if named[0].endswith(FP16_WEIGHTS) else torch.qint8)
+        return named[1] if named[0].endswith(FP32_LINEARS) else dynamic_linear(named[1])
     with warnings.catch_warnings():   # torch.ao eager quantisation is deprecated upstream, still shipped in 2.13
         warnings.simplefilter("ignore")
         # the packing kernels run on one core and release the GIL: one layer per core halves the load time
@@ -377,6 +377,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     # the head now has its own int8 copy, so the input table is only looked up: bf16 halves it (57 MB for
     # SmolLM2) and each looked-up row is widened back to fp32, exact for bf16 values
     model.set_input_embeddings(Bf16Embedding(model.get_input_embeddings().weight))
+    del linears, converted   # the last references to the fp32 weights that were replaced
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):   # hand the freed fp32 weights back to the OS (glibc)
         ctypes.CDLL("libc.so.6").malloc_trim(0)

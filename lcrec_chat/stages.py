@@ -285,8 +285,9 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     fp = _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
     # the stage is stale when any row source changed; LC-Rec's cached rows only when LC-Rec's inputs did
     def stage_fp() -> str:
+        from .backbone import INT8_RECIPE   # the served rows are re-measured when the int8 recipe changes
         return _fingerprint(fp, *(_file_stamp(run / name) for name in ("baselines.json", "methods.json")
-                                  if (run / name).exists()), cfg.methods.run, cfg.chat.prior_weight)
+                                  if (run / name).exists()), cfg.methods.run, cfg.chat.prior_weight, INT8_RECIPE)
     if not force and record.fresh("evaluate", stage_fp()) and (run / "metrics.json").exists():
         log.info("evaluate: up to date (use --force to rerun)")
         return json.loads((run / "metrics.json").read_text())

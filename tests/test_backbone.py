@@ -248,13 +248,11 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     assert all(torch.equal(plain_state[k], peft_state[k]) for k in peft_state)
 
     int8, _ = load_finetuned(dataclasses.replace(tiny(), dtype="int8"), tmp_path / "adapter")  # what a CPU serves
-    assert not [m for m in int8.modules() if type(m) is torch.nn.Linear]
+    assert [n for n, m in int8.named_modules() if type(m) is torch.nn.Linear] == \
+        [f"model.layers.{i}.mlp.down_proj" for i in range(2)]   # fp32: its input has outlier channels
     quantized = {name: m._packed_params.dtype for name, m in int8.named_modules()
                  if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
-    assert len(quantized) == 2 * 7 + 1   # every projection and the head
-    assert {n for n, dtype in quantized.items() if dtype == torch.float16} == \
-        {f"model.layers.{i}.mlp.down_proj" for i in range(2)}   # fp16 weights; the rest int8
-    assert {dtype for n, dtype in quantized.items() if not n.endswith("down_proj")} == {torch.qint8}
+    assert len(quantized) == 2 * 6 + 1 and set(quantized.values()) == {torch.qint8}   # the rest, and the head
     with torch.no_grad():
         approx = int8(**batch).logits
     # int8 rounding moves the logits a little, never the ranking of clearly separated tokens
