@@ -3,7 +3,7 @@
 Everything lives in lcrec_chat; this file only picks the run, the precision and the address Spaces gives.
 Environment overrides: LCREC_RUN_DIR, LCREC_CONFIG (used when the run folder has no config.yaml),
 LCREC_DTYPE (auto | int8 | nf4 | bf16 | fp32; auto = NF4 on a CUDA GPU, else int8 through PyTorch's x86 kernels, else
-bf16 where the CPU runs it natively, else fp32; see lcrec_chat.ui.serving_dtype), LCREC_METHOD (lcrec | sasrec | cllm4rec | collm: the recommender the page
+bf16 where the CPU runs it natively, else fp32; see lcrec_chat.hardware.serving_dtype), LCREC_METHOD (lcrec | sasrec | cllm4rec | collm: the recommender the page
 starts with), GRADIO_SERVER_NAME/PORT.
 """
 import importlib.util

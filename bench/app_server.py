@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-# as app.py: the backbone precision is the app's default (ui.serving_dtype, LCREC_DTYPE) unless an override sets it
+# as app.py: the backbone precision is the app's default (hardware.serving_dtype, LCREC_DTYPE) unless an override sets it
 SERVER = """
 import logging, os, sys
 from lcrec_chat.config import load_config

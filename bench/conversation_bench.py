@@ -665,7 +665,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default="models/ml-100k")
     ap.add_argument("--config", help="preset; default: RUN_DIR/config.yaml, else configs/ml-100k.yaml")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "nf4"],
-                    help="serving precision; auto = what the app serves (lcrec_chat.ui.serving_dtype: int8 on a CPU "
+                    help="serving precision; auto = what the app serves (lcrec_chat.hardware.serving_dtype: int8 on a CPU "
                          "with PyTorch's x86 kernels)")
     ap.add_argument("--url", help="talk to an app already running there instead of starting one")
     ap.add_argument("--only", action="append", default=[], help="conversation id to play (repeatable)")
@@ -674,14 +674,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from lcrec_chat.config import load_config
-    from lcrec_chat.hardware import describe, machine_record
+    from lcrec_chat.hardware import describe, machine_record, serving_dtype
     run_dir = Path(args.run_dir)
     config = args.config or (str(run_dir / "config.yaml") if (run_dir / "config.yaml").exists()
                              else "configs/ml-100k.yaml")
     cfg = load_config(config, [f"run_dir={run_dir}"])
-    from lcrec_chat.hardware import serving_dtype
     dtype = serving_dtype(args.dtype, "cpu")
-    why = "the app's default (ui.serving_dtype)" if args.dtype == "auto" else "as asked"
+    why = "the app's default (hardware.serving_dtype)" if args.dtype == "auto" else "as asked"
     conversations = [c for c in CONVERSATIONS if not args.only or c.cid in args.only]
     assert len({c.cid for c in CONVERSATIONS}) == len(CONVERSATIONS), "conversation ids must be unique"
     facts = Facts(run_dir / "catalog.sqlite")

@@ -25,14 +25,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .config import ModelConfig, TrainConfig
-from .hardware import resolve_dtype
+from .hardware import has_int8_kernels, resolve_dtype
+from .locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +55,6 @@ class BackboneError(ValueError):
 
 # ---------------------------------------------------------------- building cached folders atomically
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock, so two processes never convert the same model twice at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock; the atomic rename below still keeps folders whole
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_once(final: str | Path, build: Callable[[Path], None]) -> Path:
     """Return folder ``final``, first creating it with ``build(tmp_folder)`` if it does not exist.
 
@@ -80,7 +64,7 @@ def build_once(final: str | Path, build: Callable[[Path], None]) -> Path:
     final = Path(final)
     if final.is_dir():
         return final
-    with _lock(final.parent / f".{final.name}.lock"):
+    with file_lock(final.parent / f".{final.name}.lock"):
         if final.is_dir():  # another process finished it while we waited
             return final
         for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed process
@@ -331,19 +315,17 @@ class Bf16Embedding(torch.nn.Module):
 
 
 @torch.no_grad()
-def dynamic_linear(linear: torch.nn.Linear, dtype: torch.dtype = torch.qint8) -> torch.nn.Module:
-    """What torch.ao's quantize_dynamic makes of `linear` (int8 weights with per-channel symmetric scales, or fp16
-    weights), with identical outputs, packed once: its from_float first packs a zero weight of the full shape,
-    which was a third of the int8 model's load time."""
+def dynamic_linear(linear: torch.nn.Linear) -> torch.nn.Module:
+    """What torch.ao's quantize_dynamic with per_channel_dynamic_qconfig makes of `linear` (int8 weights with
+    per-channel symmetric scales, int8 dynamic activations), with identical outputs, but packed once: its
+    from_float first packs a zero weight of the full shape."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.nn.quantized.modules.utils import _quantize_weight
     from torch.ao.quantization import per_channel_dynamic_qconfig
-    weight = linear.weight.detach().float()
-    if dtype == torch.qint8:
-        observer = per_channel_dynamic_qconfig.weight()
-        observer(weight)
-        weight = _quantize_weight(weight, observer)
-    module = DynamicLinear(1, 1, dtype=dtype)   # a 1x1 placeholder, replaced by the real packed weight
+    observer = per_channel_dynamic_qconfig.weight()
+    observer(linear.weight.detach().float())
+    weight = _quantize_weight(linear.weight.detach().float(), observer)
+    module = DynamicLinear(1, 1, dtype=torch.qint8)   # a 1x1 placeholder, replaced by the real packed weight
     module.in_features, module.out_features = linear.in_features, linear.out_features
     module.set_weight_bias(weight, None if linear.bias is None else linear.bias.detach().float())
     return module
@@ -352,14 +334,14 @@ def dynamic_linear(linear: torch.nn.Linear, dtype: torch.dtype = torch.qint8) ->
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """The linear layers (q/k/v/o, gate/up and the LM head) as int8 weights with per-channel scales and int8
     dynamic activations, computed by PyTorch's x86 kernels (fbgemm: AVX2/AVX-512 integer dot products); down_proj
-    stays fp32 (see INT8_RECIPE). On the 2-core CPUs of this project a 20-beam recommendation runs ~2x faster
-    than fp32 and the weights take under half the memory; the input embedding is kept in bf16 (a lookup, no
-    matmul). Inference only: nothing here has a backward pass. Call it after LoRA is merged into the
-    weights."""
+    stays fp32 (see INT8_RECIPE). On the 2-core CPUs of this project a chat reply took 0.66 s at the median
+    against 1.00 s in fp32 (conversation benchmark) and the server 1.0 instead of 1.3 GB; the input embedding is
+    kept in bf16 (a lookup, no matmul). Inference only: nothing here has a backward pass. Call it after LoRA is
+    merged into the weights."""
     import ctypes
     import gc
     import warnings
-    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+    if not has_int8_kernels():
         raise BackboneError("int8 needs PyTorch's x86 quantized kernels (fbgemm), which this build lacks")
     from concurrent.futures import ThreadPoolExecutor
     linears = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear]
@@ -541,8 +523,8 @@ ADAPTER_PREFIX = "base_model.model."   # PEFT's name for the wrapped model in ad
 def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
     """Fold a LoRA adapter saved by ``save_adapter`` into a plain model, in place, without importing PEFT.
 
-    For serving: importing PEFT pulls bitsandbytes and torch.compile machinery (about 10 s of start-up and
-    ~100 MB). Each targeted linear gets W += (B @ A) * alpha / r, and the trained index-token rows replace the
+    For serving: importing PEFT pulls bitsandbytes and torch.compile machinery (+181 MB RSS measured, and seconds
+    of start-up). Each targeted linear gets W += (B @ A) * alpha / r, and the trained index-token rows replace the
     embedding rows they belong to (PEFT stores replacement values under ``trainable_tokens_delta``); both are
     the arithmetic PEFT's own merge does, so the weights come out identical (tests/test_backbone.py). Adapters
     with options this does not implement (DoRA, rsLoRA, fan-in-fan-out, per-module ranks, bias, extra saved

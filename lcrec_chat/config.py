@@ -205,9 +205,10 @@ class CoLLMConfig:
     mapping_minutes: float = 10.0    # stage 2 wall-time budget
     negatives: int = 9               # unseen items sampled per held-out target for AUC / per-user AUC (training: 1)
     rerank_depth: int = 20           # candidates of the base ranker that CoLLM re-ranks for top-K
-    # scoring scope (0 = every user, up to eval.max_users): each user costs ~30 candidate passes of the LLM (~3 s
-    # on one core), so a quick look can score the first N users; these never change the trained model. The
-    # text-only AUC row (the stage-1 model alone, a reference point) scores the first `text_only_users` test users.
+    # scoring scope (0 = every user, up to eval.max_users): each user costs ~30 candidate passes of the LLM (~5 s
+    # on one core: 0.16 s a pass), so a quick look can score the first N users; these never change the trained
+    # model. The text-only AUC row (the stage-1 model alone, a reference point) scores the first
+    # `text_only_users` test users.
     valid_users: int = 0
     test_users: int = 0
     text_only_users: int = 100

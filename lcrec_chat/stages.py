@@ -24,6 +24,7 @@ from .catalog import Catalog
 from .config import Config
 from .data import load_dataset
 from .data.split import Split, leave_one_out
+from .locks import process_alive
 from .run_folder import load_items, load_prior, load_split, require, task_builder
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,8 @@ def baselines(cfg: Config, force: bool = False) -> dict:
     return result
 
 
-SCORING_KEYS = ("negatives", "rerank_depth", "valid_users", "test_users", "text_only_users")   # method settings that only score
+# method settings that only decide what is scored, never what is trained
+SCORING_KEYS = ("negatives", "rerank_depth", "valid_users", "test_users", "text_only_users")
 
 
 def method_fingerprints(cfg: Config, name: str) -> tuple[str, str]:
@@ -242,8 +244,9 @@ def _wait_for_baselines(run: Path) -> None:
     marker = run / "baselines.running"
     while marker.exists():
         try:
-            os.kill(int(marker.read_text()), 0)
-        except (ValueError, ProcessLookupError, PermissionError):
+            if not process_alive(int(marker.read_text())):
+                return
+        except ValueError:   # a marker being written or half-read
             return
         log.info("evaluate: waiting for the baselines stage running in process %s", marker.read_text())
         time.sleep(30)
@@ -284,8 +287,9 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
     fp = _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
     # the stage is stale when any row source changed; LC-Rec's cached rows only when LC-Rec's inputs did
+    from .backbone import INT8_RECIPE   # the served rows are re-measured when the int8 recipe changes
+
     def stage_fp() -> str:
-        from .backbone import INT8_RECIPE   # the served rows are re-measured when the int8 recipe changes
         return _fingerprint(fp, *(_file_stamp(run / name) for name in ("baselines.json", "methods.json")
                                   if (run / name).exists()), cfg.methods.run, cfg.chat.prior_weight, INT8_RECIPE)
     if not force and record.fresh("evaluate", stage_fp()) and (run / "metrics.json").exists():
@@ -341,8 +345,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     _add_llm_methods(cfg, metrics)
     served = _served_dtype()
     if served != dtype:
-        # the precision the app serves (ui.serving_dtype), on test: pure LC-Rec and the app's hybrid weight
-        from .backbone import INT8_RECIPE
+        # the precision the app serves (hardware.serving_dtype), on test: pure LC-Rec and the app's hybrid weight
         served_recipe = INT8_RECIPE if served == "int8" else served   # a changed recipe is measured again
         @functools.cache
         def served_rec() -> Recommender:   # loaded (and quantised) only when a served row is not cached
@@ -421,7 +424,7 @@ def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
             continue
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", "*.lock.*"))   # scoring locks
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock"))   # scoring locks
         else:
             shutil.copy2(src, dst)
         copied.append(name)

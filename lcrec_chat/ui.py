@@ -26,7 +26,6 @@ import gradio as gr  # noqa: E402
 from .chat import ChatEngine, CoWatch, Reply, Session  # noqa: E402
 from .config import Config  # noqa: E402
 from .data.domain import MOVIE, Domain, article  # noqa: E402
-from .hardware import resolve_dtype  # noqa: E402
 from .serving import MethodRouter  # noqa: E402
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..locks import file_lock, process_alive
 from ..data.split import Split
 from ..metrics import STAGES
 from ..ranking import evaluate_ranker
@@ -107,16 +108,6 @@ SCORES = "scores.json"   # CoLLM's scored pieces, each under the inputs it was c
 WAIT_SECONDS = 30        # how often a process re-checks pieces another process is scoring
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def score_collm_pieces(cfg: Config, run: Path, split: Split, model, source, fingerprint: str,
                        names: tuple[str, ...] = COLLM_PIECES) -> dict[str, Any]:
     """CoLLM's scoring, piece by piece ("auc/test", "rerank/valid", ...), each saved to run/collm/scores.json
@@ -126,10 +117,10 @@ def score_collm_pieces(cfg: Config, run: Path, split: Split, model, source, fing
       the same run takes the next unclaimed piece instead: two processes with one thread each
       (OMP_NUM_THREADS=1) score side by side faster than one with two threads. A claim whose process is gone
       is taken over."""
-    from ..backbone import _lock
     from ..baselines import SequentialRecommender
     from .collm import CoLLMReranker, source_auc
     c, path = cfg.methods.collm, run / "collm" / SCORES
+    lock = path.with_suffix(".lock")
     users = {"test": c.test_users or cfg.eval.max_users, "valid": c.valid_users or cfg.eval.max_users}
 
     def compute(name: str) -> dict[str, Any]:
@@ -146,37 +137,45 @@ def score_collm_pieces(cfg: Config, run: Path, split: Split, model, source, fing
         row = evaluate_ranker(reranker, split, stage, cfg.eval.cutoffs, users[stage])
         return {**row, "seconds": round(time.perf_counter() - scored, 1)}
 
-    def update(key: str, value: dict | None = None, drop: bool = False) -> dict | None:
-        """Under the file lock: the saved value of `key`; with `value`, save it first; with `drop`, remove it."""
-        with _lock(path.with_suffix(".lock")):
-            saved = json.loads(path.read_text()) if path.exists() else {}
-            if value is not None or drop:
-                saved.pop(key, None)
-                saved.update({key: value} if value is not None else {})
-                path.write_text(json.dumps(saved, indent=1))
-            return saved.get(key)
+    def saved() -> dict:
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write(key: str, value: dict | None) -> None:
+        """Save one piece (None removes it), under the lock: another process may have saved others meanwhile."""
+        with file_lock(lock):
+            pieces = saved()
+            pieces.pop(key, None)
+            path.write_text(json.dumps({**pieces, **({key: value} if value is not None else {})}, indent=1))
+
+    def take(key: str) -> tuple[dict | None, bool]:
+        """(the finished piece or None, whether this process now holds its claim), read and claimed as one step."""
+        with file_lock(lock):
+            pieces = saved()
+            value = pieces.get(key)
+            claim = value["scoring_pid"] if isinstance(value, dict) and set(value) == {"scoring_pid"} else None
+            if value is not None and claim is None:
+                return value, False
+            if claim is not None and claim != os.getpid() and process_alive(claim):
+                return None, False   # another process is scoring it
+            path.write_text(json.dumps({**pieces, key: {"scoring_pid": os.getpid()}}, indent=1))
+            return None, True
 
     keys = {name: json.dumps([fingerprint, name, dataclasses.asdict(c), cfg.eval.cutoffs, cfg.eval.max_users])
             for name in names}
     results: dict[str, Any] = {}
     while len(results) < len(names):
         for name in [n for n in names if n not in results]:
-            with _lock(path.with_suffix(".lock.claim")):   # read and claim as one step
-                saved = update(keys[name])
-                claimed = isinstance(saved, dict) and set(saved) == {"scoring_pid"}
-                if saved is not None and not claimed:
-                    results[name] = saved
-                    continue
-                if claimed and saved["scoring_pid"] != os.getpid() and _pid_alive(saved["scoring_pid"]):
-                    continue   # another process is scoring it
-                update(keys[name], {"scoring_pid": os.getpid()})
-            log.info("CoLLM: scoring %s", name)
-            try:
-                results[name] = compute(name)
-            except BaseException:   # stopped or failed: leave the piece to whoever runs next
-                update(keys[name], drop=True)
-                raise
-            update(keys[name], results[name])
+            value, mine = take(keys[name])
+            if value is not None:
+                results[name] = value
+            elif mine:
+                log.info("CoLLM: scoring %s", name)
+                try:
+                    results[name] = compute(name)
+                except BaseException:   # stopped or failed: leave the piece to whoever runs next
+                    write(keys[name], None)
+                    raise
+                write(keys[name], results[name])
         if len(results) < len(names):
             time.sleep(WAIT_SECONDS)
     return results
