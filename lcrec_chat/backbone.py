@@ -559,6 +559,33 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.M
     return model
 
 
+def _load_saved_tokenizer(folder: Path, fast_only: bool = False):
+    """The tokenizer saved beside an adapter. ``fast_only`` (serving) reads its tokenizer.json with
+    PreTrainedTokenizerFast, skipping AutoTokenizer's class lookup (about 1 s of imports on a 2-core CPU); the ids
+    are the same (tests/test_llama.py)."""
+    if fast_only and (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_for_serving(path: str | Path) -> torch.nn.Module:
+    """The fp32 model of a local folder for CPU serving: the small Llama of llama.py where the folder is a plain
+    Llama (no transformers modelling import: -6 s of start-up on 2 cores, identical logits), else
+    transformers' class through ``load_in_memory``."""
+    from .llama import UnsupportedModel, load_llama
+    try:
+        return load_llama(path)
+    except UnsupportedModel as why:
+        log.info("serving with transformers' model class: %s", why)
+        return load_in_memory(path)
+
+
 def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool = False, merge: bool = False):
     """Base model + the tokenizer saved with the adapter + the adapter; returns (model, tokenizer).
 
@@ -568,18 +595,15 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
     transformers model comes back: a decode step skips the adapter's extra matmuls. 4-bit weights stay
     unmerged (folding into NF4 would re-quantize them).
     """
-    from transformers import AutoTokenizer
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise BackboneError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     int8 = cfg.dtype == "int8"
     if int8 and (for_training or resolve_device(cfg.device) != "cpu"):
         raise BackboneError("model.dtype int8 is for CPU inference; train in fp32, bf16 or nf4")
+    tokenizer = _load_saved_tokenizer(adapter_dir, fast_only=int8)
     if int8:   # LoRA is merged in fp32, then the merged weights are quantised
-        model = load_in_memory(resolve_model_path(cfg.base, cfg.cache_dir))
+        model = load_for_serving(resolve_model_path(cfg.base, cfg.cache_dir))
     else:
         model = load_model(cfg, for_training=for_training)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the same rule as add_index_tokens

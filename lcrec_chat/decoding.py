@@ -22,9 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import StaticCache, StaticLayer
-
+from .llama import KVCache
 from .trie import CodeTrie, NoItemsLeft, TrieError, index_token  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -32,7 +30,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("loop", "generate")
 
 
-class TrieLogitsProcessor(LogitsProcessor):
+class TrieLogitsProcessor:
     """Masks the scores of every beam to the code tokens that continue it towards an allowed item.
 
     ``prompt_length`` is the (left-padded) width of the prompt batch, ``num_beams`` the rows per request in
@@ -46,6 +44,8 @@ class TrieLogitsProcessor(LogitsProcessor):
     keep the very tensor the processors receive.
     """
 
+    # a transformers LogitsProcessor by its call signature; not a subclass, so that importing this module (as
+    # the app does) does not import transformers' generation code
     def __init__(self, trie: CodeTrie, prompt_length: int, num_beams: int, eos_token_id: int,
                  allowed: torch.Tensor | None = None, batch_size: int | None = None, inplace: bool = False):
         if allowed is None:
@@ -150,7 +150,8 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
                    allowed: Sequence[torch.Tensor | None] | None = None, batch_size: int = 8,
                    method: str = "loop", shared_prefix: SharedPrefix | None = None,
                    prior: torch.Tensor | None = None, prior_weight: float | torch.Tensor = 0.0,
-                   stats: GenerationStats | None = None) -> list[list[tuple[int, float]]]:
+                   stats: GenerationStats | None = None,
+                   collab: tuple[int, Sequence[torch.Tensor]] | None = None) -> list[list[tuple[int, float]]]:
     """Top-``k`` distinct allowed items for each prompt, best first, as (item index, summed code log-prob).
 
     ``prompts`` are fully formatted (chat template and response prefix included): the next tokens the model
@@ -164,6 +165,10 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
     so an item's score is log P_model(item) + w * log P_prior(item | allowed items).
 
     ``stats``, if given, counts every beam the search ended with before anything is dropped (see GenerationStats).
+
+    ``collab`` (loop only) = (placeholder token id, one (n_i, hidden) tensor per prompt): the prompt positions
+    holding the placeholder get those rows as their input embeddings instead of the token's own row, in order
+    (collaborative tokens, methods/collab_tokens.py). The shared prefix then stops before the first placeholder.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -180,6 +185,8 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
         if prior.shape != masks.shape:
             raise ValueError(f"prior must be (prompts, items) = {tuple(masks.shape)}, got {tuple(prior.shape)}")
         weights = torch.as_tensor(prior_weight, dtype=torch.float64).expand(len(prompts))
+    if collab is not None and (method != "loop" or len(collab[1]) != len(prompts)):
+        raise ValueError("collaborative vectors need method='loop' and one tensor per prompt")
     results: list[list[tuple[int, float]]] = []
     starts = range(0, len(prompts), batch_size)
     with torch.inference_mode():
@@ -190,8 +197,9 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
                 if weights is not None:
                     end = start + len(batch_prompts)
                     batch_prior = (prior[start:end].double() * batch_masks, weights[start:end])
+                batch_collab = None if collab is None else (collab[0], collab[1][start:start + batch_size])
                 items, scores = _beam_loop(model, tokenizer, trie, batch_prompts, num_beams, batch_masks,
-                                           shared_prefix, batch_prior)
+                                           shared_prefix, batch_prior, batch_collab)
             else:
                 input_ids, attention = _left_pad(tokenizer, batch_prompts, _device(model))
                 items, scores = _beam_generate(model, tokenizer, trie, input_ids, attention, num_beams, batch_masks)
@@ -206,14 +214,15 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
 # ---- our beam loop --------------------------------------------------------------------------------------------
 def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int, allowed: torch.Tensor,
                shared_prefix: SharedPrefix | None = None,
-               prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+               collab: tuple[int, Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over the trie with one prefill per request; returns (items, scores), each (B, num_beams),
     sorted by score, item -1 / score -inf where fewer than num_beams items are allowed.
 
     With a shared prefix of P tokens the rows are laid out as [prefix | left-padded rest of each prompt]: the
     pads sit between the two, masked, and positions count real tokens only, which is the same computation as
     a left-padded prefill of the whole prompts. ``prior`` = ((B, items) weights, (B,) prior weight): see
-    :func:`generate_items`."""
+    :func:`generate_items`; so is ``collab``."""
     counts = trie.alive(allowed)
     log_mass = None
     if prior is not None:
@@ -223,7 +232,9 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
     device = _device(model)
     token_lists = _encode(tokenizer, prompts)
     cache = None
-    shared, prefix_kv = shared_prefix.for_batch(model, token_lists) if shared_prefix is not None else (0, [])
+    # a placeholder's KV depends on its vector, which differs between prompts: share only what precedes it
+    sharable = token_lists if collab is None else [_before(t, collab[0]) + [0] for t in token_lists]
+    shared, prefix_kv = shared_prefix.for_batch(model, sharable) if shared_prefix is not None else (0, [])
     if shared:
         cache = _preallocated_cache(model, max(len(t) for t in token_lists) + trie.depth - 1)
         if cache is None:
@@ -238,7 +249,8 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
             layer.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
     else:
         cache = _preallocated_cache(model, prompt_width + trie.depth - 1)
-    out = model(input_ids=rest, attention_mask=attention, position_ids=positions[:, shared:], use_cache=True,
+    inputs = {"input_ids": rest} if collab is None else {"inputs_embeds": _embed_with_vectors(model, rest, *collab)}
+    out = model(**inputs, attention_mask=attention, position_ids=positions[:, shared:], use_cache=True,
                 past_key_values=cache, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     # before the first code token there is one row per request; afterwards num_beams rows per request
@@ -269,10 +281,28 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
     return items.view(batch, num_beams), scores.view(batch, num_beams)
 
 
-def _preallocated_cache(model, max_length: int) -> StaticCache | None:
+def _before(tokens: list[int], placeholder: int) -> list[int]:
+    return tokens[:tokens.index(placeholder)] if placeholder in tokens else tokens
+
+
+def _embed_with_vectors(model, input_ids: torch.Tensor, placeholder: int, vectors: Sequence[torch.Tensor]
+                        ) -> torch.Tensor:
+    """Token embeddings of ``input_ids`` whose placeholder positions hold the rows of ``vectors`` (row-major)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = input_ids == placeholder
+    rows = torch.cat([v.reshape(-1, embeds.shape[-1]) for v in vectors]) if len(vectors) else embeds.new_zeros(0, embeds.shape[-1])
+    if int(mask.sum()) != rows.shape[0]:
+        raise ValueError(f"{int(mask.sum())} placeholder positions but {rows.shape[0]} collaborative vectors")
+    return embeds.masked_scatter(mask.unsqueeze(-1), rows.to(embeds.device, embeds.dtype))
+
+
+def _preallocated_cache(model, max_length: int):
     """A cache whose layers are written in place, or None (the model's own DynamicCache) where the model has
     layer kinds other than plain attention. A DynamicCache concatenates every layer's whole cache at each
-    step, which costs a quarter of a 20-beam decode step on CPU."""
+    step, which costs a quarter of a 20-beam decode step on CPU. The slim Llama (llama.py) brings its own."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache(max_length)
+    from transformers.cache_utils import StaticCache, StaticLayer
     try:
         cache = StaticCache(config=model.config, max_cache_len=max_length)
     except (TypeError, ValueError, KeyError, AttributeError):
@@ -287,7 +317,7 @@ def _reorder_beams(cache, parent: torch.Tensor, level: int, prompt_width: int) -
     within their own request, whose prompt rows are identical, so a preallocated cache needs to move just the
     code positions written so far.
     """
-    if not isinstance(cache, StaticCache):
+    if not _written_in_place(cache):
         cache.reorder_cache(parent)
         return
     generated = slice(prompt_width, prompt_width + level)
@@ -298,6 +328,13 @@ def _reorder_beams(cache, parent: torch.Tensor, level: int, prompt_width: int) -
         else:
             layer.keys[:, :, generated] = layer.keys[parent, :, generated]
             layer.values[:, :, generated] = layer.values[parent, :, generated]
+
+
+def _written_in_place(cache) -> bool:
+    if isinstance(cache, KVCache):
+        return all(layer.max_length is not None for layer in cache.layers)
+    from transformers.cache_utils import StaticCache
+    return isinstance(cache, StaticCache)
 
 
 def _best_continuations(cand: torch.Tensor, valid: torch.Tensor, batch: int, num_beams: int
@@ -321,6 +358,7 @@ def _best_continuations(cand: torch.Tensor, valid: torch.Tensor, batch: int, num
 def _beam_generate(model, tokenizer, trie: CodeTrie, input_ids: torch.Tensor, attention: torch.Tensor,
                    num_beams: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`_beam_loop`, through ``model.generate`` and :class:`TrieLogitsProcessor`."""
+    from transformers import GenerationConfig, LogitsProcessorList
     batch, width = input_ids.shape
     eos = _eos_id(tokenizer)
     processor = TrieLogitsProcessor(trie, width, num_beams, eos, allowed=allowed, inplace=True)

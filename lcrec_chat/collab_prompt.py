@@ -1,0 +1,99 @@
+"""LC-Rec's dense history prompt with collaborative tokens: CoLLM's idea inside LC-Rec (issue 12's lever).
+
+The dense form lists the history's item codes as the start of the answer, "<code 1>, <code 2>, ", and the model
+continues with the next item's code. Here each ", " is followed by one collaborative token: a placeholder whose
+input embedding is a sequential model's state after the items so far (the vector that model scores the next item
+with), mapped into the token-embedding space by a trained `CollabMapper`:
+
+    "<code 1>, [s1]<code 2>, [s2]...<code n>, [sn]"  ->  the model writes <code n+1>
+
+So the code the model writes next always sits right after the collaborative model's view of the same history.
+Training windows supervise every item's code (the dense rule), and [si] depends only on items 1..i, so no
+position sees the future. Token ids are assembled piece by piece: the item codes are added special tokens and
+", " tokenises alone, so the ids are those of the joined text.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from .methods.collab_tokens import CollabMapper, CollabSource, placeholder_id
+from .tasks import HISTORY_SEP, TaskBuilder, chat_prompt, end_of_turn
+
+IGNORE = -100
+
+
+class CollabDensePrompts:
+    """Token ids (training and inference) and collaborative vectors of the dense prompt; `mapper` None gives the
+    plain dense form (no collaborative tokens), so both arms of a comparison share every other step."""
+
+    def __init__(self, tokenizer, builder: TaskBuilder, source: CollabSource, mapper: CollabMapper | None):
+        self.tokenizer, self.builder, self.source, self.mapper = tokenizer, builder, source, mapper
+        self.placeholder = placeholder_id(tokenizer)[1] if mapper is not None else None
+        self.context_text = chat_prompt(tokenizer, builder.prompts.dense)
+        self.context = self._ids(self.context_text)
+        self.sep = self._ids(HISTORY_SEP)
+        self.end = self._ids(end_of_turn(tokenizer))
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @lru_cache(maxsize=None)
+    def code_ids(self, item: int) -> tuple[int, ...]:
+        return tuple(self._ids(self.builder.code_text[item]))
+
+    def _history_ids(self, items: Sequence[int], close_last: bool) -> tuple[list[int], list[int]]:
+        """(ids, labels) of "<code>, [s]" per item; the last item without ", [s]" unless `close_last`."""
+        ids, labels = [], []
+        for t, item in enumerate(items):
+            code = list(self.code_ids(item))
+            ids += code
+            labels += code
+            if t < len(items) - 1 or close_last:
+                ids += self.sep
+                labels += self.sep
+                if self.placeholder is not None:
+                    ids.append(self.placeholder)
+                    labels.append(IGNORE)
+        return ids, labels
+
+    def training_ids(self, window: Sequence[int]) -> tuple[list[int], list[int], int]:
+        """(input ids, labels, placeholders) of a window of items: every item's code and separator is learned,
+        then the end of the turn; the context and the placeholders are not."""
+        ids, labels = self._history_ids(window, close_last=False)
+        return (self.context + ids + self.end, [IGNORE] * len(self.context) + labels + self.end,
+                0 if self.placeholder is None else len(window) - 1)
+
+    def inference_text(self, history: Sequence[int]) -> str:
+        """The prompt text whose continuation is the next item's code (placeholders as their token text)."""
+        items = list(history)[-self.builder.max_history:]
+        ids, _ = self._history_ids(items, close_last=True)
+        return self.context_text + self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def vectors(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per history, the mapped state after each of its items: [len(history), hidden]."""
+        histories = [list(h)[-self.builder.max_history:] for h in histories]
+        if self.mapper is None or not histories:
+            return [torch.zeros(0) for _ in histories]
+        model = self.source.model
+        with torch.no_grad():
+            seq = model.sequences(histories)
+            states = model.net(seq, last=seq.shape[1]).float()          # [B, max_len, dim], left-padded
+        mapped = self.mapper(states.reshape(-1, states.shape[-1])).view(*states.shape[:2], -1)
+        return [mapped[row, mapped.shape[1] - len(h):] for row, h in enumerate(histories)]
+
+    def inference_vectors(self, histories: Sequence[Sequence[int]]) -> tuple[int, list[torch.Tensor]]:
+        return self.placeholder, self.vectors(histories)
+
+    def embed(self, causal_lm, input_ids: torch.Tensor, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Input embeddings of a training batch; `prefixes[r]` = the window of row r without its last item."""
+        embeds = causal_lm.get_input_embeddings()(input_ids)
+        if self.mapper is None:
+            return embeds
+        rows = torch.cat(self.vectors(prefixes))
+        mask = input_ids == self.placeholder
+        if int(mask.sum()) != rows.shape[0]:
+            raise ValueError(f"{int(mask.sum())} placeholders but {rows.shape[0]} collaborative vectors")
+        return embeds.masked_scatter(mask.unsqueeze(-1), rows.to(embeds.dtype))

@@ -1,0 +1,129 @@
+"""The small serving Llama (llama.py) against transformers' LlamaForCausalLM: same weights, same logits, same
+generated items; and the serving load path built on it (merge, int8, fast tokenizer)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lcrec_chat.backbone import (_load_saved_tokenizer, add_index_tokens, load_for_serving, load_model, load_tokenizer,
+                                 quantize_int8)
+from lcrec_chat.config import ModelConfig
+from lcrec_chat.decoding import SharedPrefix, generate_items
+from lcrec_chat.llama import KVCache, SlimLlama, UnsupportedModel, load_llama
+from lcrec_chat.trie import CodeTrie, index_token
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CACHE = str(Path(__file__).resolve().parents[1] / ".cache" / "models")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, slim model of the same saved weights, tokenizer) with 2 x 6 index tokens added."""
+    cfg = ModelConfig(base="tiny-llama", cache_dir=CACHE, device="cpu")
+    tokenizer, model = load_tokenizer(cfg), load_model(cfg)
+    add_index_tokens(model, tokenizer, [index_token(level, c) for level in range(2) for c in range(6)], init="random")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.get_output_embeddings().weight[-12:] *= 50   # clearly different item scores
+    folder = tmp_path_factory.mktemp("tiny-saved")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), load_llama(folder), tokenizer, folder
+
+
+def padded(tokenizer, texts):
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return batch.input_ids, batch.attention_mask, positions
+
+
+def test_logits_match_transformers_on_a_left_padded_batch(pair):
+    hf, slim, tokenizer, _ = pair
+    ids, mask, positions = padded(tokenizer, ["a longer prompt with <a_1><b_2> in it", "hi"])
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = slim(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5)
+    assert torch.isfinite(got).all()   # pad rows attend to themselves: no NaN to leak into a cache
+
+
+def test_cached_steps_equal_one_full_forward(pair):
+    _, slim, tokenizer, _ = pair
+    ids = tokenizer("one two three four five", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        full = slim(input_ids=ids).logits
+        cache = slim.new_cache(max_length=ids.shape[1])
+        first = slim(input_ids=ids[:, :3], past_key_values=cache).logits
+        rest = [slim(input_ids=ids[:, i:i + 1], past_key_values=cache).logits for i in range(3, ids.shape[1])]
+    assert torch.allclose(torch.cat([first, *rest], 1), full, atol=1e-5)
+    assert isinstance(cache, KVCache) and cache.get_seq_length() == ids.shape[1]
+
+
+def test_generated_items_and_scores_match_transformers(pair):
+    """The beam loop (shared prefix, left padding, in-place cache, beam reordering) gives the same lists."""
+    hf, slim, tokenizer, _ = pair
+    codes = [[a, b] for a in range(6) for b in range(6)][::2]
+    trie = CodeTrie.from_tokenizer(codes, tokenizer)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+               for text in ("I liked <a_1><b_2>. More?", "recommend", "a much longer request that needs padding")]
+    allowed = [None, torch.arange(len(codes)) % 3 != 0, None]
+    results = [generate_items(m, tokenizer, trie, prompts, num_beams=6, k=5, allowed=allowed,
+                              shared_prefix=SharedPrefix()) for m in (hf, slim)]
+    for want, got in zip(*results):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert torch.allclose(torch.tensor([s for _, s in got]), torch.tensor([s for _, s in want]), atol=1e-4)
+
+
+def test_collaborative_vectors_enter_at_the_placeholders(pair):
+    """Vectors equal to the placeholder's own embedding row change nothing; other vectors change the scores the
+    same way in both models."""
+    hf, slim, tokenizer, _ = pair
+    trie = CodeTrie.from_tokenizer([[a, b] for a in range(6) for b in range(6)], tokenizer)
+    placeholder = tokenizer.convert_tokens_to_ids("<gh_stars>")
+    prompts = ["List: <a_1><b_1>, <gh_stars><a_2><b_3>, <gh_stars>", "List: <a_0><b_0>, <gh_stars>"]
+    own = slim.get_input_embeddings().weight[placeholder].detach()
+    same = [own.expand(2, -1), own.expand(1, -1)]
+    plain = generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5)
+    assert generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, same)) == plain
+    torch.manual_seed(1)
+    other = [torch.randn(2, own.shape[0]) * own.norm(), torch.randn(1, own.shape[0]) * own.norm()]
+    moved = [generate_items(m, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, other),
+                            shared_prefix=SharedPrefix(min_tokens=2)) for m in (hf, slim)]
+    assert [[i for i, _ in r] for r in moved[0]] == [[i for i, _ in r] for r in moved[1]]
+    assert moved[1] != plain
+    with pytest.raises(ValueError, match="placeholder"):
+        generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, [other[0], other[0]]))
+
+
+def test_serving_load_path_is_slim_int8_and_its_tokenizer_matches(pair):
+    hf, _, tokenizer, folder = pair
+    model = quantize_int8(load_for_serving(folder))
+    assert isinstance(model, SlimLlama)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear" and \
+        type(model.model.layers[0].self_attn.q_proj).__module__.startswith("torch.ao")   # int8 dynamic
+    fast = _load_saved_tokenizer(folder, fast_only=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Liked <a_1><b_2>, <a_3><b_4>"}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert fast(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert fast.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == \
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    ids, mask, positions = padded(tokenizer, ["Liked <a_1><b_2>", "hello"])
+    with torch.no_grad():
+        agree = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1) == \
+            hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
+    assert agree.all()
+
+
+def test_other_architectures_fall_back_to_transformers(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 8}))
+    with pytest.raises(UnsupportedModel, match="not a plain Llama"):
+        load_llama(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}))
+    with pytest.raises(UnsupportedModel):
+        load_llama(tmp_path)
