@@ -15,14 +15,16 @@ position sees the future. Token ids are assembled piece by piece: the item codes
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .methods.collab_tokens import CollabMapper, CollabSource, placeholder_id
+from .methods.collab_tokens import CollabMapper, CollabSource, SASRecSource, placeholder_id
 from .tasks import HISTORY_SEP, TaskBuilder, chat_prompt, end_of_turn
 
 IGNORE = -100
+MAPPER_FILE = "collab_mapper.pt"   # beside the adapter it was trained with
 
 
 class CollabDensePrompts:
@@ -36,6 +38,27 @@ class CollabDensePrompts:
         self.context = self._ids(self.context_text)
         self.sep = self._ids(HISTORY_SEP)
         self.end = self._ids(end_of_turn(tokenizer))
+
+    @classmethod
+    def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path) -> "CollabDensePrompts | None":
+        """The collaborative prompts an adapter was trained with (its collab_mapper.pt and the run's sasrec.pt), or
+        None for an adapter trained without them."""
+        path = Path(adapter_dir) / MAPPER_FILE
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"])
+        mapper.load_state_dict(saved["state"])
+        sasrec = Path(run) / "sasrec.pt"
+        if not sasrec.is_file():
+            raise FileNotFoundError(f"{adapter_dir} was trained with collaborative tokens from SASRec, but {sasrec} "
+                                    "is missing: run the baselines stage (python -m lcrec_chat baselines)")
+        return cls(tokenizer, builder, SASRecSource.load(sasrec), mapper.eval())
+
+    def save_mapper(self, adapter_dir: Path) -> None:
+        m = self.mapper
+        torch.save({"state": m.state_dict(), "collab_dim": m.collab_dim, "token_dim": m.token_dim,
+                    "hidden": m.hidden, "source": self.source.kind}, Path(adapter_dir) / MAPPER_FILE)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -65,6 +88,16 @@ class CollabDensePrompts:
         ids, labels = self._history_ids(window, close_last=False)
         return (self.context + ids + self.end, [IGNORE] * len(self.context) + labels + self.end,
                 0 if self.placeholder is None else len(window) - 1)
+
+    def sample_ids(self, items: Sequence[int], target: int = -1) -> tuple[list[int], list[int], tuple[int, ...]]:
+        """(input ids, labels, the items whose states fill the placeholders) of a dense sample: a training window
+        (`target` -1: every item learned) or a history with its held-out `target` (only the target learned)."""
+        if target < 0:
+            ids, labels, _ = self.training_ids(items)
+            return ids, labels, tuple(items[:-1])
+        history, _ = self._history_ids(items, close_last=True)
+        answer = list(self.code_ids(target)) + self.end
+        return self.context + history + answer, [IGNORE] * (len(self.context) + len(history)) + answer, tuple(items)
 
     def inference_text(self, history: Sequence[int]) -> str:
         """The prompt text whose continuation is the next item's code (placeholders as their token text)."""

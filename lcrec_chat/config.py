@@ -116,6 +116,14 @@ class TrainConfig:
     # hardware.py; 1.7x fp32's tokens/s on an avx512_bf16 CPU) | bf16 (always) | off
     autocast: Literal["auto", "bf16", "off"] = "off"
     seed: int = 42
+    # CoLLM's idea inside LC-Rec (collab_prompt.py): "sasrec" puts the run's SASRec state after each history item
+    # into the dense prompt as one token (a trained MLP maps it into the token-embedding space; the baselines
+    # stage, which trains SASRec, then runs before this one); "none" = LC-Rec's dense prompt as published
+    collab_tokens: Literal["none", "sasrec"] = "none"
+    mapper_lr: float = 1e-3
+    # continue from an adapter instead of a fresh LoRA (a run folder's adapter/, same base and index tokens):
+    # a second phase on top of a finished run, e.g. adding collaborative tokens to a tuned model
+    init_adapter: str = ""
 
 
 @dataclass

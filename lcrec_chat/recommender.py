@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .catalog import Catalog
+from .collab_prompt import CollabDensePrompts
 from .config import Config
 from .decoding import GenerationStats, SharedPrefix, generate_items
 from .tasks import TaskBuilder, chat_prompt
@@ -43,7 +44,8 @@ class Recommendation:
 
 class Recommender:
     def __init__(self, model, tokenizer, catalog: Catalog, builder: TaskBuilder, codes: Sequence[Sequence[int]],
-                 num_beams: int = 20, batch_size: int = 8, prior_model=None, prior_weight: float = 0.0):
+                 num_beams: int = 20, batch_size: int = 8, prior_model=None, prior_weight: float = 0.0,
+                 collab: CollabDensePrompts | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.catalog = catalog
@@ -57,6 +59,8 @@ class Recommender:
         # weight each code step by `prior_weight` (decoding.generate_items); 0 or no model = pure LC-Rec
         self.prior_model = prior_model
         self.prior_weight = prior_weight
+        # an adapter trained with collaborative tokens (collab_prompt.py) gets them in its dense prompt
+        self.collab = collab
 
     @classmethod
     def from_run(cls, cfg: Config, run_dir: str | Path | None = None, dtype: str = "",
@@ -73,11 +77,14 @@ class Recommender:
         model, tokenizer = backbone.load_finetuned(model_cfg, run / "adapter", merge=True)
         return cls(model, tokenizer, Catalog(run / "catalog.sqlite"), builder, codes,
                    num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size, prior_model=prior,
-                   prior_weight=prior_weight)
+                   prior_weight=prior_weight,
+                   collab=CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter"))
 
     def prompt(self, request: Request) -> str:
         """The formatted prompt, in the run's domain words (tasks.Prompts), that the item code continues."""
         history, prompts = list(request.history), self.builder.prompts
+        if self._collaborative(request):
+            return self.collab.inference_text(history)
         if request.style == "dense" and history and not request.query:
             return chat_prompt(self.tokenizer, prompts.dense) + self.builder.dense_continuation(history).prefix
         if request.style == "seqrec" and history and not request.query:
@@ -85,6 +92,21 @@ class Recommender:
                 history=", ".join(self.builder.codes_of(history)))
             return chat_prompt(self.tokenizer, text)
         return chat_prompt(self.tokenizer, self.builder.request_prompt(self.builder.codes_of(history), request.query))
+
+    def _collaborative(self, request: Request) -> bool:
+        return self.collab is not None and request.style == "dense" and bool(request.history) and not request.query
+
+    def _collab_vectors(self, requests: Sequence[Request]) -> tuple[int, list[torch.Tensor]] | None:
+        """(placeholder id, the mapped SASRec states per request) for decoding; None when no request has them."""
+        rows = [i for i, r in enumerate(requests) if self._collaborative(r)]
+        if not rows:
+            return None
+        width = self.model.get_input_embeddings().weight.shape[1]
+        vectors = [torch.zeros(0, width) for _ in requests]
+        with torch.no_grad():
+            for i, v in zip(rows, self.collab.vectors([list(requests[i].history) for i in rows])):
+                vectors[i] = v
+        return self.collab.placeholder, vectors
 
     def allowed(self, request: Request) -> torch.Tensor:
         mask = torch.ones(self.num_items, dtype=torch.bool)
@@ -117,7 +139,8 @@ class Recommender:
         results = generate_items(self.model, self.tokenizer, self.trie, [self.prompt(r) for r in requests],
                                  num_beams=beams, k=k, allowed=[self.allowed(r) for r in requests],
                                  batch_size=self.batch_size, shared_prefix=self.shared_prefix,
-                                 prior=prior, prior_weight=weights, stats=stats)
+                                 prior=prior, prior_weight=weights, stats=stats,
+                                 collab=self._collab_vectors(requests))
         return [[Recommendation(idx, score) for idx, score in ranked] for ranked in results]
 
     def recommend(self, history: Sequence[int] = (), query: str = "", k: int = 10, exclude: Sequence[int] = (),

@@ -123,7 +123,11 @@ def train(cfg: Config, force: bool = False) -> dict:
     record = StageRecord(run)
     # max_minutes is left out: a run stopped by the clock resumes when started again with more time
     train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k != "max_minutes"}
-    fp = _fingerprint(cfg.model, train_cfg, _file_stamp(run / "codes.json"))
+    collab_on = cfg.train.collab_tokens != "none"
+    if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
+        baselines(cfg)
+    fp = _fingerprint(cfg.model, train_cfg, _file_stamp(run / "codes.json"),
+                      _file_stamp(run / "sasrec.pt") if collab_on else "")
     if not force and record.fresh("train", fp) and (run / "adapter").exists():
         log.info("train: up to date (use --force to rerun)")
         return json.loads((run / "train_summary.json").read_text())
@@ -138,18 +142,34 @@ def train(cfg: Config, force: bool = False) -> dict:
     valid = validation_samples(builder, split, cfg)
     log.info("train: %d samples, %d validation samples", len(samples), len(valid))
 
-    tokenizer = backbone.load_tokenizer(cfg.model)
-    model = backbone.load_model(cfg.model, for_training=True)
-    init_texts: dict[str, list[str]] = {}
-    for idx, code in enumerate(codes):
-        for level, c in enumerate(code):
-            init_texts.setdefault(index_token(level, c), []).append(builder.describer.display(idx))
-    new_ids = backbone.add_index_tokens(model, tokenizer, index_token_strings(codes),
-                                        init=cfg.train.new_token_init, init_texts=init_texts)
-    from peft import get_peft_model
-    torch.manual_seed(cfg.train.seed)    # LoRA's random init: the same config gives the same run
-    model = get_peft_model(model, backbone.lora_config(cfg.train, new_ids, model))
-    summary = run_training(cfg, samples, valid, tokenizer, model, run)
+    if cfg.train.init_adapter:
+        model, tokenizer = backbone.load_finetuned(cfg.model, _initial_adapter(run, Path(cfg.train.init_adapter)),
+                                                   for_training=True)
+        missing = [t for t in index_token_strings(codes) if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"train.init_adapter {cfg.train.init_adapter} lacks index tokens of this run's codes "
+                             f"({missing[:3]}...): it was trained on other codes")
+    else:
+        tokenizer = backbone.load_tokenizer(cfg.model)
+        model = backbone.load_model(cfg.model, for_training=True)
+        init_texts: dict[str, list[str]] = {}
+        for idx, code in enumerate(codes):
+            for level, c in enumerate(code):
+                init_texts.setdefault(index_token(level, c), []).append(builder.describer.display(idx))
+        new_ids = backbone.add_index_tokens(model, tokenizer, index_token_strings(codes),
+                                            init=cfg.train.new_token_init, init_texts=init_texts)
+        from peft import get_peft_model
+        torch.manual_seed(cfg.train.seed)    # LoRA's random init: the same config gives the same run
+        model = get_peft_model(model, backbone.lora_config(cfg.train, new_ids, model))
+    collab = None
+    if collab_on:
+        from .collab_prompt import CollabDensePrompts
+        from .methods.collab_tokens import CollabMapper, SASRecSource, token_embedding_norm
+        source = SASRecSource.load(run / "sasrec.pt")
+        torch.manual_seed(cfg.train.seed)
+        mapper = CollabMapper(source.dim, model.get_input_embeddings().weight.shape[1], token_embedding_norm(model))
+        collab = CollabDensePrompts(tokenizer, builder, source, mapper)
+    summary = run_training(cfg, samples, valid, tokenizer, model, run, collab)
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder
         return summary
     summary["task_samples"] = {t: sum(s.task == t for s in samples) for t in cfg.train.task_budget}
@@ -161,6 +181,23 @@ def train(cfg: Config, force: bool = False) -> dict:
         log.warning("train: stopped at step %d of %d (max_minutes); run it again to resume",
                     summary["steps"], summary["total_steps"])
     return summary
+
+
+def _initial_adapter(run: Path, init: Path) -> Path:
+    """The adapter a second training phase starts from. When that is the run's own adapter/ (which this phase
+    overwrites), a copy is kept as adapter.init/ and used from then on, so a rerun starts from the same point."""
+    import shutil
+    if not (init / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"train.init_adapter: {init} is not an adapter folder (no adapter_config.json)")
+    if init.resolve() != (run / "adapter").resolve():
+        return init
+    kept = run / "adapter.init"
+    if not (kept / "adapter_config.json").is_file():
+        shutil.copytree(init, kept, ignore=shutil.ignore_patterns("collab_mapper.pt"))
+        for name in ("train_log.jsonl", "train_summary.json"):   # the first phase's record stays beside it
+            if (run / name).exists():
+                shutil.copy2(run / name, kept / name)
+    return kept
 
 
 PROMPT_NAMES = {"dense": "dense prompt", "chat": "request prompt", "seqrec": "LC-Rec seqrec instruction"}

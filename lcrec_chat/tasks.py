@@ -37,6 +37,7 @@ class Sample:
     response: str      # what the assistant must produce (loss goes here)
     target: int = -1   # item index of the answer, when the answer is an item
     prefix: str = ""   # start of the assistant turn that is given, not learned (dense seqrec continuation)
+    items: tuple[int, ...] = ()   # seqrec_dense: the window's items (the history, then the target if learned)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,12 +403,14 @@ class TaskBuilder:
     def seqrec_dense(self, history, target, rng) -> Sample:
         """Train form: the whole window is the response; each item's code is predicted from the ones before."""
         window = list(history[-self.max_history:]) + [target]
-        return Sample("seqrec_dense", self.prompts.dense, HISTORY_SEP.join(self.codes_of(window)), target)
+        return Sample("seqrec_dense", self.prompts.dense, HISTORY_SEP.join(self.codes_of(window)), target,
+                      items=tuple(window))
 
     def dense_continuation(self, history, target: int = -1) -> Sample:
         """Inference/held-out form: the history is given as the start of the answer, only the next item is learned."""
         prefix = "".join(c + HISTORY_SEP for c in self.codes_of(history))
-        return Sample("seqrec_dense", self.prompts.dense, self.code_text[target] if target >= 0 else "", target, prefix)
+        return Sample("seqrec_dense", self.prompts.dense, self.code_text[target] if target >= 0 else "", target, prefix,
+                      items=tuple(history[-self.max_history:]))
 
     def build(self, sequences: Sequence[Sequence[int]], budget: dict[str, int], seed: int) -> list[Sample]:
         """`budget[task]` samples per task from training sequences (every prefix is a candidate)."""

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .backbone import save_adapter
+from .collab_prompt import CollabDensePrompts
 from .config import Config
 from .hardware import describe, native_bf16
 from .tasks import Sample, render
@@ -36,12 +37,25 @@ class Encoded:
     task: str
     input_ids: list[int]
     labels: list[int]
+    vector_items: tuple[int, ...] = ()   # collaborative tokens: the items whose states fill the placeholders
 
 
-def encode(tokenizer, samples: list[Sample], max_length: int) -> list[Encoded]:
-    """Token ids with labels only on the response; over-long contexts are cut from the left."""
+def encode(tokenizer, samples: list[Sample], max_length: int, collab: CollabDensePrompts | None = None
+           ) -> list[Encoded]:
+    """Token ids with labels only on the response; over-long contexts are cut from the left. With `collab`, dense
+    samples carry collaborative tokens (collab_prompt.py); a window too long for max_length loses its oldest
+    items (cutting tokens would separate placeholders from their items)."""
     out = []
     for s in samples:
+        if collab is not None and s.task == "seqrec_dense" and s.items:
+            items = list(s.items)
+            while True:
+                ids, labels, vector_items = collab.sample_ids(items, s.target if s.prefix else -1)
+                if len(ids) <= max_length or len(items) <= 2:
+                    break
+                items = items[1:]
+            out.append(Encoded(s.task, ids[-max_length:], labels[-max_length:], vector_items))
+            continue
         context, answer = render(tokenizer, s)
         ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
         ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -77,19 +91,30 @@ def collate(data: list[Encoded], idxs: list[int], pad_id: int, device, multiple:
         ids[row, :n] = torch.tensor(data[i].input_ids)
         labels[row, :n] = torch.tensor(data[i].labels)
         mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    if any(data[i].vector_items for i in idxs):
+        batch["vector_items"] = [data[i].vector_items for i in idxs]
+    return batch
 
 
 class SupervisedLoss(torch.nn.Module):
-    """Causal-LM loss that runs the output head only where a label exists."""
+    """Causal-LM loss that runs the output head only where a label exists. With `collab`, placeholder positions
+    get the mapped collaborative vectors of each row's `vector_items` (the mapper is a submodule: it trains and
+    is checkpointed with the LoRA)."""
 
-    def __init__(self, model):
+    def __init__(self, model, collab: CollabDensePrompts | None = None):
         super().__init__()
         self.model = model
+        self.collab = collab
+        self.mapper = collab.mapper if collab is not None else None
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, vector_items=None):
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.collab is not None and vector_items is not None:
+            embeds = self.collab.embed(causal_lm, input_ids, vector_items)
+            hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = causal_lm.lm_head(hidden[:, :-1][keep])
@@ -139,17 +164,19 @@ def _distributed() -> tuple[int, int]:
 
 
 def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample], tokenizer, model,
-          out_dir: Path) -> dict:
-    """Tune `model` (already PEFT-wrapped) on the samples; writes checkpoints, adapter and curves into out_dir."""
+          out_dir: Path, collab: CollabDensePrompts | None = None) -> dict:
+    """Tune `model` (already PEFT-wrapped) on the samples; writes checkpoints, adapter and curves into out_dir.
+    With `collab` the dense samples carry collaborative tokens and its mapper trains too (saved beside the
+    adapter as collab_mapper.pt)."""
     tc = cfg.train
     rank, world = _distributed()
     device = next(model.parameters()).device
     torch.manual_seed(tc.seed + rank)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    data = encode(tokenizer, train_samples, tc.max_length)
+    data = encode(tokenizer, train_samples, tc.max_length, collab)
     valid: dict[str, list[Encoded]] = {}
-    for e in encode(tokenizer, valid_samples, tc.max_length):
+    for e in encode(tokenizer, valid_samples, tc.max_length, collab):
         valid.setdefault(e.task, []).append(e)
     batches = length_grouped_batches(data, tc.batch_size, tc.seed)
     steps_per_epoch = max(1, len(batches) // (tc.grad_accum * world))
@@ -157,13 +184,15 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     warmup = int(total * tc.warmup_ratio)
 
     autocast = use_autocast(tc.autocast, device.type)
-    loss_model = SupervisedLoss(model)
+    loss_model = SupervisedLoss(model, collab)
+    mapper_params = list(loss_model.mapper.parameters()) if loss_model.mapper is not None else []
     if world > 1:
         loss_model = torch.nn.parallel.DistributedDataParallel(loss_model)
     embed_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" in n]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" not in n]
     optimizer = torch.optim.AdamW([{"params": other_params, "lr": tc.lr},
-                                   {"params": embed_params, "lr": tc.embedding_lr}],
+                                   {"params": embed_params, "lr": tc.embedding_lr}]
+                                  + ([{"params": mapper_params, "lr": tc.mapper_lr}] if mapper_params else []),
                                   weight_decay=tc.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
@@ -173,6 +202,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     if (ckpt / "state.pt").exists():
         state = torch.load(ckpt / "state.pt", weights_only=False)
         model.load_state_dict(state["trainable"], strict=False)
+        if mapper_params:
+            loss_model.mapper.load_state_dict(state["mapper"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         random.setstate(state["python_rng"])
@@ -185,6 +216,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         ckpt.mkdir(parents=True, exist_ok=True)
         tmp = ckpt / "state.pt.tmp"
         torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "mapper": loss_model.mapper.state_dict() if mapper_params else None,
                     "step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(ckpt / "state.pt")
 
@@ -206,7 +238,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
             (loss / tc.grad_accum).backward()
             tokens_seen += int(batch["attention_mask"].sum())
             supervised_seen += n_sup
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad] + mapper_params, 1.0)
         scale = cosine_lr(step, total, warmup)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * scale
@@ -235,6 +267,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     save_checkpoint()
     if rank == 0:
         save_adapter(model, tokenizer, out_dir / "adapter")
+        if mapper_params:
+            collab.save_mapper(out_dir / "adapter")
     summary = {"steps": step, "total_steps": total, "complete": step >= total, "train_samples": len(data), "world_size": world,
                "tokens_per_s": tokens_seen / max(1e-9, time.time() - started),
                "supervised_tokens_per_s": supervised_seen / max(1e-9, time.time() - started)}

@@ -128,3 +128,41 @@ def test_export_copies_a_servable_run_without_the_checkpoint(tiny_run, tmp_path)
     assert len({r.idx for r in recs}) == 3 and all(r.item["title"] for r in recs)
     assert main(["export", "--config", "configs/tiny.yaml", "--set", f"run_dir={tmp_path / 'none'}",
                  "--to", str(target)]) == 1                            # nothing trained there: a clear error
+
+
+def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, tmp_path):
+    """train.init_adapter + train.collab_tokens=sasrec: the baselines stage runs first (SASRec), the run's own
+    adapter is kept as adapter.init and continued, the mapper trains (gradients reach it) and is saved beside the
+    adapter, and the Recommender then puts one collaborative token after each history item of a dense prompt."""
+    import shutil
+
+    from lcrec_chat.collab_prompt import CollabDensePrompts
+    from lcrec_chat.recommender import Recommender, Request
+    run = tmp_path / "collab"
+    shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl"))
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={run}", "train.collab_tokens=sasrec",
+                                            f"train.init_adapter={run / 'adapter'}", "train.max_steps=3",
+                                            "train.task_budget={seqrec_dense: 12, item2index: 4}"])
+    summary = stages.train(cfg)
+    assert summary["complete"] and (run / "sasrec.pt").exists()
+    assert (run / "adapter" / "collab_mapper.pt").exists() and (run / "adapter.init" / "adapter_config.json").exists()
+    assert not (run / "adapter.init" / "collab_mapper.pt").exists()
+    assert stages.train(cfg)["steps"] == summary["steps"]            # up to date: no second continuation
+
+    rec = Recommender.from_run(cfg, run)
+    assert isinstance(rec.collab, CollabDensePrompts)
+    assert rec.prompt(Request(history=[0, 1, 2], style="dense")).count("<gh_stars>") == 3
+    assert "<gh_stars>" not in rec.prompt(Request(history=[0, 1, 2], query="a comedy"))   # request form: none
+    both = rec.recommend_batch([Request(history=[0, 1, 2], style="dense"), Request(query="a comedy")], k=3)
+    assert [len(r) for r in both] == [3, 3]
+
+    model, tokenizer = backbone.load_finetuned(cfg.model, run / "adapter", for_training=True)
+    builder, _ = run_folder.task_builder(run, cfg)
+    collab = CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter")
+    collab.mapper.train()
+    window = builder.seqrec_dense([0, 1, 2, 3], 4, None)
+    data = encode(tokenizer, [window], 128, collab)
+    assert data[0].vector_items == (0, 1, 2, 3) and data[0].input_ids.count(collab.placeholder) == 4
+    loss, _ = SupervisedLoss(model, collab)(**collate(data, [0], tokenizer.pad_token_id, "cpu"))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in collab.mapper.parameters())
