@@ -17,16 +17,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .chat import ChatEngine, CoWatch, Reply, Session
+from .config import Config
+from .data.domain import MOVIE, Domain, article
+from .serving import MethodRouter
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-import gradio as gr  # noqa: E402
-
-from .chat import ChatEngine, CoWatch, Reply, Session  # noqa: E402
-from .config import Config  # noqa: E402
-from .data.domain import MOVIE, Domain, article  # noqa: E402
-from .serving import MethodRouter  # noqa: E402
+if TYPE_CHECKING:   # gradio is imported where the page is built: `serve` overlaps that import with the model load
+    import gradio as gr
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def input_placeholder(domain: Domain) -> str:
 def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
     """The page, in the words of the catalogue the engine serves. Handlers close over the shared engine only;
     everything per user is in gr.State."""
+    import gradio as gr
 
     def on_message(message: str, session: Session | None, messages: list | None) -> Iterator[tuple]:
         session = session if isinstance(session, Session) else engine.new_session()
@@ -243,6 +244,7 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, cfg: Config, block: bool = True, port: int | None = None) -> str:
     """Queue and start the server; returns its local URL (with block=False the call returns at once)."""
+    import gradio as gr
     css = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").exists() else None
     demo.queue(max_size=cfg.chat.queue_size, default_concurrency_limit=cfg.chat.concurrency)
     _, url, _ = demo.launch(server_name=cfg.chat.host, server_port=port if port is not None else cfg.chat.port,
@@ -252,9 +254,32 @@ def launch(demo: gr.Blocks, cfg: Config, block: bool = True, port: int | None = 
     return url
 
 
+def _import_model_stack() -> None:
+    """Import what loading the engine imports, in this thread: two threads importing the same packages at once
+    can deadlock on Python's per-module import locks (huggingface_hub, for one, is imported by both transformers
+    and gradio)."""
+    import sqlite3  # noqa: F401
+
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import torch.ao.nn.quantized.dynamic  # noqa: F401
+    import torch.ao.quantization  # noqa: F401
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+    from . import backbone, baselines, catalog, collab_prompt, llama, recommender  # noqa: F401
+
+
 def serve(cfg: Config, block: bool = True, port: int | None = None) -> tuple[gr.Blocks, str]:
-    """Load the run in ``cfg.run_dir`` and serve the chat on ``cfg.chat.host:port``."""
-    engine, status = load_engine(cfg)
+    """Load the run in ``cfg.run_dir`` and serve the chat on ``cfg.chat.host:port``.
+
+    The engine loads in a worker thread while this one imports gradio (~5 s on a 2-core CPU): reading the weights,
+    folding LoRA in and packing the int8 layers run in C++ without the GIL, so the two overlap on two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+    _import_model_stack()
+    with ThreadPoolExecutor(1, thread_name_prefix="load-engine") as pool:
+        loading = pool.submit(load_engine, cfg)
+        import gradio  # noqa: F401
+        engine, status = loading.result()
     log.info("chat: %s", status)
     demo = build_app(engine, cfg, status)
     url = launch(demo, cfg, block=block, port=port)
