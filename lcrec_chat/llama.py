@@ -10,7 +10,9 @@ generated items against transformers' model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +227,20 @@ class SlimLlama(nn.Module):
         return Output(self.lm_head(x), cache)
 
 
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Modules built inside allocate their tensors without initialising them (torch.nn.init's fills do nothing)."""
+    names = ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
+
+
 def load_llama(folder: str | Path) -> SlimLlama:
     """The fp32 model of a llama folder, read into ordinary memory (no file mapping stays behind: see
     backbone.load_in_memory). Raises UnsupportedModel for other architectures."""
@@ -234,7 +250,7 @@ def load_llama(folder: str | Path) -> SlimLlama:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UnsupportedModel(f"{folder}: no .safetensors weights")
-    with torch.device("meta"):
+    with _skip_init():   # the weights are read next; not the meta device, whose first use imports for ~2 s
         model = SlimLlama(settings)
     state: dict[str, torch.Tensor] = {}
     for file in files:
