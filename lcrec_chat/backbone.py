@@ -299,6 +299,8 @@ def load_in_memory(path: str | Path):
 # down_proj weights (fbgemm's fp16 GEMM, half the memory) measured test NDCG@10 0.0547 on all users against 0.0574
 # for fp32 down_proj and 0.0588 for the fp32 model, so down_proj stays fp32.
 INT8_RECIPE = "int8 per-channel, down_proj fp32"
+# the forward pass int8 serving runs (llama.py where the model is a plain Llama); part of the served rows' cache key
+SERVED_FORWARD = "llama.py"
 FP32_LINEARS = ("down_proj",)
 
 

@@ -324,11 +324,13 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
     fp = _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
     # the stage is stale when any row source changed; LC-Rec's cached rows only when LC-Rec's inputs did
-    from .backbone import INT8_RECIPE   # the served rows are re-measured when the int8 recipe changes
+    # the served rows are re-measured when the int8 recipe or the forward that serves it changes
+    from .backbone import INT8_RECIPE, SERVED_FORWARD
 
     def stage_fp() -> str:
         return _fingerprint(fp, *(_file_stamp(run / name) for name in ("baselines.json", "methods.json")
-                                  if (run / name).exists()), cfg.methods.run, cfg.chat.prior_weight, INT8_RECIPE)
+                                  if (run / name).exists()), cfg.methods.run, cfg.chat.prior_weight, INT8_RECIPE,
+                          SERVED_FORWARD)
     if not force and record.fresh("evaluate", stage_fp()) and (run / "metrics.json").exists():
         log.info("evaluate: up to date (use --force to rerun)")
         return json.loads((run / "metrics.json").read_text())
@@ -384,6 +386,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     if served != dtype:
         # the precision the app serves (hardware.serving_dtype), on test: pure LC-Rec and the app's hybrid weight
         served_recipe = INT8_RECIPE if served == "int8" else served   # a changed recipe is measured again
+        forward = f"{SERVED_FORWARD} " if served == "int8" else ""
         @functools.cache
         def served_rec() -> Recommender:   # loaded (and quantised) only when a served row is not cached
             loaded = Recommender.from_run(cfg, run, dtype=served)
@@ -391,12 +394,12 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
             return loaded
         style = cfg.eval.styles[0]
         table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}), served {served_recipe}"] = {"test": cache.get(
-            f"served {served_recipe} {style} test", lambda: evaluate_sequential(served_rec(), split, "test", style, 0,
+            f"served {served_recipe} {forward}{style} test", lambda: evaluate_sequential(served_rec(), split, "test", style, 0,
                                                                          cfg.eval.max_users, ks))}
         if cfg.chat.prior_weight > 0 and rec.prior_model is not None:
             table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={cfg.chat.prior_weight:g}, "
                   f"served {served_recipe}"] = {"test": cache.get(
-                      f"served {served_recipe} hybrid {cfg.chat.prior_weight:g} test", lambda: evaluate_sequential(
+                      f"served {served_recipe} {forward}hybrid {cfg.chat.prior_weight:g} test", lambda: evaluate_sequential(
                           served_rec(), split, "test", style, 0, cfg.eval.max_users, ks, cfg.chat.prior_weight))}
         metrics["served_precision"] = served_recipe
     index_report = run / "index_report.json"
