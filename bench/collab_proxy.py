@@ -15,7 +15,7 @@ Run the arms side by side on one core each so they share one machine's condition
     OMP_NUM_THREADS=1 python bench/collab_proxy.py --arm collab --minutes 40 --out /path/outside/tree &
 
 A stopped arm resumes from its checkpoint (elapsed time included); a finished one goes straight to evaluation.
-Writes <out>/<arm>/result.json and prints one table row.
+Writes <out>/<arm>/result_<stage>.json, adds it to bench/results/collab_proxy.json and prints one table row.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from lcrec_chat.train import IGNORE  # noqa: E402
 from lcrec_chat.trie import CodeTrie  # noqa: E402
 
 log = logging.getLogger("collab_proxy")
+RESULTS = Path(__file__).resolve().parent / "results" / "collab_proxy.json"
 
 
 def dense_windows(sequences, max_history: int, seed: int) -> list[list[int]]:
@@ -206,6 +207,9 @@ def main() -> None:
     metrics = evaluate_arm(args, cfg, run, out, prompts, codes, split)
     result = {"arm": args.arm, **trained, "stage": args.stage, **metrics, "machine": machine_record()}
     (out / f"result_{args.stage}.json").write_text(json.dumps(result, indent=1))
+    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    table[f"{args.arm} {args.stage}"] = result
+    RESULTS.write_text(json.dumps(table, indent=1))
     print(f"| {args.arm} | {trained['minutes']} min, {trained['steps']} steps | {metrics['ndcg@10']:.4f} | "
           f"{metrics['hr@10']:.4f} | {metrics['coverage@10']:.3f} |")
 
