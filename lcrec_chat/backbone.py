@@ -300,7 +300,7 @@ def load_in_memory(path: str | Path):
 # for fp32 down_proj and 0.0588 for the fp32 model, so down_proj stays fp32.
 INT8_RECIPE = "int8 per-channel, down_proj fp32"
 # the forward pass int8 serving runs (llama.py where the model is a plain Llama); part of the served rows' cache key
-SERVED_FORWARD = "llama.py"
+SERVED_FORWARD = "llama.py, padding rows zero"
 FP32_LINEARS = ("down_proj",)
 
 

@@ -203,6 +203,11 @@ class SlimLlama(nn.Module):
                 **_: object) -> Output:
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n = x.shape[:2]
+        if attention_mask is not None:
+            # padding rows enter as zeros and stay zero through every layer (RMSNorm, bias-free projections and
+            # attention to themselves keep a zero row zero), so they never move the one activation scale per call
+            # of int8 layers; in fp32 they were already invisible to real rows
+            x = x * attention_mask[:, -n:, None].to(x.dtype)
         cache = past_key_values if past_key_values is not None else self.new_cache()
         past = cache.get_seq_length()
         if position_ids is None:

@@ -386,11 +386,15 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     if served != dtype:
         # the precision the app serves (hardware.serving_dtype), on test: pure LC-Rec and the app's hybrid weight
         served_recipe = INT8_RECIPE if served == "int8" else served   # a changed recipe is measured again
-        forward = f"{SERVED_FORWARD} " if served == "int8" else ""
+        forward = f"{SERVED_FORWARD}, batch 1 " if served == "int8" else ""
         @functools.cache
         def served_rec() -> Recommender:   # loaded (and quantised) only when a served row is not cached
             loaded = Recommender.from_run(cfg, run, dtype=served)
             loaded.prior_model = rec.prior_model
+            # one request per forward pass, as the app decodes: int8 layers scale their input by one maximum per
+            # call, so in a batch every prompt's scale depends on the others (and, with transformers' model, on the
+            # padding rows: one unpadded prompt's logits moved by up to 12.9 when batched with a padded one)
+            loaded.batch_size = 1
             return loaded
         style = cfg.eval.styles[0]
         table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}), served {served_recipe}"] = {"test": cache.get(
