@@ -468,7 +468,7 @@ def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
             continue
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock"))   # scoring locks
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", "*.claim"))   # scoring locks
         else:
             shutil.copy2(src, dst)
         copied.append(name)
