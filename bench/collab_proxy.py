@@ -67,7 +67,7 @@ def batch_tensors(encoded, pad_id: int):
 
 
 def loss_of(model, prompts: CollabDensePrompts, windows, pad_id: int) -> torch.Tensor:
-    encoded = [prompts.training_ids(w) for w in windows]
+    encoded = [(*prompts.training_ids(w), None) for w in windows]
     ids, labels, mask = batch_tensors(encoded, pad_id)
     causal_lm = model.get_base_model()
     embeds = prompts.embed(causal_lm, ids, [w[:-1] for w in windows])

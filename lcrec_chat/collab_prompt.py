@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .methods.collab_tokens import CollabMapper, CollabSource, SASRecSource, placeholder_id
+from .methods.collab_tokens import CollabMapper, CollabSource, SASRecSource, embed_with_collab, placeholder_id
 from .tasks import HISTORY_SEP, TaskBuilder, chat_prompt, end_of_turn
 
 IGNORE = -100
@@ -82,18 +82,17 @@ class CollabDensePrompts:
                     labels.append(IGNORE)
         return ids, labels
 
-    def training_ids(self, window: Sequence[int]) -> tuple[list[int], list[int], int]:
-        """(input ids, labels, placeholders) of a window of items: every item's code and separator is learned,
-        then the end of the turn; the context and the placeholders are not."""
+    def training_ids(self, window: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of a window of items: every item's code and separator is learned, then the end of
+        the turn; the context and the placeholders are not."""
         ids, labels = self._history_ids(window, close_last=False)
-        return (self.context + ids + self.end, [IGNORE] * len(self.context) + labels + self.end,
-                0 if self.placeholder is None else len(window) - 1)
+        return self.context + ids + self.end, [IGNORE] * len(self.context) + labels + self.end
 
     def sample_ids(self, items: Sequence[int], target: int = -1) -> tuple[list[int], list[int], tuple[int, ...]]:
         """(input ids, labels, the items whose states fill the placeholders) of a dense sample: a training window
         (`target` -1: every item learned) or a history with its held-out `target` (only the target learned)."""
         if target < 0:
-            ids, labels, _ = self.training_ids(items)
+            ids, labels = self.training_ids(items)
             return ids, labels, tuple(items[:-1])
         history, _ = self._history_ids(items, close_last=True)
         answer = list(self.code_ids(target)) + self.end
@@ -122,11 +121,6 @@ class CollabDensePrompts:
 
     def embed(self, causal_lm, input_ids: torch.Tensor, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Input embeddings of a training batch; `prefixes[r]` = the window of row r without its last item."""
-        embeds = causal_lm.get_input_embeddings()(input_ids)
         if self.mapper is None:
-            return embeds
-        rows = torch.cat(self.vectors(prefixes))
-        mask = input_ids == self.placeholder
-        if int(mask.sum()) != rows.shape[0]:
-            raise ValueError(f"{int(mask.sum())} placeholders but {rows.shape[0]} collaborative vectors")
-        return embeds.masked_scatter(mask.unsqueeze(-1), rows.to(embeds.dtype))
+            return causal_lm.get_input_embeddings()(input_ids)
+        return embed_with_collab(causal_lm, input_ids, self.placeholder, torch.cat(self.vectors(prefixes)))

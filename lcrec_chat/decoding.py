@@ -288,12 +288,10 @@ def _before(tokens: list[int], placeholder: int) -> list[int]:
 def _embed_with_vectors(model, input_ids: torch.Tensor, placeholder: int, vectors: Sequence[torch.Tensor]
                         ) -> torch.Tensor:
     """Token embeddings of ``input_ids`` whose placeholder positions hold the rows of ``vectors`` (row-major)."""
-    embeds = model.get_input_embeddings()(input_ids)
-    mask = input_ids == placeholder
-    rows = torch.cat([v.reshape(-1, embeds.shape[-1]) for v in vectors]) if len(vectors) else embeds.new_zeros(0, embeds.shape[-1])
-    if int(mask.sum()) != rows.shape[0]:
-        raise ValueError(f"{int(mask.sum())} placeholder positions but {rows.shape[0]} collaborative vectors")
-    return embeds.masked_scatter(mask.unsqueeze(-1), rows.to(embeds.device, embeds.dtype))
+    from .methods.collab_tokens import embed_with_collab
+    width = model.get_input_embeddings().weight.shape[-1]
+    rows = torch.cat([v.reshape(-1, width) for v in vectors]).to(input_ids.device) if len(vectors) else None
+    return embed_with_collab(model, input_ids, placeholder, rows)
 
 
 def _preallocated_cache(model, max_length: int):
