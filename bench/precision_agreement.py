@@ -1,5 +1,5 @@
-"""Do fp32, bf16 and NF4 inference rank the same items? (eval.dtype=bf16 is the shipped evaluation precision,
-NF4 the app's serving precision.)
+"""Do fp32, bf16, NF4 and int8 inference rank the same items? (fp32/bf16: the evaluation precisions; int8 the app's
+CPU serving precision, NF4 its GPU one.)
 
 Loads a run once per precision (LoRA folded into fp32/bf16 weights; kept beside the 4-bit weights for nf4),
 generates the top 10 for the same valid users with the dense history prompt, and compares each precision with
@@ -8,7 +8,12 @@ the first: top-1 agreement, mean overlap of the top-10 sets, and NDCG@10 / HR@10
     python bench/precision_agreement.py --run-dir runs/ml-100k --config configs/ml-100k.yaml [--users 100]
         [--dtypes fp32,bf16,nf4]
 
-Writes bench/results/precision_agreement.json and prints a markdown table.
+int8 variants decode one request per pass, as the app does: ``int8`` as served (the adapter's stored smoothing
+scales, smoothing.py, when present), ``int8-plain`` without smoothing, ``int8-a0.5`` with scales calibrated here
+(evaluate.calibration_maxima on the first precision's model) at that alpha.
+
+Adds its result to bench/results/precision_agreement.json (one entry per precisions and stage) and prints a
+markdown table.
 """
 from __future__ import annotations
 
@@ -24,14 +29,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcrec_chat import smoothing  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
-from lcrec_chat.evaluate import generate_ranked  # noqa: E402
+from lcrec_chat.evaluate import calibration_maxima, evaluation_model, generate_ranked  # noqa: E402
+from lcrec_chat.smoothing import smoothing_scales  # noqa: E402
 from lcrec_chat.metrics import rank_metrics, stage_inputs  # noqa: E402
 from lcrec_chat.recommender import Recommender, Request  # noqa: E402
 from lcrec_chat.run_folder import load_split  # noqa: E402
 from lcrec_chat.hardware import machine_record  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision_agreement.json"
+stored_smoothing = smoothing.load_smoothing
 
 
 def main() -> None:
@@ -51,14 +59,27 @@ def main() -> None:
     ranked: dict[str, list[list[int]]] = {}
     rows = {}
     dtypes = args.dtypes.split(",")
+    calibrated = None
     for dtype in dtypes:
-        rec = Recommender.from_run(cfg, args.run_dir, dtype=dtype)
+        if dtype.startswith("int8-"):   # the loader reads the adapter's scales through smoothing.load_smoothing
+            variant = dtype.split("-", 1)[1]
+            scales = None if variant == "plain" else smoothing_scales(evaluation_model(calibrated), calibration_maxima(
+                calibrated, split), alpha=float(variant.lstrip("a")))
+            smoothing.load_smoothing = lambda _adapter, scales=scales: scales
+        else:
+            smoothing.load_smoothing = stored_smoothing
+        rec = Recommender.from_run(cfg, args.run_dir, dtype=dtype.split("-")[0])
+        if dtype.startswith("int8"):
+            rec.batch_size = 1   # int8 activations are scaled per call: a batch would couple its prompts
         started = time.perf_counter()
         ranked[dtype] = generate_ranked(rec, requests, 10, dtype)
         seconds = time.perf_counter() - started
         metrics = rank_metrics(ranked[dtype], targets, (10,))
         rows[dtype] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"], "seconds": round(seconds, 1)}
-        del rec
+        if calibrated is None and not dtype.startswith("int8"):
+            calibrated = rec   # kept: the int8-a<alpha> variants calibrate on it
+        else:
+            del rec
     agreement = {}
     for dtype in dtypes[1:]:
         pairs = list(zip(ranked[dtypes[0]], ranked[dtype]))
@@ -69,7 +90,11 @@ def main() -> None:
               "agreement": agreement, "machine": {**machine_record(), "cpu_count": os.cpu_count(), "torch_threads":
                                                   torch.get_num_threads(), "platform": platform.platform()}}
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if "precisions" in table:   # a file from before results were kept per comparison
+        table = {f"{','.join(table['precisions'])} {table['stage']}": table}
+    table[f"{args.dtypes} {args.stage}"] = result
+    RESULTS.write_text(json.dumps(table, indent=1))
     print(f"| precision | users | NDCG@10 | HR@10 | seconds |\n|---|---|---|---|---|")
     for dtype, row in rows.items():
         print(f"| {dtype} | {len(requests)} | {row['ndcg@10']:.4f} | {row['hr@10']:.4f} | {row['seconds']} |")

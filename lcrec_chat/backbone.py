@@ -297,8 +297,9 @@ def load_in_memory(path: str | Path):
 # per-tensor weights), 60% (per-channel), 64% (down_proj int8 after SmoothQuant's scaling, alpha 0.5), 67%
 # (down_proj fp32 only in the 7 layers with a range ratio >= 64) and 76% with every down_proj in fp32. fp16
 # down_proj weights (fbgemm's fp16 GEMM, half the memory) measured test NDCG@10 0.0547 on all users against 0.0574
-# for fp32 down_proj and 0.0588 for the fp32 model, so down_proj stays fp32.
-INT8_RECIPE = "int8 per-channel, down_proj fp32"
+# for fp32 down_proj and 0.0588 for the fp32 model, so down_proj stays fp32. The other int8 linears' inputs are
+# smoothed where the adapter folder has the scales (smoothing.py, alpha 0.65: 0.775 -> 0.878 shared on 40 valid users).
+INT8_RECIPE = "int8 per-channel, down_proj fp32, smoothed 0.65"
 # the forward pass int8 serving runs (llama.py where the model is a plain Llama); part of the served rows' cache key
 SERVED_FORWARD = "llama.py, padding rows zero"
 FP32_LINEARS = ("down_proj",)
@@ -611,7 +612,11 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the same rule as add_index_tokens
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if int8:   # the served path: a plain merge, no PEFT import
-        return quantize_int8(merge_adapter(model, adapter_dir).eval()), tokenizer
+        model = merge_adapter(model, adapter_dir).eval()
+        from .smoothing import apply_smoothing, load_smoothing
+        if (scales := load_smoothing(adapter_dir)) is not None:   # measured on this adapter by `evaluate`
+            apply_smoothing(model, scales)
+        return quantize_int8(model), tokenizer
     from peft import PeftModel
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=for_training)
     if not for_training:

@@ -43,6 +43,11 @@ class IndexConfig:
     # as LC-Rec; 1 = a truncated SVD of the training user-item matrix weighted equally with the text
     collab_weight: float = 0.0
     collab_dim: int = 64
+    # where the collaborative vectors come from: "svd" (above), or "sasrec": the item embedding table of the
+    # run's SASRec (sasrec.pt, the baselines stage; the vectors it scores next items with), so that a code
+    # prefix groups items SASRec scores alike and the state SASRec puts in the prompt (train.collab_tokens)
+    # maps onto the codes nearly linearly
+    collab_source: Literal["svd", "sasrec"] = "svd"
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128])  # encoder MLP; decoder mirrors it
     code_dim: int = 32
     # One size per level; their product must reach the item count (checked up front). 3 x 64 for

@@ -138,3 +138,36 @@ def itemsearch_baselines(split, catalog, encoder, item_emb, stage: str, max_user
     ranked = topk_from_scores(cosine, exclude, depth)
     out["query text kNN"] = {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, num_items)}
     return out
+
+
+def calibration_maxima(rec: Recommender, split, users: int = 16, seed: int = 0) -> dict:
+    """Each norm's output maxima (smoothing.record_input_maxima) while ``rec`` answers ``users`` training-split
+    histories as a dense continuation and as a request, beams and all. Only training items enter (each user's
+    history before the valid target)."""
+    import random
+
+    from .smoothing import record_input_maxima
+    candidates = [u for u in split.users if u.valid >= 0]
+    chosen = random.Random(seed).sample(candidates, min(users, len(candidates)))
+    requests = [Request(history=split.history(u, "valid"), style=style) for u in chosen for style in ("dense", "chat")]
+    with record_input_maxima(evaluation_model(rec)) as maxima:
+        for start in tqdm(range(0, len(requests), rec.batch_size), desc="int8 calibration", leave=False):
+            rec.recommend_batch(requests[start:start + rec.batch_size], k=10)
+    return maxima
+
+
+def evaluation_model(rec: Recommender):
+    """The plain causal LM under ``rec`` (a PEFT wrapper's base model where the adapter is not merged)."""
+    return getattr(rec.model, "get_base_model", lambda: rec.model)()
+
+
+def calibrate_int8_smoothing(rec: Recommender, split, adapter_dir) -> bool:
+    """Store SmoothQuant scales (smoothing.py) for ``adapter_dir``, measured with ``rec`` (the fp32 or bf16
+    evaluation model), unless current ones are there. Returns True when it calibrated."""
+    from .smoothing import load_smoothing, save_smoothing, smoothing_scales
+    if load_smoothing(adapter_dir) is not None:
+        return False
+    maxima = calibration_maxima(rec, split)
+    path = save_smoothing(adapter_dir, smoothing_scales(evaluation_model(rec), maxima))
+    log.info("int8 smoothing: calibrated on %d norms' inputs -> %s", len(maxima), path)
+    return True

@@ -82,12 +82,23 @@ def index(cfg: Config, force: bool = False) -> dict:
     cfg.save(run / "config.yaml")
     items = load_items(run)
     record = StageRecord(run)
-    fp = _fingerprint(cfg.index, _file_stamp(run / "split.json"))
+    from_sasrec = cfg.index.collab_weight > 0 and cfg.index.collab_source == "sasrec"
+    if from_sasrec:
+        # SASRec's item embeddings join the indexed vectors. The baselines stage trains it and its text-kNN row
+        # reads the text vectors, so those are embedded (and cached) first.
+        from .embed import embed_items
+        embed_items(items, cfg.index, cache_dir=run)
+        baselines(cfg)
+    fp = _fingerprint(cfg.index, _file_stamp(run / "split.json"), _file_stamp(run / "sasrec.pt") if from_sasrec else "")
     if not force and record.fresh("index", fp) and (run / "codes.json").exists():
         log.info("index: up to date (use --force to rerun)")
         return json.loads((run / "index_report.json").read_text())
     train_sequences = load_split(run).train_sequences() if cfg.index.collab_weight > 0 else None
-    report = run_index(cfg, items, force=force, train_sequences=train_sequences)
+    collab_vectors = None
+    if from_sasrec:
+        from .indexing.collab import sequential_item_vectors
+        collab_vectors = sequential_item_vectors(run / "sasrec.pt", train_sequences, len(items))
+    report = run_index(cfg, items, force=force, train_sequences=train_sequences, collab_vectors=collab_vectors)
     codes = json.loads((run / "codes.json").read_text())["codes"]
     Catalog(run / "catalog.sqlite").set_codes(codes)
     record.done("index", fp)
@@ -313,7 +324,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     valid. Every finished row is cached (RowCache), so a stopped evaluation resumes."""
     import numpy as np
 
-    from .evaluate import (choose_prior_weight, evaluate_itemsearch, evaluate_sequential, itemsearch_baselines,
+    from .evaluate import (calibrate_int8_smoothing, choose_prior_weight, evaluate_itemsearch, evaluate_sequential, itemsearch_baselines,
                            template_spread)
     from .hardware import describe, resolve_dtype
     from .recommender import Recommender
@@ -343,7 +354,10 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     emb_path = run / "item_emb.npy"
     item_emb = np.load(emb_path) if emb_path.exists() else None
     rec = Recommender.from_run(cfg, run, dtype=dtype)
-    codes = "text+collaborative codes" if cfg.index.collab_weight > 0 else "text codes"
+    codes = ("text codes" if cfg.index.collab_weight <= 0 else
+             "text+SASRec codes" if cfg.index.collab_source == "sasrec" else "text+collaborative codes")
+    if rec.collab is not None:
+        codes += ", SASRec tokens"   # one collaborative token after each history item (train.collab_tokens)
     table: dict[str, dict] = {}
     metrics: dict = {"methods": table, "precision": dtype, "machine": describe(), "num_beams": cfg.eval.num_beams}
     for style in cfg.eval.styles:
@@ -389,6 +403,8 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         forward = f"{SERVED_FORWARD}, batch 1 " if served == "int8" else ""
         @functools.cache
         def served_rec() -> Recommender:   # loaded (and quantised) only when a served row is not cached
+            if served == "int8":   # the scales the app applies when it loads this adapter in int8
+                calibrate_int8_smoothing(rec, split, run / "adapter")
             loaded = Recommender.from_run(cfg, run, dtype=served)
             loaded.prior_model = rec.prior_model
             # one request per forward pass, as the app decodes: int8 layers scale their input by one maximum per

@@ -298,3 +298,44 @@ def test_untied_head_gets_its_new_rows_trained_too():
     head_after = peft_model.merge_and_unload().lm_head.weight
     assert not torch.isclose(head_after[ids], head_before[ids]).all(dim=1).any()
     torch.testing.assert_close(head_after[:49152], head_before[:49152], rtol=0, atol=0)
+
+
+def test_smoothing_keeps_the_fp32_function_and_brings_int8_closer_to_it(tmp_path):
+    """SmoothQuant's per-channel factors (smoothing.py): the fp32 logits stay the same, the int8 ones move less
+    when a norm has outlier channels, and the stored scales are applied only to the adapter they were measured on."""
+    import copy
+
+    from lcrec_chat.backbone import quantize_int8
+    from lcrec_chat.smoothing import (SMOOTHING_FILE, apply_smoothing, load_smoothing, record_input_maxima,
+                                      save_smoothing, smoothing_scales)
+    model = load_in_memory(resolve_model_path("tiny-llama", CACHE))
+    with torch.no_grad():   # outlier channels, as trained Llamas have after their norms
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[3] *= 40
+            layer.post_attention_layernorm.weight[5] *= 40
+    ids = torch.tensor([[1, 520, 3312, 90, 17, 4096, 77, 2048, 5, 610, 11, 300]])
+    with torch.no_grad(), record_input_maxima(model) as maxima:
+        reference = model(input_ids=ids).logits
+    assert sorted(maxima) == sorted(f"model.layers.{i}.{n}" for i in range(2)
+                                    for n in ("input_layernorm", "post_attention_layernorm"))
+    scales = smoothing_scales(model, maxima)
+    smoothed = copy.deepcopy(model)
+    apply_smoothing(smoothed, scales)
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
+        plain_error = (quantize_int8(copy.deepcopy(model))(input_ids=ids).logits - reference).abs().mean()
+        smoothed_error = (quantize_int8(smoothed)(input_ids=ids).logits - reference).abs().mean()
+    assert smoothed_error < 0.7 * plain_error
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights one")
+    save_smoothing(adapter, scales)
+    loaded = load_smoothing(adapter)
+    assert loaded is not None and all(torch.equal(loaded[k], scales[k]) for k in scales)
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights two")   # retrained: the scales are stale
+    assert load_smoothing(adapter) is None
+    (adapter / SMOOTHING_FILE).write_bytes(b"not a torch file")
+    assert load_smoothing(adapter) is None                                # unreadable: ignored, never fatal
+    with pytest.raises(ValueError, match="lacks"):
+        apply_smoothing(model, {"model.layers.9.input_layernorm": scales["model.layers.0.input_layernorm"]})

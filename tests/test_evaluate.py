@@ -8,6 +8,7 @@ import pytest
 from lcrec_chat.backbone import INT8_RECIPE
 from lcrec_chat import stages
 from lcrec_chat.config import load_config
+from lcrec_chat.smoothing import load_smoothing
 
 
 def test_evaluate_stage_writes_metrics_and_report_for_every_method(tiny_run, tmp_path):
@@ -21,6 +22,9 @@ def test_evaluate_stage_writes_metrics_and_report_for_every_method(tiny_run, tmp
     # the precision the app serves on a CPU (int8), beside the evaluated one: a test row of its own
     served = f"LC-Rec (dense prompt), served {INT8_RECIPE}"
     assert metrics["served_precision"] == INT8_RECIPE and set(methods[served]) == {"test"}
+    # the served model was smoothed with scales calibrated on this adapter, stored where the app finds them
+    scales = load_smoothing(tiny_run.run_path / "adapter")
+    assert scales is not None and len(scales) == 2 * 2 and all((s > 0).all() for s in scales.values())
     assert set(methods) == {dense, chat, hybrid, served, "Popularity", "SASRec", "GRU4Rec", "Text-embedding kNN"}
     for name, per_stage in methods.items():
         for stage in ("valid", "test")[1 if name == served else 0:]:

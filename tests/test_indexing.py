@@ -309,3 +309,38 @@ def test_codes_built_before_a_setting_existed_load_with_its_default(built, tmp_p
     assert load_codes(tmp_path, index_cfg=TINY) == load_codes(cfg.run_path)
     with pytest.raises(IndexArtifactError, match="index.collab_weight"):
         load_codes(tmp_path, index_cfg=replace(TINY, collab_weight=1.0))
+
+
+def test_index_from_sasrec_item_embeddings_trains_sasrec_first(tiny_run, tmp_path):
+    """index.collab_source=sasrec: the baselines stage runs first, SASRec's item table (zeros for items never
+    seen in training) joins the text vectors, and a changed sasrec.pt reruns the stage."""
+    import shutil
+
+    from lcrec_chat import run_folder, stages
+    from lcrec_chat.config import load_config
+    from lcrec_chat.indexing.collab import sequential_item_vectors
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("split.json", "stats.json", "catalog.sqlite"):
+        shutil.copy2(tiny_run.run_path / name, run / name)
+    with pytest.raises(ConfigError, match="index.collab_source"):
+        stages.index(load_config("configs/tiny.yaml", [f"run_dir={run}", "index.collab_weight=0",
+                                               "index.collab_source=sasrec"]))
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={run}", "index.collab_weight=4",
+                                            "index.collab_source=sasrec"])
+    report = stages.index(cfg)
+    assert (run / "sasrec.pt").exists() and (run / "baselines.json").exists()
+    sequences = run_folder.load_split(run).train_sequences()
+    num_items = len(load_codes(run))
+    vectors = sequential_item_vectors(run / "sasrec.pt", sequences, num_items)
+    seen = np.zeros(num_items, dtype=bool)
+    seen[[i for seq in sequences for i in seq]] = True
+    assert np.abs(vectors[seen]).sum(1).min() > 0 and not vectors[~seen].any()
+    assert report["collab_source"] == "sasrec" and report["collision_rate_after_exact"] == 0
+    assert report["indexed_dim"] == report["embedding_dim"] + vectors.shape[1]
+    assert len({tuple(c) for c in load_codes(run)}) == num_items
+    before = (run / "codes.json").read_bytes()
+    assert stages.index(cfg)["collab_source"] == "sasrec" and (run / "codes.json").read_bytes() == before
+    (run / "sasrec.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="sasrec.pt"):
+        sequential_item_vectors(run / "sasrec.pt", sequences, num_items)

@@ -9,11 +9,17 @@ w is the share of the CF block relative to the text block (1.0 = equal).
 The collaborative vectors are a truncated SVD of the *training* user-item matrix (valid and test
 targets never enter), columns cosine-normalised so popular items do not take over the first factors.
 Items never seen in training get a zero collaborative block: their codes come from text.
+
+``index.collab_source: sasrec`` takes the collaborative block from a trained SASRec's item embedding table
+instead (`sequential_item_vectors`): the vectors SASRec scores the next item with, so items under one code
+prefix are items SASRec scores alike, and SASRec's state in the prompt (``train.collab_tokens``) points at a
+code prefix by a nearly linear map.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -60,6 +66,31 @@ def collaborative_vectors(sequences: Sequence[Sequence[int]], num_items: int, di
     log.info("collaborative vectors: %d users x %d items -> %d factors (%d items unseen in training)",
              matrix.shape[0], num_items, k, int((counts == 0).sum()))
     return vectors
+
+
+def sequential_item_vectors(model_path: str | Path, sequences: Sequence[Sequence[int]],
+                            num_items: int) -> np.ndarray:
+    """[num_items, D] item embeddings of a saved SequentialRecommender (sasrec.pt); items absent from the
+    training sequences get zeros (their embedding was only ever pushed down as a negative)."""
+    from ..baselines import SequentialRecommender
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index.collab_source: sasrec needs {path} (run the baselines stage first)")
+    model = SequentialRecommender.load(path)
+    if int(model.num_items) != num_items:
+        raise ValueError(f"{path} scores {model.num_items} items but the catalogue has {num_items}")
+    vectors = model.net.item_emb.weight[1:].detach().float().cpu().numpy().copy()
+    seen = np.zeros(num_items, dtype=bool)
+    for seq in sequences:
+        seen[np.asarray(seq, dtype=np.int64)] = True
+    vectors[~seen] = 0.0
+    log.info("collaborative vectors: %s item embeddings, %d x %d (%d items unseen in training)",
+             path.name, num_items, vectors.shape[1], int((~seen).sum()))
+    return vectors.astype(np.float32)
+
+
+def vectors_key(vectors: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(vectors, dtype=np.float32).tobytes()).hexdigest()
 
 
 def _unit_energy(block: np.ndarray) -> np.ndarray:

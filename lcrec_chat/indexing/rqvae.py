@@ -41,6 +41,9 @@ def validate_index_config(cfg: IndexConfig) -> None:
         ("embed_batch_size", cfg.embed_batch_size >= 1, ">= 1"),
         ("collab_weight", cfg.collab_weight >= 0, ">= 0 (0 = text only)"),
         ("collab_dim", cfg.collab_dim >= 1, ">= 1"),
+        ("collab_source", cfg.collab_source in ("svd", "sasrec"), '"svd" or "sasrec"'),
+        ("collab_source", cfg.collab_source == "svd" or cfg.collab_weight > 0,
+         "svd unless index.collab_weight > 0 (sasrec vectors need a weight)"),
     ]
     for key, ok, want in checks:
         if not ok:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import Config, IndexConfig
 from ..embed import item_dict, texts_key, check_embeddings, embed_items, item_texts
-from .collab import collaborative_vectors, sequences_key, with_collaborative
+from .collab import collaborative_vectors, sequences_key, vectors_key, with_collaborative
 from .fit import FitResult, fit_rqvae, torch_threads
 from .report import code_usage, neighbour_first_code_share, plot_code_usage
 from .rqvae import RQVAE, validate_index_config
@@ -84,10 +84,12 @@ def _recon_mse(model: RQVAE, x: torch.Tensor, codes: np.ndarray) -> float:
 
 
 def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: bool = True,
-              train_sequences: Sequence[Sequence[int]] | None = None) -> dict:
+              train_sequences: Sequence[Sequence[int]] | None = None,
+              collab_vectors: np.ndarray | None = None) -> dict:
     """Build distinct item codes for ``items`` (Item objects or catalogue dicts, in index order).
 
-    ``train_sequences`` (item indices per training user) are needed when ``index.collab_weight > 0``.
+    ``train_sequences`` (item indices per training user) are needed when ``index.collab_weight > 0``;
+    ``collab_vectors`` ([N, D], e.g. `sequential_item_vectors`) when ``index.collab_source`` is "sasrec".
 
     Returns the report dict (also written as index_report.json); ``skipped`` is True when the run folder
     already held the artifacts of the same items and index config.
@@ -101,9 +103,14 @@ def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: 
     run.mkdir(parents=True, exist_ok=True)
     if icfg.collab_weight > 0 and not train_sequences:
         raise ValueError("index.collab_weight > 0 needs the training sequences (run the prepare stage first)")
+    from_model = icfg.collab_weight > 0 and icfg.collab_source != "svd"
+    if from_model and (collab_vectors is None or len(collab_vectors) != len(items)):
+        raise ValueError(f"index.collab_source: {icfg.collab_source} needs one collaborative vector per item")
     fingerprint = dataset_fingerprint(items)
+    collab_key = (vectors_key(collab_vectors) if from_model else
+                  sequences_key(train_sequences) if icfg.collab_weight > 0 else "")
     key = _stage_key(icfg, texts_key(icfg, item_texts(items, icfg.embed_fields, icfg.embed_separately)),
-                     fingerprint, sequences_key(train_sequences) if icfg.collab_weight > 0 else "")
+                     fingerprint, collab_key)
     if not force and (skipped := _try_skip(run, key)) is not None:
         return skipped
 
@@ -115,8 +122,9 @@ def run_index(cfg: Config, items: Sequence[Any], force: bool = False, progress: 
     vectors = emb
     if icfg.collab_weight > 0:
         t = time.perf_counter()
-        vectors = with_collaborative(emb, collaborative_vectors(train_sequences, len(items), icfg.collab_dim),
-                                     icfg.collab_weight)
+        collab = collab_vectors if from_model else collaborative_vectors(train_sequences, len(items),
+                                                                          icfg.collab_dim)
+        vectors = with_collaborative(emb, collab, icfg.collab_weight)
         times["collab_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -173,6 +181,7 @@ def _assign_and_save(cfg: Config, items: Sequence[Any], emb: np.ndarray, vectors
         "embedding_dim": int(emb.shape[1]),
         "indexed_dim": int(vectors.shape[1]),
         "collab_weight": icfg.collab_weight,
+        "collab_source": icfg.collab_source if icfg.collab_weight > 0 else "",
         "times_s": {k: round(v, 2) for k, v in times.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "skipped": False,
