@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lcrec_chat import smoothing  # noqa: E402
+from lcrec_chat import backbone  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.evaluate import calibration_maxima, evaluation_model, generate_ranked  # noqa: E402
 from lcrec_chat.smoothing import smoothing_scales  # noqa: E402
@@ -39,7 +39,7 @@ from lcrec_chat.run_folder import load_split  # noqa: E402
 from lcrec_chat.hardware import machine_record  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision_agreement.json"
-stored_smoothing = smoothing.load_smoothing
+stored_smoothing = backbone.load_smoothing   # what the int8 loader reads the adapter's scales with
 
 
 def main() -> None:
@@ -61,13 +61,15 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     calibrated = None
     for dtype in dtypes:
-        if dtype.startswith("int8-"):   # the loader reads the adapter's scales through smoothing.load_smoothing
+        if dtype.startswith("int8-"):   # the variants stand in for the loader's reading of the stored scales
             variant = dtype.split("-", 1)[1]
+            if variant != "plain" and calibrated is None:
+                parser.error(f"{dtype}: list an fp32 or bf16 precision before it (its model is calibrated on)")
             scales = None if variant == "plain" else smoothing_scales(evaluation_model(calibrated), calibration_maxima(
                 calibrated, split), alpha=float(variant.lstrip("a")))
-            smoothing.load_smoothing = lambda _adapter, scales=scales: scales
+            backbone.load_smoothing = lambda _adapter, scales=scales: scales
         else:
-            smoothing.load_smoothing = stored_smoothing
+            backbone.load_smoothing = stored_smoothing
         rec = Recommender.from_run(cfg, args.run_dir, dtype=dtype.split("-")[0])
         if dtype.startswith("int8"):
             rec.batch_size = 1   # int8 activations are scaled per call: a batch would couple its prompts

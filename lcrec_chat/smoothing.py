@@ -13,8 +13,10 @@ adapter by the evaluate stage and stored beside the adapter (SMOOTHING_FILE, a f
 the adapter weights it was measured on: the app applies it when it loads the adapter in int8, and a file that
 belongs to other weights is ignored with a warning rather than applied.
 
-Measured on the shipped model (top-10 lists of 40 valid users, one request per pass, shared with fp32's):
-no scaling 0.775, alpha 0.5 0.845, 0.65 0.878, 0.8 0.890 (top-1 the same as fp32's: 0.675, 0.65, 0.75, 0.725).
+Measured on the shipped model, top-10 lists of the first 40 valid users shared with fp32's, one request per pass
+(`python bench/precision_agreement.py --run-dir models/ml-100k --users 40 --dtypes
+fp32,int8-plain,int8,int8-a0.5,int8-a0.8`): no scaling 72%, alpha 0.5 84%, 0.65 88%, 0.8 88% (top-1 the same as
+fp32's: 55%, 60%, 75%, 72%).
 """
 from __future__ import annotations
 

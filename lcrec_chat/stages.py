@@ -89,7 +89,8 @@ def index(cfg: Config, force: bool = False) -> dict:
         from .embed import embed_items
         embed_items(items, cfg.index, cache_dir=run)
         baselines(cfg)
-    fp = _fingerprint(cfg.index, _file_stamp(run / "split.json"), _file_stamp(run / "sasrec.pt") if from_sasrec else "")
+    fp = _fingerprint(cfg.index, _file_stamp(run / "split.json"),
+                      _file_stamp(run / "sasrec.pt") if from_sasrec else "")
     if not force and record.fresh("index", fp) and (run / "codes.json").exists():
         log.info("index: up to date (use --force to rerun)")
         return json.loads((run / "index_report.json").read_text())
@@ -324,8 +325,8 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     valid. Every finished row is cached (RowCache), so a stopped evaluation resumes."""
     import numpy as np
 
-    from .evaluate import (calibrate_int8_smoothing, choose_prior_weight, evaluate_itemsearch, evaluate_sequential, itemsearch_baselines,
-                           template_spread)
+    from .evaluate import (calibrate_int8_smoothing, choose_prior_weight, evaluate_itemsearch, evaluate_sequential,
+                           itemsearch_baselines, template_spread)
     from .hardware import describe, resolve_dtype
     from .recommender import Recommender
     from .report import write_report
