@@ -98,6 +98,26 @@ class CollabDensePrompts:
         answer = list(self.code_ids(target)) + self.end
         return self.context + history + answer, [IGNORE] * (len(self.context) + len(history)) + answer, tuple(items)
 
+    def distill_points(self, ids: Sequence[int], items: Sequence[int], target: int = -1
+                       ) -> tuple[tuple[int, int, int, int], ...]:
+        """Where a teacher can say what comes next: (position in `ids` of a code token, placeholder number, code
+        level, the item it belongs to) for every code token written right after placeholder k, i.e. each item
+        that follows a collaborative state (the window's first item has none). Placeholder k holds the state
+        after the first k+1 items, the state the teacher scores that item's next item with."""
+        if self.placeholder is None:
+            return ()
+        # a window: placeholder k precedes item k+1; a held-out sample: only the last one precedes the target
+        following = dict(enumerate(items[1:])) if target < 0 else {len(items) - 1: target}
+        points, k = [], 0
+        for pos, token in enumerate(ids):
+            if token != self.placeholder:
+                continue
+            if k in following:
+                code = self.code_ids(following[k])
+                points += [(pos + 1 + level, k, level, following[k]) for level in range(len(code))]
+            k += 1
+        return tuple(points)
+
     def inference_text(self, history: Sequence[int]) -> str:
         """The prompt text whose continuation is the next item's code (placeholders as their token text)."""
         items = list(history)[-self.builder.max_history:]
@@ -109,18 +129,23 @@ class CollabDensePrompts:
         histories = [list(h)[-self.builder.max_history:] for h in histories]
         if self.mapper is None or not histories:
             return [torch.zeros(0) for _ in histories]
+        states = self.states(histories)
+        return list(self.mapper(torch.cat(states)).split([len(h) for h in histories]))
+
+    def states(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per history, the collaborative model's own state after each of its items: [len(history), dim]."""
+        histories = [list(h)[-self.builder.max_history:] for h in histories]
         model = self.source.model
         with torch.no_grad():
             seq = model.sequences(histories)
             states = model.net(seq, last=seq.shape[1]).float()          # [B, max_len, dim], left-padded
-        mapped = self.mapper(states.reshape(-1, states.shape[-1])).view(*states.shape[:2], -1)
-        return [mapped[row, mapped.shape[1] - len(h):] for row, h in enumerate(histories)]
+        return [states[row, states.shape[1] - len(h):] for row, h in enumerate(histories)]
 
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> tuple[int, list[torch.Tensor]]:
         return self.placeholder, self.vectors(histories)
 
-    def embed(self, causal_lm, input_ids: torch.Tensor, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Input embeddings of a training batch; `prefixes[r]` = the window of row r without its last item."""
+    def embed(self, causal_lm, input_ids: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Input embeddings of a training batch; `states[r]` = `self.states` of row r's placeholder items."""
         if self.mapper is None:
             return causal_lm.get_input_embeddings()(input_ids)
-        return embed_with_collab(causal_lm, input_ids, self.placeholder, torch.cat(self.vectors(prefixes)))
+        return embed_with_collab(causal_lm, input_ids, self.placeholder, self.mapper(torch.cat(list(states))))

@@ -126,6 +126,11 @@ class TrainConfig:
     # stage, which trains SASRec, then runs before this one); "none" = LC-Rec's dense prompt as published
     collab_tokens: Literal["none", "sasrec"] = "none"
     mapper_lr: float = 1e-3
+    # > 0 (needs collab_tokens: sasrec): the run's sequential models teach the code tokens written after each
+    # collaborative state, their next-item distribution summed onto each level's codes (distill.py), added to
+    # the loss with this weight; distill_teachers = the mixture's weights by model ("sasrec", "gru4rec")
+    distill_weight: float = 0.0
+    distill_teachers: dict[str, float] = field(default_factory=lambda: {"sasrec": 1.0})
     # continue from an adapter instead of a fresh LoRA (a run folder's adapter/, same base and index tokens):
     # a second phase on top of a finished run, e.g. adding collaborative tokens to a tuned model
     init_adapter: str = ""

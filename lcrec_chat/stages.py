@@ -154,9 +154,9 @@ def train(cfg: Config, force: bool = False) -> dict:
     valid = validation_samples(builder, split, cfg)
     log.info("train: %d samples, %d validation samples", len(samples), len(valid))
 
-    if cfg.train.init_adapter:
-        model, tokenizer = backbone.load_finetuned(cfg.model, _initial_adapter(run, Path(cfg.train.init_adapter)),
-                                                   for_training=True)
+    init = _initial_adapter(run, Path(cfg.train.init_adapter)) if cfg.train.init_adapter else None
+    if init is not None:
+        model, tokenizer = backbone.load_finetuned(cfg.model, init, for_training=True)
         missing = [t for t in index_token_strings(codes) if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"train.init_adapter {cfg.train.init_adapter} lacks index tokens of this run's codes "
@@ -175,12 +175,17 @@ def train(cfg: Config, force: bool = False) -> dict:
         model = get_peft_model(model, backbone.lora_config(cfg.train, new_ids, model))
     collab = None
     if collab_on:
-        from .collab_prompt import CollabDensePrompts
+        from .collab_prompt import MAPPER_FILE, CollabDensePrompts
         from .methods.collab_tokens import CollabMapper, SASRecSource, token_embedding_norm
-        source = SASRecSource.load(run / "sasrec.pt")
-        torch.manual_seed(cfg.train.seed)
-        mapper = CollabMapper(source.dim, model.get_input_embeddings().weight.shape[1], token_embedding_norm(model))
-        collab = CollabDensePrompts(tokenizer, builder, source, mapper)
+        if init is not None and (init / MAPPER_FILE).is_file():   # an adapter tuned with the tokens: continue its mapper
+            collab = CollabDensePrompts.for_run(tokenizer, builder, run, init)
+            collab.mapper.train()
+        else:
+            source = SASRecSource.load(run / "sasrec.pt")
+            torch.manual_seed(cfg.train.seed)
+            mapper = CollabMapper(source.dim, model.get_input_embeddings().weight.shape[1],
+                                  token_embedding_norm(model))
+            collab = CollabDensePrompts(tokenizer, builder, source, mapper)
     summary = run_training(cfg, samples, valid, tokenizer, model, run, collab)
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder
         return summary
@@ -205,7 +210,7 @@ def _initial_adapter(run: Path, init: Path) -> Path:
         return init
     kept = run / "adapter.init"
     if not (kept / "adapter_config.json").is_file():
-        shutil.copytree(init, kept, ignore=shutil.ignore_patterns("collab_mapper.pt"))
+        shutil.copytree(init, kept)
         for name in ("train_log.jsonl", "train_summary.json"):   # the first phase's record stays beside it
             if (run / name).exists():
                 shutil.copy2(run / name, kept / name)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .backbone import save_adapter
 from .collab_prompt import CollabDensePrompts
 from .config import Config
+from .distill import CodeTeacher, SequentialTeacher, point_tensors
 from .hardware import describe, native_bf16
 from .tasks import Sample, render
 
@@ -38,6 +39,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     vector_items: tuple[int, ...] = ()   # collaborative tokens: the items whose states fill the placeholders
+    distill: tuple[tuple[int, int, int, int], ...] = ()   # code tokens a teacher targets (distill.py)
 
 
 def encode(tokenizer, samples: list[Sample], max_length: int, collab: CollabDensePrompts | None = None
@@ -49,12 +51,14 @@ def encode(tokenizer, samples: list[Sample], max_length: int, collab: CollabDens
     for s in samples:
         if collab is not None and s.task == "seqrec_dense" and s.items:
             items = list(s.items)
+            target = s.target if s.prefix else -1
             while True:
-                ids, labels, vector_items = collab.sample_ids(items, s.target if s.prefix else -1)
+                ids, labels, vector_items = collab.sample_ids(items, target)
                 if len(ids) <= max_length or len(items) <= 2:
                     break
                 items = items[1:]
-            out.append(Encoded(s.task, ids[-max_length:], labels[-max_length:], vector_items))
+            points = collab.distill_points(ids, items, target) if len(ids) <= max_length else ()
+            out.append(Encoded(s.task, ids[-max_length:], labels[-max_length:], vector_items, points))
             continue
         context, answer = render(tokenizer, s)
         ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
@@ -94,31 +98,48 @@ def collate(data: list[Encoded], idxs: list[int], pad_id: int, device, multiple:
     batch = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
     if any(data[i].vector_items for i in idxs):
         batch["vector_items"] = [data[i].vector_items for i in idxs]
+    if any(data[i].distill for i in idxs):
+        batch["distill"] = point_tensors([data[i].distill for i in idxs], [len(data[i].vector_items) for i in idxs])
     return batch
 
 
 class SupervisedLoss(torch.nn.Module):
     """Causal-LM loss that runs the output head only where a label exists. With `collab`, placeholder positions
     get the mapped collaborative vectors of each row's `vector_items` (the mapper is a submodule: it trains and
-    is checkpointed with the LoRA)."""
+    is checkpointed with the LoRA). With `teacher`, training (not validation, whose loss stays comparable across
+    runs) adds `distill_weight` x the distillation loss at the code tokens after each state (distill.py)."""
 
-    def __init__(self, model, collab: CollabDensePrompts | None = None):
+    def __init__(self, model, collab: CollabDensePrompts | None = None,
+                 teacher: tuple[SequentialTeacher, CodeTeacher] | None = None, distill_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.collab = collab
         self.mapper = collab.mapper if collab is not None else None
+        self.teacher, self.distill_weight = teacher, distill_weight
+        self.last_distill: float | None = None   # the last training batch's distillation loss, for the log
 
-    def forward(self, input_ids, attention_mask, labels, vector_items=None):
+    def forward(self, input_ids, attention_mask, labels, vector_items=None, distill=None):
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.last_distill = None
         if self.collab is not None and vector_items is not None:
-            embeds = self.collab.embed(causal_lm, input_ids, vector_items)
+            embeds = self.collab.embed(causal_lm, input_ids, self.collab.states(vector_items))
             hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = causal_lm.lm_head(hidden[:, :-1][keep])
-        return torch.nn.functional.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        if self.teacher is not None and self.training and distill is not None:
+            sequential, codes = self.teacher
+            probs = torch.cat(sequential.probabilities(vector_items))[distill["vector"]]
+            # the logits that predict the token at `position` come from the position before it
+            rows, positions = distill["row"].to(hidden.device), distill["position"].to(hidden.device)
+            distill_loss = codes.loss(causal_lm.lm_head(hidden[rows, positions - 1]), probs, distill["level"],
+                                      distill["item"])
+            self.last_distill = float(distill_loss.detach())
+            loss = loss + self.distill_weight * distill_loss
+        return loss, int(keep.sum())
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -184,10 +205,16 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     warmup = int(total * tc.warmup_ratio)
 
     autocast = use_autocast(tc.autocast, device.type)
-    loss_model = SupervisedLoss(model, collab)
-    mapper_params = list(loss_model.mapper.parameters()) if loss_model.mapper is not None else []
-    if world > 1:
-        loss_model = torch.nn.parallel.DistributedDataParallel(loss_model)
+    teacher = None
+    if tc.distill_weight > 0:
+        if collab is None:
+            raise ValueError("train.distill_weight > 0 needs train.collab_tokens: sasrec (the teacher's states sit "
+                             "in the prompt, and the teacher is that SASRec)")
+        teacher = (SequentialTeacher.from_run(out_dir, tc.distill_teachers),
+                   CodeTeacher.from_prompts(collab, collab.source.num_items))
+    core = SupervisedLoss(model, collab, teacher, tc.distill_weight)
+    mapper_params = list(core.mapper.parameters()) if core.mapper is not None else []
+    loss_model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
     embed_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" in n]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" not in n]
     optimizer = torch.optim.AdamW([{"params": other_params, "lr": tc.lr},
@@ -203,7 +230,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         state = torch.load(ckpt / "state.pt", weights_only=False)
         model.load_state_dict(state["trainable"], strict=False)
         if mapper_params:
-            loss_model.mapper.load_state_dict(state["mapper"])
+            core.mapper.load_state_dict(state["mapper"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         random.setstate(state["python_rng"])
@@ -216,7 +243,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         ckpt.mkdir(parents=True, exist_ok=True)
         tmp = ckpt / "state.pt.tmp"
         torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "mapper": loss_model.mapper.state_dict() if mapper_params else None,
+                    "mapper": core.mapper.state_dict() if mapper_params else None,
                     "step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(ckpt / "state.pt")
 
@@ -230,6 +257,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     tokens_seen = supervised_seen = 0
     bar = tqdm(total=total, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     while step < total:
+        distilled = []
         for accum in range(tc.grad_accum):
             b = batches[(step * tc.grad_accum * world + accum * world + rank) % len(batches)]
             batch = collate(data, b, pad_id, device)
@@ -237,6 +265,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
                 loss, n_sup = loss_model(**batch)
             (loss / tc.grad_accum).backward()
             tokens_seen += int(batch["attention_mask"].sum())
+            if core.last_distill is not None:
+                distilled.append(core.last_distill)
             supervised_seen += n_sup
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad] + mapper_params, 1.0)
         scale = cosine_lr(step, total, warmup)
@@ -251,6 +281,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         entry = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                  "tokens_per_s": tokens_seen / elapsed, "supervised_per_s": supervised_seen / elapsed}
+        if distilled:
+            entry["distill"] = sum(distilled) / len(distilled)   # the step's batches that had distillation points
         if step % tc.eval_every == 0 or step == total:
             entry["valid"] = validation_loss(loss_model, valid, pad_id, device, tc.batch_size)
             log.info("step %d valid loss %s", step, {k: round(v, 3) for k, v in entry["valid"].items()})

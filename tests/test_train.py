@@ -1,5 +1,6 @@
 """Tuning on a tiny real model: loss falls, gradients reach what must learn, the adapter reloads exactly."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,6 +149,34 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     assert (run / "adapter" / "collab_mapper.pt").exists() and (run / "adapter.init" / "adapter_config.json").exists()
     assert not (run / "adapter.init" / "collab_mapper.pt").exists()
     assert stages.train(cfg)["steps"] == summary["steps"]            # up to date: no second continuation
+    assert not any("distill" in e for e in _entries(run))
+
+    # a third phase in another folder continues this adapter's mapper and learns from SASRec (distill_weight)
+    third = tmp_path / "distilled"
+    shutil.copytree(run, third, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl", "adapter*"))
+    mapper_before = torch.load(run / "adapter" / "collab_mapper.pt", weights_only=True)["state"]
+    cfg3 = load_config("configs/tiny.yaml", [f"run_dir={third}", "train.collab_tokens=sasrec",
+                                             f"train.init_adapter={run / 'adapter'}", "train.max_steps=2",
+                                             "train.distill_weight=1.0", "train.mapper_lr=0",
+                                             "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
+                                             "train.task_budget={seqrec_dense: 12, item2index: 4}"])
+    assert stages.train(cfg3)["complete"]
+    from lcrec_chat.baselines import SequentialRecommender
+    from lcrec_chat.distill import SequentialTeacher
+    after_each = SequentialTeacher.from_run(third, {"sasrec": 1.0}).probabilities([[0, 1, 2], [4]])
+    assert [p.shape[0] for p in after_each] == [3, 1]
+    sasrec = SequentialRecommender.load(third / "sasrec.pt")
+    assert torch.allclose(after_each[0][-1], torch.softmax(sasrec.score([[0, 1, 2]])[0], -1), atol=1e-5)
+    assert torch.allclose(after_each[0].sum(1), torch.ones(3))   # a distribution after every item
+    with pytest.raises(FileNotFoundError, match="bert4rec"):
+        SequentialTeacher.from_run(third, {"bert4rec": 1.0})
+    distilled = [e["distill"] for e in _entries(third) if "distill" in e]
+    assert distilled and all(0 < d < 20 for d in distilled)
+    mapper_after = torch.load(third / "adapter" / "collab_mapper.pt", weights_only=True)["state"]
+    assert all(torch.equal(mapper_before[k], mapper_after[k]) for k in mapper_before)   # lr 0: the same mapper
+    with pytest.raises(ValueError, match="collab_tokens"):
+        stages.train(load_config("configs/tiny.yaml", [f"run_dir={third}", "train.distill_weight=1.0",
+                                                       "train.max_steps=1"]))
 
     rec = Recommender.from_run(cfg, run)
     assert isinstance(rec.collab, CollabDensePrompts)
@@ -166,3 +195,43 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     loss, _ = SupervisedLoss(model, collab)(**collate(data, [0], tokenizer.pad_token_id, "cpu"))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in collab.mapper.parameters())
+
+    # the teacher's points are the code tokens that follow each placeholder, level by level
+    points = data[0].distill
+    assert [(k, level, item) for _, k, level, item in points] == [
+        (k, level, item) for k, item in enumerate([1, 2, 3, 4]) for level in range(len(collab.code_ids(item)))]
+    for pos, k, level, item in points:
+        assert data[0].input_ids[pos] == collab.code_ids(item)[level]
+        assert data[0].input_ids[pos - 1 - level] == collab.placeholder
+    heldout = builder.heldout([[0, 1, 2]], [3], "seqrec_dense", 0)[0]
+    held = encode(tokenizer, [heldout], 128, collab)[0]
+    assert [(k, item) for _, k, _, item in held.distill] == [(2, 3)] * len(collab.code_ids(3))
+
+
+def test_code_teacher_sums_the_teachers_item_probabilities_onto_each_levels_codes():
+    """Level 0: mass per first code; level l: only items sharing the true item's first l codes, renormalised;
+    the product of the conditionals along an item's code is the teacher's probability of that item."""
+    from lcrec_chat.distill import CodeTeacher
+    tokens = torch.tensor([[10, 20], [10, 21], [11, 22], [11, 20]])
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    teacher = CodeTeacher(tokens)
+
+    def nonzero(ids, target):
+        return {t: p for t, p in zip(ids[0].tolist(), target[0].tolist()) if p > 0}
+    assert nonzero(*teacher.targets(probs, torch.tensor([0]), torch.tensor([0]))) == pytest.approx({10: 0.3, 11: 0.7})
+    # item 3's token 20 sits under another prefix
+    assert nonzero(*teacher.targets(probs, torch.tensor([1]), torch.tensor([0]))) == pytest.approx(
+        {20: 0.1 / 0.3, 21: 0.2 / 0.3})
+    for item, prob in enumerate(probs[0].tolist()):
+        chain = 1.0
+        for level in range(2):
+            chain *= nonzero(*teacher.targets(probs, torch.tensor([level]), torch.tensor([item])))[int(tokens[item, level])]
+        assert chain == pytest.approx(prob)
+    # a student that puts exactly the targets on the code tokens has the lowest loss (the targets' entropy)
+    logits = torch.full((1, 30), -1e4)
+    logits[0, 10], logits[0, 11] = math.log(0.3), math.log(0.7)
+    best = teacher.loss(logits, probs, torch.tensor([0]), torch.tensor([2]))
+    assert float(best) == pytest.approx(-(0.3 * math.log(0.3) + 0.7 * math.log(0.7)), rel=1e-4)
+    assert float(teacher.loss(torch.zeros(1, 30), probs, torch.tensor([0]), torch.tensor([2]))) > float(best)
+    with pytest.raises(ValueError, match="coded items"):
+        teacher.targets(torch.ones(1, 5) / 5, torch.tensor([0]), torch.tensor([0]))

@@ -1,0 +1,119 @@
+"""Sequential models as teachers of LC-Rec's code tokens (train.distill_weight, train.distill_teachers).
+
+One held-out item per training position tells the LLM little: which code came next, not which others were
+nearly as likely. A sequential model's next-item distribution (SASRec's, or a mixture of the run's models')
+says that for every item. At each code token the LLM writes after a collaborative state (collab_prompt.py),
+the target is that distribution summed onto the code tokens: at level l, the mass of the items that share the
+true item's first l codes, grouped by their level-l code and renormalised. These are the conditionals whose
+product is the teacher's probability of an item, so a student that matches them ranks as the teacher does
+under trie-constrained beam search (SASRec decoded that way through the shipped trie with 20 beams scores as it
+does ranking every item), and can add what it reads in the prompt.
+
+The loss is the cross-entropy of the student's softmax (over its whole vocabulary, as in the ordinary loss)
+against these soft targets, added to the ordinary loss with weight `train.distill_weight`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+class SequentialTeacher:
+    """A mixture of the run's sequential models' next-item distributions: sum_m w_m softmax(model_m(history))."""
+
+    def __init__(self, models: dict[str, object], weights: dict[str, float]) -> None:
+        if set(models) != set(weights) or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            raise ValueError(f"teacher weights {weights} must be non-negative, not all zero, one per model "
+                             f"({sorted(models)})")
+        total = sum(weights.values())
+        self.models = models
+        self.weights = {name: w / total for name, w in weights.items()}
+
+    @classmethod
+    def from_run(cls, run: Path, weights: dict[str, float]) -> "SequentialTeacher":
+        """The models named in `weights` ("sasrec", "gru4rec") from the run's baselines stage."""
+        from .baselines import SequentialRecommender
+        models = {}
+        for name in weights:
+            path = Path(run) / f"{name}.pt"
+            if not path.is_file():
+                raise FileNotFoundError(f"train.distill_teachers names {name}, but {path} is missing: run the "
+                                        "baselines stage (python -m lcrec_chat baselines)")
+            models[name] = SequentialRecommender.load(path)
+        return cls(models, weights)
+
+    @torch.no_grad()
+    def probabilities(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per history, the next-item distribution after each of its items: [len(history), N]."""
+        mixed = None
+        for name, model in self.models.items():
+            if any(len(h) > model.max_len for h in histories):
+                raise ValueError(f"a history longer than {name}'s {model.max_len} items has no state per item")
+            model.net.eval()
+            seq = model.sequences(histories)
+            states = model.net(seq, last=seq.shape[1]).float()                  # [B, L, dim], left-padded
+            probs = torch.softmax(states @ model.net.item_emb.weight[1:].float().T, dim=-1) * self.weights[name]
+            mixed = probs if mixed is None else mixed + probs
+        return [mixed[row, mixed.shape[1] - len(h):] for row, h in enumerate(histories)]
+
+
+class CodeTeacher:
+    """Soft targets over each level's code tokens from a teacher's item probabilities."""
+
+    def __init__(self, item_tokens: torch.Tensor) -> None:
+        """`item_tokens` [N, L]: item i's code token ids."""
+        self.item_tokens = item_tokens.long()
+        levels = self.item_tokens.shape[1]
+        vocab = [torch.unique(self.item_tokens[:, level]) for level in range(levels)]
+        width = max(len(v) for v in vocab)
+        # level_tokens[l, s]: the token id of slot s at level l (padding slots repeat the first id, target 0)
+        self.level_tokens = torch.stack([torch.cat([v, v[:1].expand(width - len(v))]) for v in vocab])
+        # item_slot[i, l]: the slot of item i's level-l token
+        self.item_slot = torch.stack([torch.searchsorted(vocab[level], self.item_tokens[:, level].contiguous())
+                                      for level in range(levels)], dim=1)
+
+    @classmethod
+    def from_prompts(cls, prompts, num_items: int) -> "CodeTeacher":
+        """The code token ids of a `CollabDensePrompts`."""
+        return cls(torch.tensor([prompts.code_ids(i) for i in range(num_items)]))
+
+    @torch.no_grad()
+    def targets(self, probs: torch.Tensor, levels: torch.Tensor, items: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids [P, S], probabilities [P, S]) for P points: the teacher's item probabilities [P, N], the
+        code level written there and the true item (whose first `level` codes are already written)."""
+        if probs.shape[1] != self.item_tokens.shape[0]:
+            raise ValueError(f"{probs.shape[1]} item probabilities but {self.item_tokens.shape[0]} coded items")
+        same = self.item_tokens.unsqueeze(0) == self.item_tokens[items].unsqueeze(1)             # [P, N, L]
+        prefix = torch.cat([torch.ones_like(same[..., :1]), same.cumprod(-1)[..., :-1].bool()], dim=-1)
+        allowed = prefix.gather(-1, levels.view(-1, 1, 1).expand(-1, same.shape[1], 1)).squeeze(-1)
+        slots = self.item_slot[:, levels].T                                                       # [P, N]
+        mass = torch.zeros(len(levels), self.level_tokens.shape[1]).scatter_add_(1, slots, probs.float() * allowed)
+        return self.level_tokens[levels], mass / mass.sum(1, keepdim=True).clamp_min(1e-12)
+
+    def loss(self, student_logits: torch.Tensor, probs: torch.Tensor, levels: torch.Tensor,
+             items: torch.Tensor) -> torch.Tensor:
+        """Mean over points of -sum_c target_c log p_student(c); `student_logits` [P, vocab]."""
+        tokens, target = self.targets(probs, levels, items)
+        log_probs = torch.log_softmax(student_logits.float(), dim=-1).gather(1, tokens.to(student_logits.device))
+        return -(target.to(log_probs.device) * log_probs).sum(1).mean()
+
+
+def point_tensors(points: Sequence[Sequence[tuple[int, int, int, int]]], vector_counts: Sequence[int]
+                  ) -> dict[str, torch.Tensor]:
+    """Batch tensors of the distillation points of each row (collab_prompt.distill_points): row, position,
+    index into the batch's concatenated states, level, item."""
+    rows, positions, vectors, levels, items = [], [], [], [], []
+    offset = 0
+    for row, (row_points, count) in enumerate(zip(points, vector_counts)):
+        for pos, k, level, item in row_points:
+            rows.append(row)
+            positions.append(pos)
+            vectors.append(offset + k)
+            levels.append(level)
+            items.append(item)
+        offset += count
+    return {name: torch.tensor(values, dtype=torch.long) for name, values in
+            (("row", rows), ("position", positions), ("vector", vectors), ("level", levels), ("item", items))}
