@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcrec_chat.hardware import machine_record  # noqa: E402
 from lcrec_chat.methods.collab_tokens import SASRecSource  # noqa: E402
-from lcrec_chat.metrics import stage_inputs  # noqa: E402
+from lcrec_chat.metrics import rank_metrics, stage_inputs  # noqa: E402
 from lcrec_chat.run_folder import load_split  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "code_alignment.json"
@@ -63,11 +63,6 @@ def trie_decoded(probs: np.ndarray, codes: np.ndarray, beams: int = 20, k: int =
     return out
 
 
-def ndcg_at(ranked: np.ndarray, targets: np.ndarray) -> float:
-    hit = ranked == targets[:, None]
-    return float((hit / np.log2(np.arange(2, ranked.shape[1] + 2))).sum(1).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a run with split.json and sasrec.pt")
@@ -82,7 +77,7 @@ def main() -> None:
         scores[row, past] = float("-inf")
     probs = torch.softmax(scores, 1).numpy()
     table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    exact = ndcg_at(np.argsort(-probs, axis=1, kind="stable")[:, :10], np.asarray(targets))
+    exact = rank_metrics(np.argsort(-probs, axis=1, kind="stable")[:, :10].tolist(), targets, [10])["ndcg@10"]
     decoded_rows = []
     print("| codes | prefix | prefixes | top-1 | top-5 | mass on the target's prefix |\n|---|---|---|---|---|---|")
     for path in args.codes or [args.run_dir / "codes.json"]:
@@ -91,7 +86,7 @@ def main() -> None:
         index = data.get("index_config", {})
         name = f"collab_weight {index.get('collab_weight', 0)}, {index.get('collab_source', 'svd')} vectors"
         rows = {length: prefix_alignment(probs, codes, np.asarray(targets), length) for length in (1, 2)}
-        decoded = ndcg_at(trie_decoded(probs, codes), np.asarray(targets))
+        decoded = rank_metrics(trie_decoded(probs, codes).tolist(), targets, [10])["ndcg@10"]
         table[name] = {"valid_users": len(targets), "by_prefix_length": rows, "machine": machine_record(),
                        "sasrec_ndcg@10": {"ranking every item": exact, "decoded through the trie, 20 beams": decoded}}
         for length, r in rows.items():

@@ -29,10 +29,10 @@ class MixtureRanker(Ranker):
 
     def __init__(self, teacher: SequentialTeacher) -> None:
         self.teacher = teacher
-        self.num_items = next(iter(teacher.models.values())).num_items
+        self.num_items = next(iter(teacher.sources.values())).num_items
 
     def score(self, histories):
-        window = min(m.max_len for m in self.teacher.models.values())
+        window = min(s.model.max_len for s in self.teacher.sources.values())
         probs = self.teacher.probabilities([list(h)[-window:] for h in histories])
         return torch.log(torch.stack([p[-1] for p in probs]).clamp_min(1e-30))
 

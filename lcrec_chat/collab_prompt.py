@@ -126,20 +126,14 @@ class CollabDensePrompts:
 
     def vectors(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per history, the mapped state after each of its items: [len(history), hidden]."""
-        histories = [list(h)[-self.builder.max_history:] for h in histories]
         if self.mapper is None or not histories:
             return [torch.zeros(0) for _ in histories]
         states = self.states(histories)
-        return list(self.mapper(torch.cat(states)).split([len(h) for h in histories]))
+        return list(self.mapper(torch.cat(states)).split([len(s) for s in states]))
 
     def states(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Per history, the collaborative model's own state after each of its items: [len(history), dim]."""
-        histories = [list(h)[-self.builder.max_history:] for h in histories]
-        model = self.source.model
-        with torch.no_grad():
-            seq = model.sequences(histories)
-            states = model.net(seq, last=seq.shape[1]).float()          # [B, max_len, dim], left-padded
-        return [states[row, states.shape[1] - len(h):] for row, h in enumerate(histories)]
+        """Per history (its last max_history items), the collaborative model's own state after each item."""
+        return self.source.states_after_each([list(h)[-self.builder.max_history:] for h in histories])
 
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> tuple[int, list[torch.Tensor]]:
         return self.placeholder, self.vectors(histories)

@@ -19,44 +19,46 @@ from typing import Sequence
 
 import torch
 
+from .methods.collab_tokens import SASRecSource
+
 
 class SequentialTeacher:
     """A mixture of the run's sequential models' next-item distributions: sum_m w_m softmax(model_m(history))."""
 
-    def __init__(self, models: dict[str, object], weights: dict[str, float]) -> None:
-        if set(models) != set(weights) or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+    def __init__(self, sources: dict[str, SASRecSource], weights: dict[str, float]) -> None:
+        if set(sources) != set(weights) or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
             raise ValueError(f"teacher weights {weights} must be non-negative, not all zero, one per model "
-                             f"({sorted(models)})")
+                             f"({sorted(sources)})")
         total = sum(weights.values())
-        self.models = models
+        self.sources = sources
         self.weights = {name: w / total for name, w in weights.items()}
 
     @classmethod
-    def from_run(cls, run: Path, weights: dict[str, float]) -> "SequentialTeacher":
-        """The models named in `weights` ("sasrec", "gru4rec") from the run's baselines stage."""
-        from .baselines import SequentialRecommender
-        models = {}
+    def from_run(cls, run: Path, weights: dict[str, float], loaded: dict[str, SASRecSource] | None = None
+                 ) -> "SequentialTeacher":
+        """The models named in `weights` ("sasrec", "gru4rec") from the run's baselines stage; `loaded` gives
+        those already in memory (the collaborative prompt's SASRec)."""
+        sources = dict(loaded or {})
         for name in weights:
             path = Path(run) / f"{name}.pt"
+            if name in sources:
+                continue
             if not path.is_file():
                 raise FileNotFoundError(f"train.distill_teachers names {name}, but {path} is missing: run the "
                                         "baselines stage (python -m lcrec_chat baselines)")
-            models[name] = SequentialRecommender.load(path)
-        return cls(models, weights)
+            sources[name] = SASRecSource.load(path)
+        return cls({name: sources[name] for name in weights}, weights)
 
     @torch.no_grad()
-    def probabilities(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Per history, the next-item distribution after each of its items: [len(history), N]."""
-        mixed = None
-        for name, model in self.models.items():
-            if any(len(h) > model.max_len for h in histories):
-                raise ValueError(f"a history longer than {name}'s {model.max_len} items has no state per item")
-            model.net.eval()
-            seq = model.sequences(histories)
-            states = model.net(seq, last=seq.shape[1]).float()                  # [B, L, dim], left-padded
-            probs = torch.softmax(states @ model.net.item_emb.weight[1:].float().T, dim=-1) * self.weights[name]
-            mixed = probs if mixed is None else mixed + probs
-        return [mixed[row, mixed.shape[1] - len(h):] for row, h in enumerate(histories)]
+    def probabilities(self, histories: Sequence[Sequence[int]],
+                      known_states: dict[str, list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """Per history, the next-item distribution after each of its items: [len(history), N]. `known_states`:
+        a model's `states_after_each(histories)` where the caller has them already."""
+        mixed, sizes = 0.0, [len(h) for h in histories]
+        for name, source in self.sources.items():
+            states = (known_states or {}).get(name) or source.states_after_each(histories)
+            mixed = mixed + self.weights[name] * torch.softmax(torch.cat(states) @ source.item_vectors().T, dim=-1)
+        return list(mixed.split(sizes))
 
 
 class CodeTeacher:

@@ -121,8 +121,10 @@ class SupervisedLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels, vector_items=None, distill=None):
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.last_distill = None
+        states = None
         if self.collab is not None and vector_items is not None:
-            embeds = self.collab.embed(causal_lm, input_ids, self.collab.states(vector_items))
+            states = self.collab.states(vector_items)
+            embeds = self.collab.embed(causal_lm, input_ids, states)
             hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -130,9 +132,10 @@ class SupervisedLoss(torch.nn.Module):
         keep = targets != IGNORE
         logits = causal_lm.lm_head(hidden[:, :-1][keep])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
-        if self.teacher is not None and self.training and distill is not None:
+        if self.teacher is not None and self.training and distill is not None and states is not None:
             sequential, codes = self.teacher
-            probs = torch.cat(sequential.probabilities(vector_items))[distill["vector"]]
+            # the prompt's states are the teacher's SASRec's (both the run's sasrec.pt): not computed twice
+            probs = torch.cat(sequential.probabilities(vector_items, {"sasrec": states}))[distill["vector"]]
             # the logits that predict the token at `position` come from the position before it
             rows, positions = distill["row"].to(hidden.device), distill["position"].to(hidden.device)
             distill_loss = codes.loss(causal_lm.lm_head(hidden[rows, positions - 1]), probs, distill["level"],
@@ -210,7 +213,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         if collab is None:
             raise ValueError("train.distill_weight > 0 needs train.collab_tokens: sasrec (the teacher's states sit "
                              "in the prompt, and the teacher is that SASRec)")
-        teacher = (SequentialTeacher.from_run(out_dir, tc.distill_teachers),
+        teacher = (SequentialTeacher.from_run(out_dir, tc.distill_teachers, loaded={"sasrec": collab.source}),
                    CodeTeacher.from_prompts(collab, collab.source.num_items))
     core = SupervisedLoss(model, collab, teacher, tc.distill_weight)
     mapper_params = list(core.mapper.parameters()) if core.mapper is not None else []

@@ -168,6 +168,11 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     sasrec = SequentialRecommender.load(third / "sasrec.pt")
     assert torch.allclose(after_each[0][-1], torch.softmax(sasrec.score([[0, 1, 2]])[0], -1), atol=1e-5)
     assert torch.allclose(after_each[0].sum(1), torch.ones(3))   # a distribution after every item
+    teacher = SequentialTeacher.from_run(third, {"sasrec": 1.0})
+    given = teacher.probabilities([[0, 1, 2], [4]], {"sasrec": teacher.sources["sasrec"].states_after_each([[0, 1, 2], [4]])})
+    assert all(torch.allclose(a, b) for a, b in zip(given, after_each))   # states passed in = states computed
+    with pytest.raises(ValueError, match="longer than"):
+        teacher.probabilities([list(range(sasrec.max_len + 1))])
     with pytest.raises(FileNotFoundError, match="bert4rec"):
         SequentialTeacher.from_run(third, {"bert4rec": 1.0})
     distilled = [e["distill"] for e in _entries(third) if "distill" in e]

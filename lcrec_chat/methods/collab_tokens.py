@@ -157,6 +157,20 @@ class SASRecSource:
         device = next(net.parameters()).device
         return net(self.model.sequences(histories).to(device), last=1)[:, -1].float().cpu()
 
+    @torch.no_grad()
+    def states_after_each(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per history, the state after each of its items, [len(history), dim]; the last row is `user_vectors`'.
+        Each row is the state at that item's place in the whole history, as the model was trained on windows."""
+        self.model._check_histories(histories)
+        max_len = self.model.max_len
+        if any(len(h) > max_len for h in histories):
+            raise CollabError(f"a history longer than the model's {max_len} items has no state for each item")
+        net = self.model.net
+        net.eval()
+        device = next(net.parameters()).device
+        states = net(self.model.sequences(histories).to(device), last=max_len).float().cpu()   # left-padded
+        return [states[row, max_len - len(h):] for row, h in enumerate(histories)]
+
     def item_vectors(self) -> torch.Tensor:
         return self._items
 
