@@ -9,7 +9,13 @@ with), mapped into the token-embedding space by a trained `CollabMapper`:
 
 So the code the model writes next always sits right after the collaborative model's view of the same history.
 Training windows supervise every item's code (the dense rule), and [si] depends only on items 1..i, so no
-position sees the future. Token ids are assembled piece by piece: the item codes are added special tokens and
+position sees the future.
+
+With `train.collab_on_codes`, each code token after [si] also gets a learned addition from the same state (one
+per code level, `CollabMapper.code_vectors`), in training, in the prompt and on the tokens decoding writes. The
+reason is measured (bench/level_agreement.py): the model matches its teacher's first code closely, where [si]
+sits in its own residual stream, and loses most at the second, predicted from the first code's position, where
+the state has to be fetched by attention. Token ids are assembled piece by piece: the item codes are added special tokens and
 ", " tokenises alone, so the ids are those of the joined text.
 """
 from __future__ import annotations
@@ -20,7 +26,9 @@ from typing import Sequence
 
 import torch
 
-from .methods.collab_tokens import CollabMapper, CollabSource, SASRecSource, embed_with_collab, placeholder_id
+from .methods.collab_tokens import (CollabMapper, CollabSource, SASRecSource, add_on_codes, embed_with_collab,
+                                    placeholder_id)
+from .decoding import CollabInputs
 from .tasks import HISTORY_SEP, TaskBuilder, chat_prompt, end_of_turn
 
 IGNORE = -100
@@ -40,15 +48,24 @@ class CollabDensePrompts:
         self.end = self._ids(end_of_turn(tokenizer))
 
     @classmethod
-    def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path) -> "CollabDensePrompts | None":
+    def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path, code_levels: int | None = None
+                ) -> "CollabDensePrompts | None":
         """The collaborative prompts an adapter was trained with (its collab_mapper.pt and the run's sasrec.pt), or
-        None for an adapter trained without them."""
+        None for an adapter trained without them. `code_levels` (when continuing the training) adds the
+        additions on the code tokens to a mapper saved without them; they start at zero."""
         path = Path(adapter_dir) / MAPPER_FILE
         if not path.is_file():
             return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"])
-        mapper.load_state_dict(saved["state"])
+        saved_levels = saved.get("code_levels", 0)
+        levels = saved_levels if code_levels is None else code_levels
+        if saved_levels and levels != saved_levels:
+            raise ValueError(f"{path} adds the state to {saved_levels} code tokens; continuing it with "
+                             f"{levels} would drop or reshape what it learned (train.collab_on_codes)")
+        mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], levels)
+        missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
+        if unexpected or any(not key.startswith("on_codes.") for key in missing):
+            raise ValueError(f"{path} does not fit a collaborative mapper: missing {missing}, unexpected {unexpected}")
         sasrec = Path(run) / "sasrec.pt"
         if not sasrec.is_file():
             raise FileNotFoundError(f"{adapter_dir} was trained with collaborative tokens from SASRec, but {sasrec} "
@@ -58,7 +75,8 @@ class CollabDensePrompts:
     def save_mapper(self, adapter_dir: Path) -> None:
         m = self.mapper
         torch.save({"state": m.state_dict(), "collab_dim": m.collab_dim, "token_dim": m.token_dim,
-                    "hidden": m.hidden, "source": self.source.kind}, Path(adapter_dir) / MAPPER_FILE)
+                    "hidden": m.hidden, "code_levels": m.code_levels, "source": self.source.kind},
+                   Path(adapter_dir) / MAPPER_FILE)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -126,20 +144,34 @@ class CollabDensePrompts:
 
     def vectors(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per history, the mapped state after each of its items: [len(history), hidden]."""
+        return self.inputs(histories)[0]
+
+    def inputs(self, histories: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per history, (the mapped state after each item [n, hidden], the additions on the code tokens after each
+        state [n, levels, hidden], or None without `collab_on_codes`)."""
         if self.mapper is None or not histories:
-            return [torch.zeros(0) for _ in histories]
+            return [torch.zeros(0) for _ in histories], None
         states = self.states(histories)
-        return list(self.mapper(torch.cat(states)).split([len(s) for s in states]))
+        sizes = [len(s) for s in states]
+        joined = torch.cat(states)
+        vectors = list(self.mapper(joined).split(sizes))
+        return vectors, (list(self.mapper.code_vectors(joined).split(sizes)) if self.mapper.code_levels else None)
 
     def states(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per history (its last max_history items), the collaborative model's own state after each item."""
         return self.source.states_after_each([list(h)[-self.builder.max_history:] for h in histories])
 
-    def inference_vectors(self, histories: Sequence[Sequence[int]]) -> tuple[int, list[torch.Tensor]]:
-        return self.placeholder, self.vectors(histories)
+    def inference_vectors(self, histories: Sequence[Sequence[int]]) -> CollabInputs:
+        """What decoding puts into the model for prompts of these histories (decoding.generate_items)."""
+        return CollabInputs(self.placeholder, *self.inputs(histories))
 
     def embed(self, causal_lm, input_ids: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings of a training batch; `states[r]` = `self.states` of row r's placeholder items."""
         if self.mapper is None:
             return causal_lm.get_input_embeddings()(input_ids)
-        return embed_with_collab(causal_lm, input_ids, self.placeholder, self.mapper(torch.cat(list(states))))
+        joined = torch.cat(list(states))
+        embeds = embed_with_collab(causal_lm, input_ids, self.placeholder, self.mapper(joined))
+        if self.mapper.code_levels:
+            embeds = add_on_codes(embeds, input_ids, self.placeholder, self.mapper.code_vectors(joined))
+        return embeds
+

@@ -126,6 +126,9 @@ class TrainConfig:
     # stage, which trains SASRec, then runs before this one); "none" = LC-Rec's dense prompt as published
     collab_tokens: Literal["none", "sasrec"] = "none"
     mapper_lr: float = 1e-3
+    # with collab_tokens: each code token after a state also gets a learned map of that state added to its input
+    # embedding (collab_prompt.py), so the later code levels see it directly instead of through attention
+    collab_on_codes: bool = False
     # > 0 (needs collab_tokens: sasrec): the run's sequential models teach the code tokens written after each
     # collaborative state, their next-item distribution summed onto each level's codes (distill.py), added to
     # the loss with this weight; distill_teachers = the mixture's weights by model ("sasrec", "gru4rec")

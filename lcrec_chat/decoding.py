@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +29,19 @@ from .trie import CodeTrie, NoItemsLeft, TrieError, index_token  # noqa: F401  (
 logger = logging.getLogger(__name__)
 
 METHODS = ("loop", "generate")
+
+
+class CollabInputs(NamedTuple):
+    """What prompts with collaborative tokens put into the model (collab_prompt.py): the placeholder token id, per
+    prompt the vectors of its placeholders [n_i, hidden] (in order), and optionally per prompt the additions on the
+    code tokens after each placeholder [n_i, levels, hidden]; a prompt's last ones go on the codes decoding writes."""
+    placeholder: int
+    vectors: Sequence[torch.Tensor]
+    code_vectors: Sequence[torch.Tensor] | None = None
+
+    def rows(self, start: int, stop: int) -> "CollabInputs":
+        return CollabInputs(self.placeholder, self.vectors[start:stop],
+                            None if self.code_vectors is None else self.code_vectors[start:stop])
 
 
 class TrieLogitsProcessor:
@@ -151,7 +165,7 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
                    method: str = "loop", shared_prefix: SharedPrefix | None = None,
                    prior: torch.Tensor | None = None, prior_weight: float | torch.Tensor = 0.0,
                    stats: GenerationStats | None = None,
-                   collab: tuple[int, Sequence[torch.Tensor]] | None = None) -> list[list[tuple[int, float]]]:
+                   collab: CollabInputs | tuple | None = None) -> list[list[tuple[int, float]]]:
     """Top-``k`` distinct allowed items for each prompt, best first, as (item index, summed code log-prob).
 
     ``prompts`` are fully formatted (chat template and response prefix included): the next tokens the model
@@ -166,9 +180,10 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
 
     ``stats``, if given, counts every beam the search ended with before anything is dropped (see GenerationStats).
 
-    ``collab`` (loop only) = (placeholder token id, one (n_i, hidden) tensor per prompt): the prompt positions
-    holding the placeholder get those rows as their input embeddings instead of the token's own row, in order
-    (collaborative tokens, methods/collab_tokens.py). The shared prefix then stops before the first placeholder.
+    ``collab`` (loop only, :class:`CollabInputs` or its first two fields): the prompt positions holding the
+    placeholder get those rows as their input embeddings instead of the token's own row, in order (collaborative
+    tokens, methods/collab_tokens.py), and code additions are added to the code tokens after each placeholder,
+    the prompt's and those the search writes. The shared prefix then stops before the first placeholder.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -185,8 +200,11 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
         if prior.shape != masks.shape:
             raise ValueError(f"prior must be (prompts, items) = {tuple(masks.shape)}, got {tuple(prior.shape)}")
         weights = torch.as_tensor(prior_weight, dtype=torch.float64).expand(len(prompts))
-    if collab is not None and (method != "loop" or len(collab[1]) != len(prompts)):
-        raise ValueError("collaborative vectors need method='loop' and one tensor per prompt")
+    if collab is not None:
+        collab = CollabInputs(*collab)
+        if method != "loop" or len(collab.vectors) != len(prompts) or (
+                collab.code_vectors is not None and len(collab.code_vectors) != len(prompts)):
+            raise ValueError("collaborative vectors need method='loop' and one tensor per prompt")
     results: list[list[tuple[int, float]]] = []
     starts = range(0, len(prompts), batch_size)
     with torch.inference_mode():
@@ -197,7 +215,7 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
                 if weights is not None:
                     end = start + len(batch_prompts)
                     batch_prior = (prior[start:end].double() * batch_masks, weights[start:end])
-                batch_collab = None if collab is None else (collab[0], collab[1][start:start + batch_size])
+                batch_collab = None if collab is None else collab.rows(start, start + batch_size)
                 items, scores = _beam_loop(model, tokenizer, trie, batch_prompts, num_beams, batch_masks,
                                            shared_prefix, batch_prior, batch_collab)
             else:
@@ -215,7 +233,7 @@ def generate_items(model, tokenizer, trie: CodeTrie, prompts: list[str], num_bea
 def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: int, allowed: torch.Tensor,
                shared_prefix: SharedPrefix | None = None,
                prior: tuple[torch.Tensor, torch.Tensor] | None = None,
-               collab: tuple[int, Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               collab: CollabInputs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over the trie with one prefill per request; returns (items, scores), each (B, num_beams),
     sorted by score, item -1 / score -inf where fewer than num_beams items are allowed.
 
@@ -233,7 +251,7 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
     token_lists = _encode(tokenizer, prompts)
     cache = None
     # a placeholder's KV depends on its vector, which differs between prompts: share only what precedes it
-    sharable = token_lists if collab is None else [_before(t, collab[0]) + [0] for t in token_lists]
+    sharable = token_lists if collab is None else [_before(t, collab.placeholder) + [0] for t in token_lists]
     shared, prefix_kv = shared_prefix.for_batch(model, sharable) if shared_prefix is not None else (0, [])
     if shared:
         cache = _preallocated_cache(model, max(len(t) for t in token_lists) + trie.depth - 1)
@@ -249,7 +267,8 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
             layer.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
     else:
         cache = _preallocated_cache(model, prompt_width + trie.depth - 1)
-    inputs = {"input_ids": rest} if collab is None else {"inputs_embeds": _embed_with_vectors(model, rest, *collab)}
+    inputs = {"input_ids": rest} if collab is None else {"inputs_embeds": _embed_with_vectors(model, rest, collab)}
+    on_codes = _last_code_vectors(collab, model)   # [B, levels, hidden] for the codes this search writes, or None
     out = model(**inputs, attention_mask=attention, position_ids=positions[:, shared:], use_cache=True,
                 past_key_values=cache, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
@@ -274,7 +293,11 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
         next_tokens = tokens[parent, column].view(-1, 1).to(device)
         attention = torch.cat([attention[parent_dev], torch.ones_like(next_tokens)], dim=1)
         last_position = last_position[parent_dev] + 1
-        out = model(input_ids=next_tokens, attention_mask=attention, position_ids=last_position[:, None],
+        feed = {"input_ids": next_tokens}
+        if on_codes is not None and level < on_codes.shape[1]:   # the state's addition on the code just written
+            embeds = model.get_input_embeddings()(next_tokens)
+            feed = {"inputs_embeds": embeds + on_codes[request, level].to(embeds.dtype)[:, None]}
+        out = model(**feed, attention_mask=attention, position_ids=last_position[:, None],
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     items = torch.where(nodes >= 0, trie.leaf_item[nodes.clamp(min=0)], -1)
@@ -285,13 +308,27 @@ def _before(tokens: list[int], placeholder: int) -> list[int]:
     return tokens[:tokens.index(placeholder)] if placeholder in tokens else tokens
 
 
-def _embed_with_vectors(model, input_ids: torch.Tensor, placeholder: int, vectors: Sequence[torch.Tensor]
-                        ) -> torch.Tensor:
-    """Token embeddings of ``input_ids`` whose placeholder positions hold the rows of ``vectors`` (row-major)."""
-    from .methods.collab_tokens import embed_with_collab
+def _embed_with_vectors(model, input_ids: torch.Tensor, collab: CollabInputs) -> torch.Tensor:
+    """Token embeddings of ``input_ids`` whose placeholder positions hold the rows of ``collab.vectors``
+    (row-major), plus the code additions after each placeholder."""
+    from .methods.collab_tokens import add_on_codes, embed_with_collab
     width = model.get_input_embeddings().weight.shape[-1]
+    vectors = collab.vectors
     rows = torch.cat([v.reshape(-1, width) for v in vectors]).to(input_ids.device) if len(vectors) else None
-    return embed_with_collab(model, input_ids, placeholder, rows)
+    embeds = embed_with_collab(model, input_ids, collab.placeholder, rows)
+    present = [c for c in collab.code_vectors or () if len(c)]
+    if present:
+        embeds = add_on_codes(embeds, input_ids, collab.placeholder, torch.cat(present).to(input_ids.device))
+    return embeds
+
+
+def _last_code_vectors(collab: CollabInputs | None, model) -> torch.Tensor | None:
+    """Per prompt, the code additions of its last placeholder (zeros for a prompt without one): [B, levels, H]."""
+    if collab is None or collab.code_vectors is None or not any(len(c) for c in collab.code_vectors):
+        return None
+    levels, width = next(c.shape[1:] for c in collab.code_vectors if len(c))
+    return torch.stack([c[-1] if len(c) else torch.zeros(levels, width) for c in collab.code_vectors]
+                       ).to(_device(model))
 
 
 def _preallocated_cache(model, max_length: int):

@@ -16,7 +16,7 @@ import torch
 from .catalog import Catalog
 from .collab_prompt import CollabDensePrompts
 from .config import Config
-from .decoding import GenerationStats, SharedPrefix, generate_items
+from .decoding import CollabInputs, GenerationStats, SharedPrefix, generate_items
 from .tasks import TaskBuilder, chat_prompt
 from .trie import CodeTrie
 
@@ -96,17 +96,20 @@ class Recommender:
     def _collaborative(self, request: Request) -> bool:
         return self.collab is not None and request.style == "dense" and bool(request.history) and not request.query
 
-    def _collab_vectors(self, requests: Sequence[Request]) -> tuple[int, list[torch.Tensor]] | None:
-        """(placeholder id, the mapped SASRec states per request) for decoding; None when no request has them."""
+    def _collab_vectors(self, requests: Sequence[Request]) -> CollabInputs | None:
+        """The mapped SASRec states (and code additions) per request for decoding; None when no request has them."""
         rows = [i for i, r in enumerate(requests) if self._collaborative(r)]
         if not rows:
             return None
-        width = self.model.get_input_embeddings().weight.shape[1]
-        vectors = [torch.zeros(0, width) for _ in requests]
+        vectors: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
+        on_codes: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
         with torch.no_grad():
-            for i, v in zip(rows, self.collab.vectors([list(requests[i].history) for i in rows])):
-                vectors[i] = v
-        return self.collab.placeholder, vectors
+            mapped, additions = self.collab.inputs([list(requests[i].history) for i in rows])
+        for n, i in enumerate(rows):
+            vectors[i] = mapped[n]
+            if additions is not None:
+                on_codes[i] = additions[n]
+        return CollabInputs(self.collab.placeholder, vectors, on_codes if additions is not None else None)
 
     def allowed(self, request: Request) -> torch.Tensor:
         mask = torch.ones(self.num_items, dtype=torch.bool)

@@ -177,14 +177,15 @@ def train(cfg: Config, force: bool = False) -> dict:
     if collab_on:
         from .collab_prompt import MAPPER_FILE, CollabDensePrompts
         from .methods.collab_tokens import CollabMapper, SASRecSource, token_embedding_norm
+        code_levels = len(codes[0]) if cfg.train.collab_on_codes else 0
         if init is not None and (init / MAPPER_FILE).is_file():   # an adapter tuned with the tokens: continue its mapper
-            collab = CollabDensePrompts.for_run(tokenizer, builder, run, init)
+            collab = CollabDensePrompts.for_run(tokenizer, builder, run, init, code_levels)
             collab.mapper.train()
         else:
             source = SASRecSource.load(run / "sasrec.pt")
             torch.manual_seed(cfg.train.seed)
             mapper = CollabMapper(source.dim, model.get_input_embeddings().weight.shape[1],
-                                  token_embedding_norm(model))
+                                  token_embedding_norm(model), code_levels=code_levels)
             collab = CollabDensePrompts(tokenizer, builder, source, mapper)
     summary = run_training(cfg, samples, valid, tokenizer, model, run, collab)
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder
@@ -322,6 +323,14 @@ class RowCache:
         return self.rows[key]
 
 
+def lcrec_row_cache(cfg: Config, dtype: str) -> RowCache:
+    """The evaluate stage's cache of rows for this run's adapter evaluated in `dtype` under `cfg.eval`: a row that
+    bench/lever_rows.py computed under the same protocol is one the stage does not compute again."""
+    run = cfg.run_path
+    return RowCache(run / "eval_rows.json",
+                    _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors")))
+
+
 def evaluate(cfg: Config, force: bool = False) -> dict:
     """metrics.json and report.md: every method on valid and test under one protocol (metrics.py).
 
@@ -339,7 +348,8 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     record = StageRecord(run)
     require(run, "adapter", "train")
     dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
-    fp = _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"))
+    cache = lcrec_row_cache(cfg, dtype)
+    fp = cache.fingerprint
     # the stage is stale when any row source changed; LC-Rec's cached rows only when LC-Rec's inputs did
     # the served rows are re-measured when the int8 recipe or the forward that serves it changes
     from .backbone import INT8_RECIPE, SERVED_FORWARD
@@ -352,7 +362,6 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         log.info("evaluate: up to date (use --force to rerun)")
         return json.loads((run / "metrics.json").read_text())
     started = time.time()
-    cache = RowCache(run / "eval_rows.json", fp)
     if force:
         cache.rows = {}
     split = load_split(run)

@@ -208,6 +208,9 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     warmup = int(total * tc.warmup_ratio)
 
     autocast = use_autocast(tc.autocast, device.type)
+    if tc.collab_on_codes and collab is None:
+        raise ValueError("train.collab_on_codes needs train.collab_tokens: sasrec (it adds the prompt's states to "
+                         "the code tokens after them)")
     teacher = None
     if tc.distill_weight > 0:
         if collab is None:

@@ -138,6 +138,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     import shutil
 
     from lcrec_chat.collab_prompt import CollabDensePrompts
+    from lcrec_chat.methods.collab_tokens import embed_with_collab
     from lcrec_chat.recommender import Recommender, Request
     run = tmp_path / "collab"
     shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl"))
@@ -158,6 +159,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     cfg3 = load_config("configs/tiny.yaml", [f"run_dir={third}", "train.collab_tokens=sasrec",
                                              f"train.init_adapter={run / 'adapter'}", "train.max_steps=2",
                                              "train.distill_weight=1.0", "train.mapper_lr=0",
+                                             "train.collab_on_codes=true",
                                              "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
                                              "train.task_budget={seqrec_dense: 12, item2index: 4}"])
     assert stages.train(cfg3)["complete"]
@@ -179,9 +181,17 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     assert distilled and all(0 < d < 20 for d in distilled)
     mapper_after = torch.load(third / "adapter" / "collab_mapper.pt", weights_only=True)["state"]
     assert all(torch.equal(mapper_before[k], mapper_after[k]) for k in mapper_before)   # lr 0: the same mapper
-    with pytest.raises(ValueError, match="collab_tokens"):
-        stages.train(load_config("configs/tiny.yaml", [f"run_dir={third}", "train.distill_weight=1.0",
-                                                       "train.max_steps=1"]))
+    # collab_on_codes added the additions on the code tokens to the continued mapper, starting at zero
+    saved = torch.load(third / "adapter" / "collab_mapper.pt", weights_only=True)
+    depth = len(json.loads((third / "codes.json").read_text())["codes"][0])
+    assert saved["code_levels"] == depth and not saved["state"]["on_codes.weight"].any()
+    assert Recommender.from_run(cfg3, third).collab.mapper.code_levels == depth
+    tokenizer3 = backbone.load_tokenizer(cfg3.model)
+    with pytest.raises(ValueError, match="collab_on_codes"):   # continuing it without them would drop them
+        CollabDensePrompts.for_run(tokenizer3, run_folder.task_builder(third, cfg3)[0], third, third / "adapter", 0)
+    for lever in ("train.distill_weight=1.0", "train.collab_on_codes=true"):
+        with pytest.raises(ValueError, match="collab_tokens"):
+            stages.train(load_config("configs/tiny.yaml", [f"run_dir={third}", lever, "train.max_steps=1"]))
 
     rec = Recommender.from_run(cfg, run)
     assert isinstance(rec.collab, CollabDensePrompts)
@@ -192,14 +202,26 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
 
     model, tokenizer = backbone.load_finetuned(cfg.model, run / "adapter", for_training=True)
     builder, _ = run_folder.task_builder(run, cfg)
-    collab = CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter")
+    depth = len(json.loads((run / "codes.json").read_text())["codes"][0])
+    collab = CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter", code_levels=depth)
     collab.mapper.train()
     window = builder.seqrec_dense([0, 1, 2, 3], 4, None)
     data = encode(tokenizer, [window], 128, collab)
     assert data[0].vector_items == (0, 1, 2, 3) and data[0].input_ids.count(collab.placeholder) == 4
-    loss, _ = SupervisedLoss(model, collab)(**collate(data, [0], tokenizer.pad_token_id, "cpu"))
+    batch = collate(data, [0], tokenizer.pad_token_id, "cpu")
+    # the additions start at zero: the continued model starts where it was
+    causal_lm = model.get_base_model()
+    states = collab.states(batch["vector_items"])
+    plain = embed_with_collab(causal_lm, batch["input_ids"], collab.placeholder, collab.mapper(torch.cat(states)))
+    assert torch.equal(collab.embed(causal_lm, batch["input_ids"], states), plain)
+    loss, _ = SupervisedLoss(model, collab)(**batch)
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in collab.mapper.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in collab.mapper.parameters())   # on_codes too
+    with torch.no_grad():
+        collab.mapper.on_codes.weight.normal_()
+    moved = collab.embed(causal_lm, batch["input_ids"], states) - plain
+    changed = moved.abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert changed == [pos for pos, *_ in data[0].distill]   # exactly the code tokens after each placeholder
 
     # the teacher's points are the code tokens that follow each placeholder, level by level
     points = data[0].distill

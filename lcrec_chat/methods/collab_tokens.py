@@ -67,18 +67,34 @@ def token_embedding_norm(model) -> float:
 
 class CollabMapper(nn.Module):
     """collab_dim -> hidden -> token_dim: LayerNorm, Linear, GELU, Linear, then each output row rescaled to
-    norm `token_norm` (the mean norm of ordinary token embeddings)."""
+    norm `token_norm` (the mean norm of ordinary token embeddings).
 
-    def __init__(self, collab_dim: int, token_dim: int, token_norm: float, hidden: int = 256) -> None:
+    With `code_levels` > 0 it also gives, per vector, one addition for each of the `code_levels` code tokens
+    that follow its placeholder (`code_vectors`; LC-Rec's collaborative prompt, collab_prompt.py): a linear map
+    of the normalised vector, zero at the start, so a mapper continued with it begins as the one it came from."""
+
+    def __init__(self, collab_dim: int, token_dim: int, token_norm: float, hidden: int = 256,
+                 code_levels: int = 0) -> None:
         super().__init__()
-        self.collab_dim, self.token_dim, self.hidden = collab_dim, token_dim, hidden
+        self.collab_dim, self.token_dim, self.hidden, self.code_levels = collab_dim, token_dim, hidden, code_levels
         self.net = nn.Sequential(nn.LayerNorm(collab_dim), nn.Linear(collab_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, token_dim))
         self.register_buffer("token_norm", torch.tensor(float(token_norm)))
+        if code_levels:
+            self.on_codes = nn.Linear(collab_dim, code_levels * token_dim)
+            nn.init.zeros_(self.on_codes.weight)
+            nn.init.zeros_(self.on_codes.bias)
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         out = self.net(vectors.float())
         return F.normalize(out, dim=-1, eps=1e-8) * self.token_norm
+
+    def code_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[P, code_levels, token_dim]: what each of the code tokens after a vector's placeholder adds."""
+        if not self.code_levels:
+            raise CollabError("this mapper was built without code_levels")
+        out = self.on_codes(self.net[0](vectors.float()))
+        return out.view(len(vectors), self.code_levels, self.token_dim)
 
 
 def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
@@ -101,6 +117,21 @@ def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
         raise CollabError(f"collaborative vectors have width {collab_vectors.shape[-1]}, "
                           f"token embeddings {embeds.shape[-1]}")
     return embeds.masked_scatter(mask.unsqueeze(-1), collab_vectors.to(embeds.dtype))
+
+
+def add_on_codes(embeds: torch.Tensor, input_ids: torch.Tensor, placeholder: int, code_vectors: torch.Tensor
+                 ) -> torch.Tensor:
+    """`embeds` with `code_vectors[j, l]` added at position p+1+l of the j-th placeholder (row-major, at p): the
+    code tokens of the item that follows a state (those past a row's end are left out)."""
+    rows, cols = (input_ids == placeholder).nonzero(as_tuple=True)
+    if len(rows) != len(code_vectors):
+        raise CollabError(f"{len(rows)} placeholders but code additions for {len(code_vectors)}")
+    for level in range(code_vectors.shape[1]):
+        at = cols + 1 + level
+        inside = at < input_ids.shape[1]
+        embeds = embeds.index_put((rows[inside], at[inside]), code_vectors[inside, level].to(embeds.dtype),
+                                  accumulate=True)
+    return embeds
 
 
 # ---------------------------------------------------------------------------------- sources
