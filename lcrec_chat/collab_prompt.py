@@ -13,9 +13,10 @@ position sees the future.
 
 With `train.collab_on_codes`, each code token after [si] also gets a learned addition from the same state (one
 per code level, `CollabMapper.code_vectors`), in training, in the prompt and on the tokens decoding writes. The
-reason is measured (bench/level_agreement.py): the model matches its teacher's first code closely, where [si]
+motive was measured (bench/level_agreement.py): the model matches its teacher's first code closely, where [si]
 sits in its own residual stream, and loses most at the second, predicted from the first code's position, where
-the state has to be fetched by attention. Token ids are assembled piece by piece: the item codes are added special tokens and
+the state has to be fetched by attention. (Measured since: it did not narrow that gap; the model card says what
+it gave.) Token ids are assembled piece by piece: the item codes are added special tokens and
 ", " tokenises alone, so the ids are those of the joined text.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ class CollabDensePrompts:
                              f"{levels} would drop or reshape what it learned (train.collab_on_codes)")
         mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], levels)
         missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
-        if unexpected or any(not key.startswith("on_codes.") for key in missing):
+        if unexpected or any(not key.startswith("on_codes_") for key in missing):
             raise ValueError(f"{path} does not fit a collaborative mapper: missing {missing}, unexpected {unexpected}")
         sasrec = Path(run) / "sasrec.pt"
         if not sasrec.is_file():

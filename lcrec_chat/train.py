@@ -223,9 +223,12 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     loss_model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
     embed_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" in n]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" not in n]
+    on_codes = [p for n, p in core.mapper.named_parameters() if n.startswith("on_codes_")] if mapper_params else []
+    mapper_own = [p for p in mapper_params if all(p is not q for q in on_codes)]
     optimizer = torch.optim.AdamW([{"params": other_params, "lr": tc.lr},
                                    {"params": embed_params, "lr": tc.embedding_lr}]
-                                  + ([{"params": mapper_params, "lr": tc.mapper_lr}] if mapper_params else []),
+                                  + ([{"params": mapper_own, "lr": tc.mapper_lr}] if mapper_own else [])
+                                  + ([{"params": on_codes, "lr": tc.on_codes_lr}] if on_codes else []),
                                   weight_decay=tc.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 

@@ -159,7 +159,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     cfg3 = load_config("configs/tiny.yaml", [f"run_dir={third}", "train.collab_tokens=sasrec",
                                              f"train.init_adapter={run / 'adapter'}", "train.max_steps=2",
                                              "train.distill_weight=1.0", "train.mapper_lr=0",
-                                             "train.collab_on_codes=true",
+                                             "train.collab_on_codes=true", "train.on_codes_lr=0",
                                              "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
                                              "train.task_budget={seqrec_dense: 12, item2index: 4}"])
     assert stages.train(cfg3)["complete"]
@@ -184,7 +184,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     # collab_on_codes added the additions on the code tokens to the continued mapper, starting at zero
     saved = torch.load(third / "adapter" / "collab_mapper.pt", weights_only=True)
     depth = len(json.loads((third / "codes.json").read_text())["codes"][0])
-    assert saved["code_levels"] == depth and not saved["state"]["on_codes.weight"].any()
+    assert saved["code_levels"] == depth and not saved["state"]["on_codes_weight"].any()
     assert Recommender.from_run(cfg3, third).collab.mapper.code_levels == depth
     tokenizer3 = backbone.load_tokenizer(cfg3.model)
     with pytest.raises(ValueError, match="collab_on_codes"):   # continuing it without them would drop them
@@ -218,7 +218,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in collab.mapper.parameters())   # on_codes too
     with torch.no_grad():
-        collab.mapper.on_codes.weight.normal_()
+        collab.mapper.on_codes_weight.normal_()
     moved = collab.embed(causal_lm, batch["input_ids"], states) - plain
     changed = moved.abs().sum(-1)[0].nonzero().flatten().tolist()
     assert changed == [pos for pos, *_ in data[0].distill]   # exactly the code tokens after each placeholder

@@ -80,10 +80,9 @@ class CollabMapper(nn.Module):
         self.net = nn.Sequential(nn.LayerNorm(collab_dim), nn.Linear(collab_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, token_dim))
         self.register_buffer("token_norm", torch.tensor(float(token_norm)))
-        if code_levels:
-            self.on_codes = nn.Linear(collab_dim, code_levels * token_dim)
-            nn.init.zeros_(self.on_codes.weight)
-            nn.init.zeros_(self.on_codes.bias)
+        if code_levels:   # zeros made directly: an nn.Linear's random init would move the run's random stream
+            self.on_codes_weight = nn.Parameter(torch.zeros(code_levels * token_dim, collab_dim))
+            self.on_codes_bias = nn.Parameter(torch.zeros(code_levels * token_dim))
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         out = self.net(vectors.float())
@@ -93,7 +92,7 @@ class CollabMapper(nn.Module):
         """[P, code_levels, token_dim]: what each of the code tokens after a vector's placeholder adds."""
         if not self.code_levels:
             raise CollabError("this mapper was built without code_levels")
-        out = self.on_codes(self.net[0](vectors.float()))
+        out = F.linear(self.net[0](vectors.float()), self.on_codes_weight, self.on_codes_bias)
         return out.view(len(vectors), self.code_levels, self.token_dim)
 
 
