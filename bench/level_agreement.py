@@ -42,10 +42,10 @@ def level_rows(rec: Recommender, teacher: SequentialTeacher, histories: list[lis
     for history, target in tqdm(list(zip(histories, targets)), desc="users", leave=False):
         ids, _, vector_items = collab.sample_ids(history, target)
         points = collab.distill_points(ids, history, target)
-        input_ids = torch.tensor([ids])
-        embeds = collab.embed(rec.model, input_ids, collab.states([vector_items]))
+        states = collab.states([vector_items])
+        embeds = collab.embed(rec.model, torch.tensor([ids]), states)
         hidden = rec.model.model(inputs_embeds=embeds).last_hidden_state[0]
-        probs = teacher.probabilities([vector_items])[0][-1:]              # after the whole history
+        probs = teacher.probabilities([vector_items], {"sasrec": states})[0][-1:]   # after the whole history
         for pos, _, level, item in points:
             tokens, target_probs = codes.targets(probs, torch.tensor([level]), torch.tensor([item]))
             allowed = target_probs[0] > 0
@@ -73,7 +73,8 @@ def main() -> None:
     rec = Recommender.from_run(cfg, args.run_dir, dtype="fp32")
     if rec.collab is None:
         raise SystemExit(f"{args.run_dir}/adapter was trained without collaborative tokens: nothing to compare")
-    teacher = SequentialTeacher.from_run(args.run_dir, parse_teachers(args.teachers))
+    teacher = SequentialTeacher.from_run(args.run_dir, parse_teachers(args.teachers),
+                                         loaded={"sasrec": rec.collab.source})
     split = load_split(args.run_dir)
     users = split.users[:args.users]
     rows = level_rows(rec, teacher, [split.history(u, args.stage) for u in users],

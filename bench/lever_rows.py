@@ -18,8 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.evaluate import evaluate_sequential  # noqa: E402
-from lcrec_chat.hardware import machine_record  # noqa: E402
-from lcrec_chat.hardware import resolve_dtype  # noqa: E402
+from lcrec_chat.hardware import machine_record, resolve_dtype  # noqa: E402
 from lcrec_chat.recommender import Recommender  # noqa: E402
 from lcrec_chat.run_folder import load_split  # noqa: E402
 from lcrec_chat.stages import lcrec_row_cache  # noqa: E402

@@ -27,8 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .methods.collab_tokens import (CollabMapper, CollabSource, SASRecSource, add_on_codes, embed_with_collab,
-                                    placeholder_id)
+from .methods.collab_tokens import CollabMapper, CollabSource, SASRecSource, embed_with_collab, placeholder_id
 from .decoding import CollabInputs
 from .tasks import HISTORY_SEP, TaskBuilder, chat_prompt, end_of_turn
 
@@ -143,9 +142,9 @@ class CollabDensePrompts:
         ids, _ = self._history_ids(items, close_last=True)
         return self.context_text + self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def vectors(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Per history, the mapped state after each of its items: [len(history), hidden]."""
-        return self.inputs(histories)[0]
+    def _mapped(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(placeholder vectors [P, hidden], code additions [P, levels, hidden] or None) of P states."""
+        return self.mapper(states), (self.mapper.code_vectors(states) if self.mapper.code_levels else None)
 
     def inputs(self, histories: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Per history, (the mapped state after each item [n, hidden], the additions on the code tokens after each
@@ -154,9 +153,8 @@ class CollabDensePrompts:
             return [torch.zeros(0) for _ in histories], None
         states = self.states(histories)
         sizes = [len(s) for s in states]
-        joined = torch.cat(states)
-        vectors = list(self.mapper(joined).split(sizes))
-        return vectors, (list(self.mapper.code_vectors(joined).split(sizes)) if self.mapper.code_levels else None)
+        vectors, additions = self._mapped(torch.cat(states))
+        return list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes)))
 
     def states(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per history (its last max_history items), the collaborative model's own state after each item."""
@@ -170,9 +168,5 @@ class CollabDensePrompts:
         """Input embeddings of a training batch; `states[r]` = `self.states` of row r's placeholder items."""
         if self.mapper is None:
             return causal_lm.get_input_embeddings()(input_ids)
-        joined = torch.cat(list(states))
-        embeds = embed_with_collab(causal_lm, input_ids, self.placeholder, self.mapper(joined))
-        if self.mapper.code_levels:
-            embeds = add_on_codes(embeds, input_ids, self.placeholder, self.mapper.code_vectors(joined))
-        return embeds
+        return embed_with_collab(causal_lm, input_ids, self.placeholder, *self._mapped(torch.cat(list(states))))
 

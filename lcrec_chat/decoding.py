@@ -311,15 +311,13 @@ def _before(tokens: list[int], placeholder: int) -> list[int]:
 def _embed_with_vectors(model, input_ids: torch.Tensor, collab: CollabInputs) -> torch.Tensor:
     """Token embeddings of ``input_ids`` whose placeholder positions hold the rows of ``collab.vectors``
     (row-major), plus the code additions after each placeholder."""
-    from .methods.collab_tokens import add_on_codes, embed_with_collab
+    from .methods.collab_tokens import embed_with_collab
     width = model.get_input_embeddings().weight.shape[-1]
     vectors = collab.vectors
     rows = torch.cat([v.reshape(-1, width) for v in vectors]).to(input_ids.device) if len(vectors) else None
-    embeds = embed_with_collab(model, input_ids, collab.placeholder, rows)
     present = [c for c in collab.code_vectors or () if len(c)]
-    if present:
-        embeds = add_on_codes(embeds, input_ids, collab.placeholder, torch.cat(present).to(input_ids.device))
-    return embeds
+    adds = torch.cat(present).to(input_ids.device) if present else None
+    return embed_with_collab(model, input_ids, collab.placeholder, rows, adds)
 
 
 def _last_code_vectors(collab: CollabInputs | None, model) -> torch.Tensor | None:

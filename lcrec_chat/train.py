@@ -223,8 +223,9 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     loss_model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
     embed_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" in n]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" not in n]
-    on_codes = [p for n, p in core.mapper.named_parameters() if n.startswith("on_codes_")] if mapper_params else []
-    mapper_own = [p for p in mapper_params if all(p is not q for q in on_codes)]
+    named = list(core.mapper.named_parameters()) if core.mapper is not None else []
+    on_codes = [p for n, p in named if n.startswith("on_codes_")]
+    mapper_own = [p for n, p in named if not n.startswith("on_codes_")]
     optimizer = torch.optim.AdamW([{"params": other_params, "lr": tc.lr},
                                    {"params": embed_params, "lr": tc.embedding_lr}]
                                   + ([{"params": mapper_own, "lr": tc.mapper_lr}] if mapper_own else [])

@@ -104,9 +104,9 @@ def test_collaborative_vectors_enter_at_the_placeholders(pair):
 def test_code_additions_score_as_one_forward_of_the_prompt_and_the_item(pair):
     """With additions on the code tokens after each placeholder (train.collab_on_codes), an item's score from the
     beam loop is the log-likelihood of its codes in one forward of prompt + codes with the additions placed as in
-    training (add_on_codes); zero additions change nothing; both models give the same lists."""
+    training (embed_with_collab); zero additions change nothing; both models give the same lists."""
     from lcrec_chat.decoding import CollabInputs
-    from lcrec_chat.methods.collab_tokens import add_on_codes, embed_with_collab
+    from lcrec_chat.methods.collab_tokens import embed_with_collab
     hf, slim, tokenizer, _ = pair
     trie = CodeTrie.from_tokenizer([[a, b] for a in range(6) for b in range(6)], tokenizer)
     placeholder = tokenizer.convert_tokens_to_ids("<gh_stars>")
@@ -118,7 +118,8 @@ def test_code_additions_score_as_one_forward_of_the_prompt_and_the_item(pair):
     without = generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, vectors))
     zero = CollabInputs(placeholder, vectors, [torch.zeros_like(a) for a in adds])
     assert generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=zero) == without
-    got = [generate_items(m, tokenizer, trie, prompts, num_beams=8, k=5, collab=CollabInputs(placeholder, vectors, adds),
+    given = CollabInputs(placeholder, vectors, adds)
+    got = [generate_items(m, tokenizer, trie, prompts, num_beams=8, k=5, collab=given,
                           shared_prefix=SharedPrefix(min_tokens=2)) for m in (hf, slim)]
     assert [[i for i, _ in r] for r in got[0]] == [[i for i, _ in r] for r in got[1]]
     assert got[1] != without
@@ -127,7 +128,7 @@ def test_code_additions_score_as_one_forward_of_the_prompt_and_the_item(pair):
             code = "".join(index_token(level, c) for level, c in enumerate(trie.codes[item].tolist()))
             ids = tokenizer(prompt + code, add_special_tokens=False, return_tensors="pt").input_ids
             with torch.no_grad():
-                embeds = add_on_codes(embed_with_collab(slim, ids, placeholder, vec), ids, placeholder, add)
+                embeds = embed_with_collab(slim, ids, placeholder, vec, add)
                 log_probs = torch.log_softmax(slim(inputs_embeds=embeds).logits[0].float(), -1)
             written = range(ids.shape[1] - 2, ids.shape[1])
             assert sum(float(log_probs[pos - 1, ids[0, pos]]) for pos in written) == pytest.approx(score, abs=1e-3)

@@ -97,12 +97,16 @@ class CollabMapper(nn.Module):
 
 
 def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
-                      collab_vectors: torch.Tensor | None = None) -> torch.Tensor:
+                      collab_vectors: torch.Tensor | None = None,
+                      code_vectors: torch.Tensor | None = None) -> torch.Tensor:
     """`inputs_embeds` [B, L, H] for `input_ids` [B, L]: the token embeddings, except that the placeholder
-    positions (row-major order) hold the rows of `collab_vectors` [P, H] (already mapped to token space).
+    positions (row-major order) hold the rows of `collab_vectors` [P, H] (already mapped to token space), and,
+    with `code_vectors` [P, levels, H] (`CollabMapper.code_vectors`), the j-th placeholder's row l is added at the
+    l-th position after it: the code tokens of the item that follows that state (positions past a row's end are
+    left out).
 
-    Differentiable in `collab_vectors` (stage 2 trains the mapper through it). With no placeholders,
-    `collab_vectors` may be None or empty.
+    Differentiable in both (training tunes the mapper through it). With no placeholders, `collab_vectors` may be
+    None or empty.
     """
     embeds = model.get_input_embeddings()(input_ids)
     mask = input_ids == placeholder
@@ -115,16 +119,12 @@ def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
     if collab_vectors.shape[-1] != embeds.shape[-1]:
         raise CollabError(f"collaborative vectors have width {collab_vectors.shape[-1]}, "
                           f"token embeddings {embeds.shape[-1]}")
-    return embeds.masked_scatter(mask.unsqueeze(-1), collab_vectors.to(embeds.dtype))
-
-
-def add_on_codes(embeds: torch.Tensor, input_ids: torch.Tensor, placeholder: int, code_vectors: torch.Tensor
-                 ) -> torch.Tensor:
-    """`embeds` with `code_vectors[j, l]` added at position p+1+l of the j-th placeholder (row-major, at p): the
-    code tokens of the item that follows a state (those past a row's end are left out)."""
-    rows, cols = (input_ids == placeholder).nonzero(as_tuple=True)
-    if len(rows) != len(code_vectors):
-        raise CollabError(f"{len(rows)} placeholders but code additions for {len(code_vectors)}")
+    embeds = embeds.masked_scatter(mask.unsqueeze(-1), collab_vectors.to(embeds.dtype))
+    if code_vectors is None:
+        return embeds
+    if len(code_vectors) != count:
+        raise CollabError(f"{count} placeholders but code additions for {len(code_vectors)}")
+    rows, cols = mask.nonzero(as_tuple=True)
     for level in range(code_vectors.shape[1]):
         at = cols + 1 + level
         inside = at < input_ids.shape[1]
