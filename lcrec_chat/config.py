@@ -141,6 +141,10 @@ class TrainConfig:
     # continue from an adapter instead of a fresh LoRA (a run folder's adapter/, same base and index tokens):
     # a second phase on top of a finished run, e.g. adding collaborative tokens to a tuned model
     init_adapter: str = ""
+    # later phases of the same run, in order: each continues the adapter (and collaborative mapper) the phase
+    # before it ended with, under this section with the entry's keys replaced (not phases or init_adapter);
+    # e.g. [{seed: 43, max_steps: 120, distill_weight: 1.0}]. See train_phases and configs/ml-100k-collab.yaml
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -328,6 +332,26 @@ def _apply(obj: Any, values: dict, where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
 
 
+def train_phases(cfg: Config) -> list[TrainConfig]:
+    """The train section of each phase of the run in order: `cfg.train` itself first (without `phases`), then one
+    per `train.phases` entry. A run without phases gives [cfg.train]. Raises ConfigError on a bad entry."""
+    first = dataclasses.replace(cfg.train, phases=[])
+    out = [first]
+    for i, entry in enumerate(cfg.train.phases):
+        where = f"train.phases[{i}]."
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where[:-1]}: expected a mapping of train keys, got {entry!r}")
+        for key in ("phases", "init_adapter"):
+            if key in entry:
+                raise ConfigError(f"'{where}{key}' cannot be set: a phase continues the adapter of the phase "
+                                  "before it")
+        phase = dataclasses.replace(first, task_budget=dict(first.task_budget),
+                                    distill_teachers=dict(first.distill_teachers), init_adapter="")
+        _apply(phase, entry, where)
+        out.append(phase)
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is read as YAML."""
     if "=" not in text:
@@ -358,4 +382,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested, "")
+    train_phases(cfg)        # a bad phase entry fails here, before any stage runs
     return cfg

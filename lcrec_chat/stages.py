@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .catalog import Catalog
-from .config import Config
+from .config import Config, train_phases
 from .data import load_dataset
 from .data.split import Split, leave_one_out
 from .locks import process_alive
@@ -122,6 +122,44 @@ def validation_samples(builder, split: Split, cfg: Config) -> list:
 
 
 def train(cfg: Config, force: bool = False) -> dict:
+    """adapter/ (+ collab_mapper.pt), train_log.jsonl, train_summary.json: the LoRA tuning on the alignment tasks.
+
+    With `train.phases`, phase i (i < last) ends as adapter.phase{i}/ (its log and summary inside) and phase i+1
+    starts from it; the last phase writes adapter/. Each phase is its own stage record, so a stopped run resumes
+    in the phase it stopped in, and a changed phase reruns from there on (the next one's start changed with it)."""
+    run = cfg.run_path
+    if os.environ.get("RANK", "0") == "0":
+        cfg.save(run / "config.yaml")
+    phases = train_phases(cfg)
+    if len(phases) == 1:
+        return _train_phase(cfg, "train", force)
+    summary: dict = {}
+    for i, phase in enumerate(phases):
+        last = i == len(phases) - 1
+        if i:
+            phase.init_adapter = str(run / f"adapter.phase{i - 1}")
+        log.info("train: phase %d of %d", i + 1, len(phases))
+        # the phase before's fingerprint is part of this one's: a changed earlier phase retrains the later ones
+        after = StageRecord(run).data.get(f"train.phase{i - 1}", "") if i else None
+        summary = _train_phase(dataclasses.replace(cfg, train=phase), "train" if last else f"train.phase{i}",
+                               force, keep_as=None if last else run / f"adapter.phase{i}", after=after)
+        if not summary["complete"]:
+            break
+        if not last:
+            _barrier()           # torchrun: the other ranks start the next phase once rank 0 has kept this one
+    return summary
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = None,
+                 after: str | None = None) -> dict:
+    """One training run from cfg.train into the run's adapter/; with keep_as, the finished adapter is moved there
+    with its log and summary (an earlier phase of a phased run)."""
     import torch
 
     from . import backbone
@@ -130,24 +168,25 @@ def train(cfg: Config, force: bool = False) -> dict:
     from .plots import plot_training
     from .train import train as run_training
     run = cfg.run_path
-    if os.environ.get("RANK", "0") == "0":
-        cfg.save(run / "config.yaml")
     record = StageRecord(run)
-    # max_minutes is left out: a run stopped by the clock resumes when started again with more time
-    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k != "max_minutes"}
+    # max_minutes is left out: a run stopped by the clock resumes when started again with more time; so is the
+    # phases list (always empty here: train() runs them one by one), so runs from before phases keep their prints
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in ("max_minutes", "phases")}
     collab_on = cfg.train.collab_tokens != "none"
     if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
         baselines(cfg)
     fp = _fingerprint(cfg.model, train_cfg, _file_stamp(run / "codes.json"),
-                      _file_stamp(run / "sasrec.pt") if collab_on else "")
-    if not force and record.fresh("train", fp) and (run / "adapter").exists():
-        log.info("train: up to date (use --force to rerun)")
-        return json.loads((run / "train_summary.json").read_text())
-    if force or record.data.get("train_started") != fp:   # a changed config must not resume an old checkpoint
+                      _file_stamp(run / "sasrec.pt") if collab_on else "", *([after] if after is not None else []))
+    done_marker = keep_as if keep_as is not None else run / "adapter"
+    summary_path = done_marker / "train_summary.json" if keep_as is not None else run / "train_summary.json"
+    if not force and record.fresh(stage, fp) and done_marker.exists():
+        log.info("%s: up to date (use --force to rerun)", stage)
+        return json.loads(summary_path.read_text())
+    if force or record.data.get(f"{stage}_started") != fp:   # a changed config must not resume an old checkpoint
         for stale in ("checkpoint/state.pt", "train_log.jsonl"):
             (run / stale).unlink(missing_ok=True)
-    record.data.pop("train", None)        # until this run completes, the stage is not done
-    record.done("train_started", fp)
+    record.data.pop(stage, None)          # until this run completes, the stage is not done
+    record.done(f"{stage}_started", fp)
     split = load_split(run)
     builder, codes = task_builder(run, cfg, split)
     samples = builder.build(split.train_sequences(), cfg.train.task_budget, cfg.train.seed)
@@ -194,7 +233,14 @@ def train(cfg: Config, force: bool = False) -> dict:
     (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
     plot_training(run / "train_log.jsonl", run / "loss_curves.png")
     if summary["complete"]:
-        record.done("train", fp)
+        if keep_as is not None:
+            import shutil
+            shutil.rmtree(keep_as, ignore_errors=True)
+            shutil.move(str(run / "adapter"), keep_as)
+            for name in ("train_log.jsonl", "train_summary.json", "loss_curves.png"):
+                if (run / name).exists():
+                    shutil.move(str(run / name), keep_as / name)
+        record.done(stage, fp)
     else:
         log.warning("train: stopped at step %d of %d (max_minutes); run it again to resume",
                     summary["steps"], summary["total_steps"])

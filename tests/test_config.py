@@ -17,12 +17,28 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert cfg.train.lora_r == Config().train.lora_r   # untouched default
 
 
+def test_each_phase_is_the_train_section_with_its_keys_replaced():
+    from lcrec_chat.config import train_phases
+    cfg = load_config(None, ["train.seed=1", "train.task_budget={seqrec: 10, chat: 5}", "train.init_adapter=a/adapter",
+                             "train.phases=[{seed: 2, task_budget: {seqrec: 3}}, {lr: 1.0e-5}]"])
+    first, second, third = train_phases(cfg)
+    assert first.phases == [] and first.seed == 1 and first.init_adapter == "a/adapter"   # it may start from one
+    assert second.seed == 2 and second.task_budget == {"seqrec": 3} and second.lr == first.lr
+    assert second.init_adapter == "" and third.seed == 1 and third.lr == pytest.approx(1e-5)
+    assert third.task_budget == {"seqrec": 10, "chat": 5} and cfg.train.task_budget == {"seqrec": 10, "chat": 5}
+    assert train_phases(Config()) == [Config().train]
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("trian:\n  lr: 1\n", "unknown config key 'trian'"),
     ("train:\n  learning_rate: 1\n", "unknown config key 'train.learning_rate'"),
     ("train:\n  batch_size: big\n", "train.batch_size: expected a number"),
     ("train:\n  batch_size: 2.5\n", "expected an integer"),
     ("train: 3\n", "'train' is a section"),
+    ("train:\n  phases: [{lr: 1.0e-4, sead: 4}]\n", "unknown config key 'train.phases[0].sead'"),
+    ("train:\n  phases: [{seed: 1}, {init_adapter: runs/x/adapter}]\n", "'train.phases[1].init_adapter' cannot"),
+    ("train:\n  phases: [{seed: many}]\n", "train.phases[0].seed: expected a number"),
+    ("train:\n  phases: [3]\n", "train.phases[0]: expected a mapping"),
     ("- a\n- b\n", "expected a mapping at the top level"),
     ("train: [\n", "not valid YAML"),
     ("eval:\n  styles: [dense, chta]\n", "eval.styles[1]: 'chta' is not one of 'dense', 'chat', 'seqrec'"),

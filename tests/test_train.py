@@ -235,6 +235,49 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     assert [(k, item) for _, k, _, item in held.distill] == [(2, 3)] * len(collab.code_ids(3))
 
 
+def test_phases_train_the_same_model_as_a_chain_of_continued_runs(tiny_run, tmp_path):
+    """train.phases: one run of two phases gives the same adapter and mapper, to the bit, as a first run and a
+    second one continuing it through train.init_adapter (how the shipped model's phases were first made); the
+    earlier phase is kept as adapter.phase0 with its log; a finished phased run is up to date."""
+    import shutil
+    from safetensors.torch import load_file
+    first = ["train.collab_tokens=sasrec", "train.max_steps=2", "train.task_budget={seqrec_dense: 8, item2index: 4}"]
+    later = {"seed": 43, "max_steps": 2, "distill_weight": 1.0, "collab_on_codes": True,
+             "task_budget": {"seqrec_dense": 8, "itemsearch": 4}}
+    later_flags = [f"train.{k}={json.dumps(v)}" for k, v in later.items()]
+    base = tmp_path / "base"            # the baselines stage (SASRec for the tokens) once, for all three folders
+    shutil.copytree(tiny_run.run_path, base, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl", "adapter*"))
+    stages.baselines(load_config("configs/tiny.yaml", [f"run_dir={base}"]))
+    folders = {}
+    for name in ("phased", "chain1", "chain2"):
+        folders[name] = tmp_path / name
+        shutil.copytree(base, folders[name])
+    phased = load_config("configs/tiny.yaml", [f"run_dir={folders['phased']}", *first,
+                                               f"train.phases={json.dumps([later])}"])
+    summary = stages.train(phased)
+    assert summary["complete"] and summary["steps"] == 2
+    stages.train(load_config("configs/tiny.yaml", [f"run_dir={folders['chain1']}", *first]))
+    stages.train(load_config("configs/tiny.yaml", [f"run_dir={folders['chain2']}", *first, *later_flags,
+                                                   f"train.init_adapter={folders['chain1'] / 'adapter'}"]))
+
+    def weights(adapter):
+        return (load_file(adapter / "adapter_model.safetensors"),
+                torch.load(adapter / "collab_mapper.pt", weights_only=True)["state"])
+    for mine, theirs in ((folders["phased"] / "adapter.phase0", folders["chain1"] / "adapter"),
+                         (folders["phased"] / "adapter", folders["chain2"] / "adapter")):
+        for a, b in zip(weights(mine), weights(theirs)):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), mine
+    kept = folders["phased"] / "adapter.phase0"
+    assert [e["step"] for e in _entries(kept) if "loss" in e] == [1, 2]
+    assert any("distill" in e for e in _entries(folders["phased"]))        # the last phase's own log
+    assert not any("distill" in e for e in _entries(kept))
+    saved = load_config(folders["phased"] / "config.yaml")                  # the run's config keeps its phases
+    assert saved.train.phases == [later]
+    mtime = (folders["phased"] / "adapter" / "adapter_model.safetensors").stat().st_mtime
+    assert stages.train(phased)["steps"] == 2                               # up to date: nothing retrained
+    assert (folders["phased"] / "adapter" / "adapter_model.safetensors").stat().st_mtime == mtime
+
+
 def test_code_teacher_sums_the_teachers_item_probabilities_onto_each_levels_codes():
     """Level 0: mass per first code; level l: only items sharing the true item's first l codes, renormalised;
     the product of the conditionals along an item's code is the teacher's probability of that item."""
