@@ -345,8 +345,7 @@ def train_phases(cfg: Config) -> list[TrainConfig]:
             if key in entry:
                 raise ConfigError(f"'{where}{key}' cannot be set: a phase continues the adapter of the phase "
                                   "before it")
-        phase = dataclasses.replace(first, task_budget=dict(first.task_budget),
-                                    distill_teachers=dict(first.distill_teachers), init_adapter="")
+        phase = dataclasses.replace(first, init_adapter="")   # _apply sets whole values: `first` is never mutated
         _apply(phase, entry, where)
         out.append(phase)
     return out

@@ -177,11 +177,9 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
         baselines(cfg)
     fp = _fingerprint(cfg.model, train_cfg, _file_stamp(run / "codes.json"),
                       _file_stamp(run / "sasrec.pt") if collab_on else "", *([after] if after is not None else []))
-    done_marker = keep_as if keep_as is not None else run / "adapter"
-    summary_path = done_marker / "train_summary.json" if keep_as is not None else run / "train_summary.json"
-    if not force and record.fresh(stage, fp) and done_marker.exists():
+    if not force and record.fresh(stage, fp) and (keep_as or run / "adapter").exists():
         log.info("%s: up to date (use --force to rerun)", stage)
-        return json.loads(summary_path.read_text())
+        return json.loads(((keep_as or run) / "train_summary.json").read_text())
     if force or record.data.get(f"{stage}_started") != fp:   # a changed config must not resume an old checkpoint
         for stale in ("checkpoint/state.pt", "train_log.jsonl"):
             (run / stale).unlink(missing_ok=True)
