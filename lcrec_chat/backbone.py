@@ -509,6 +509,49 @@ def lora_config(cfg: TrainConfig, new_token_ids: list[int], model=None):
                       trainable_token_indices=indices)
 
 
+def widen_lora(model, cfg: TrainConfig):
+    """Give a loaded, trainable PEFT LoRA model the rank and alpha of ``cfg``, in place, computing the same function.
+
+    A continued run (``train.init_adapter``) otherwise trains at the rank the adapter was saved with, whatever
+    ``train.lora_r`` says. Each layer keeps its A rows and B columns (B rescaled from the old alpha / r to the new);
+    the added A rows get PEFT's own init (Kaiming-uniform) and the added B columns are zero, so training starts
+    from exactly the loaded adapter with more capacity. A smaller rank or other target modules are refused:
+    that would change what was learnt.
+    """
+    import math
+
+    from peft.tuners.lora.layer import LoraLayer
+    config = model.peft_config["default"]
+    if cfg.lora_r == config.r and cfg.lora_alpha == config.lora_alpha:
+        return model
+    if cfg.lora_r < config.r:
+        raise BackboneError(f"train.lora_r {cfg.lora_r} is below the rank of train.init_adapter ({config.r}): "
+                            "a continued adapter can only be widened")
+    if set(config.target_modules) != set(cfg.lora_targets):
+        raise BackboneError(f"train.lora_targets {sorted(cfg.lora_targets)} differ from train.init_adapter's "
+                            f"{sorted(config.target_modules)}")
+    new_scaling = cfg.lora_alpha / cfg.lora_r
+    for module in model.modules():
+        if not (isinstance(module, LoraLayer) and "default" in module.lora_A):
+            continue
+        down, up = module.lora_A["default"], module.lora_B["default"]
+        old_rank, old_scaling = down.weight.shape[0], module.scaling["default"]
+        wide_down = torch.nn.Linear(down.in_features, cfg.lora_r, bias=False, dtype=down.weight.dtype)
+        wide_up = torch.nn.Linear(cfg.lora_r, up.out_features, bias=False, dtype=up.weight.dtype)
+        with torch.no_grad():
+            torch.nn.init.kaiming_uniform_(wide_down.weight, a=math.sqrt(5))   # PEFT's init of lora_A
+            wide_down.weight[:old_rank] = down.weight
+            wide_up.weight.zero_()
+            wide_up.weight[:, :old_rank] = up.weight * (old_scaling / new_scaling)
+        module.lora_A["default"], module.lora_B["default"] = wide_down.to(down.weight.device), wide_up.to(up.weight.device)
+        module.r["default"], module.lora_alpha["default"] = cfg.lora_r, cfg.lora_alpha
+        module.scaling["default"] = new_scaling
+    config.r, config.lora_alpha = cfg.lora_r, cfg.lora_alpha
+    log.info("LoRA widened from the adapter's rank to r=%d, alpha=%d (same function at the start)",
+             cfg.lora_r, cfg.lora_alpha)
+    return model
+
+
 # ---------------------------------------------------------------- adapters with index tokens
 
 def save_adapter(model, tokenizer, folder: str | Path) -> None:

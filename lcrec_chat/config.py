@@ -94,6 +94,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    # a continued adapter (init_adapter, phases) is widened to a larger lora_r / other alpha with the same function
+    # at the start (backbone.widen_lora); a smaller rank or other targets are refused
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.05

@@ -194,6 +194,8 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     init = _initial_adapter(run, Path(cfg.train.init_adapter)) if cfg.train.init_adapter else None
     if init is not None:
         model, tokenizer = backbone.load_finetuned(cfg.model, init, for_training=True)
+        torch.manual_seed(cfg.train.seed)    # the added ranks' init, when train.lora_r widens the adapter
+        model = backbone.widen_lora(model, cfg.train)
         missing = [t for t in index_token_strings(codes) if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"train.init_adapter {cfg.train.init_adapter} lacks index tokens of this run's codes "

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from lcrec_chat.backbone import (BackboneError, add_index_tokens, build_once, describe, dynamic_linear,
                                  guard_4bit_cpu, load_finetuned, load_in_memory, load_model, load_tokenizer, lora_config,
-                                 merge_adapter, resolve_model_path, save_adapter)
+                                 merge_adapter, resolve_model_path, save_adapter, widen_lora)
 from lcrec_chat.config import ModelConfig, TrainConfig
 
 CACHE = str(Path(__file__).resolve().parents[1] / ".cache" / "models")
@@ -269,6 +269,48 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     torch.testing.assert_close(after_out, after_in)  # the tied head learned the same rows ...
     with torch.no_grad():  # ... and the adapter's forward already used them in the head
         torch.testing.assert_close(merged(**batch).logits, logits)
+
+
+def test_a_continued_adapter_widens_to_the_configured_rank_with_the_same_function(tmp_path):
+    model = load_model(tiny(), for_training=True)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama", CACHE))
+    ids = add_index_tokens(model, tok, CODES)
+    narrow = get_peft_model(model, lora_config(TrainConfig(lora_r=2, lora_alpha=8, lora_dropout=0.0), ids, model))
+    with torch.no_grad():   # a trained adapter: B is not zero
+        for name, p in narrow.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    save_adapter(narrow, tok, tmp_path / "narrow")
+    batch = tok(["liked <a_12><b_3><c_7>, then <a_3><b_40><c_7>"], return_tensors="pt")
+
+    loaded, _ = load_finetuned(tiny(), tmp_path / "narrow", for_training=True)
+    with torch.no_grad():
+        before = loaded(**batch).logits
+    narrow_params = sum(p.numel() for p in loaded.parameters() if p.requires_grad)
+    wide_cfg = TrainConfig(lora_r=6, lora_alpha=12, lora_dropout=0.0)
+    wide = widen_lora(loaded, wide_cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(**batch).logits, before)   # B's new columns are zero, the old ones rescaled
+    trainable = {n: p for n, p in wide.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) > narrow_params
+    q_down = next(p for n, p in trainable.items() if "layers.0.self_attn.q_proj.lora_A" in n)
+    assert q_down.shape[0] == 6 and q_down[2:].abs().sum() > 0   # the added rows are initialised, not zero
+    wide(**batch, labels=batch["input_ids"]).loss.backward()
+    assert q_down.grad is not None and q_down.grad.abs().sum() > 0
+
+    save_adapter(wide, tok, tmp_path / "wide")   # saved at the new rank; the served merge reads it
+    plain = load_in_memory(resolve_model_path("tiny-llama", CACHE))
+    plain.resize_token_embeddings(len(tok), mean_resizing=False)
+    merged = merge_adapter(plain, tmp_path / "wide").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, before)
+
+    same, _ = load_finetuned(tiny(), tmp_path / "narrow", for_training=True)
+    assert widen_lora(same, TrainConfig(lora_r=2, lora_alpha=8)) is same   # the saved rank: nothing to do
+    with pytest.raises(BackboneError, match="can only be widened"):
+        widen_lora(same, TrainConfig(lora_r=1, lora_alpha=8))
+    with pytest.raises(BackboneError, match="lora_targets"):
+        widen_lora(same, TrainConfig(lora_r=4, lora_alpha=8, lora_targets=["q_proj"]))
 
 
 def test_dynamic_linear_matches_torch_quantize_dynamic():
