@@ -16,7 +16,10 @@ per code level, `CollabMapper.code_vectors`), in training, in the prompt and on 
 motive was measured (bench/level_agreement.py): the model matches its teacher's first code closely, where [si]
 sits in its own residual stream, and loses most at the second, predicted from the first code's position, where
 the state has to be fetched by attention. (Measured since: it did not narrow that gap; the model card says what
-it gave.) Token ids are assembled piece by piece: the item codes are added special tokens and
+it gave.) With `train.collab_head`, the same state also adds one learned vector per level to the model's last
+hidden state where it writes each code after [si]: through the tied output head, a direct map of the state onto
+the code logits (bench/code_learnability.py: a small model reading only SASRec's state learns SASRec's code
+conditionals nearly exactly through these codes, the tuned LLM does not). Token ids are assembled piece by piece: the item codes are added special tokens and
 ", " tokenises alone, so the ids are those of the joined text.
 """
 from __future__ import annotations
@@ -48,23 +51,26 @@ class CollabDensePrompts:
         self.end = self._ids(end_of_turn(tokenizer))
 
     @classmethod
-    def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path, code_levels: int | None = None
-                ) -> "CollabDensePrompts | None":
+    def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path, code_levels: int | None = None,
+                logit_levels: int | None = None) -> "CollabDensePrompts | None":
         """The collaborative prompts an adapter was trained with (its collab_mapper.pt and the run's sasrec.pt), or
-        None for an adapter trained without them. `code_levels` (when continuing the training) adds the
-        additions on the code tokens to a mapper saved without them; they start at zero."""
+        None for an adapter trained without them. `code_levels` / `logit_levels` (when continuing the training)
+        add the additions on the code tokens / on the code logits to a mapper saved without them; they start at
+        zero."""
         path = Path(adapter_dir) / MAPPER_FILE
         if not path.is_file():
             return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        saved_levels = saved.get("code_levels", 0)
-        levels = saved_levels if code_levels is None else code_levels
-        if saved_levels and levels != saved_levels:
-            raise ValueError(f"{path} adds the state to {saved_levels} code tokens; continuing it with "
-                             f"{levels} would drop or reshape what it learned (train.collab_on_codes)")
-        mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], levels)
+        levels = {}
+        for key, asked, lever in (("code_levels", code_levels, "train.collab_on_codes"),
+                                  ("logit_levels", logit_levels, "train.collab_head")):
+            levels[key] = saved.get(key, 0) if asked is None else asked
+            if saved.get(key, 0) and levels[key] != saved[key]:
+                raise ValueError(f"{path} has {key} {saved[key]}; continuing it with {levels[key]} would drop or "
+                                 f"reshape what it learned ({lever})")
+        mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], **levels)
         missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
-        if unexpected or any(not key.startswith("on_codes_") for key in missing):
+        if unexpected or any(not key.startswith(("on_codes_", "on_logits_")) for key in missing):
             raise ValueError(f"{path} does not fit a collaborative mapper: missing {missing}, unexpected {unexpected}")
         sasrec = Path(run) / "sasrec.pt"
         if not sasrec.is_file():
@@ -75,7 +81,8 @@ class CollabDensePrompts:
     def save_mapper(self, adapter_dir: Path) -> None:
         m = self.mapper
         torch.save({"state": m.state_dict(), "collab_dim": m.collab_dim, "token_dim": m.token_dim,
-                    "hidden": m.hidden, "code_levels": m.code_levels, "source": self.source.kind},
+                    "hidden": m.hidden, "code_levels": m.code_levels, "logit_levels": m.logit_levels,
+                    "source": self.source.kind},
                    Path(adapter_dir) / MAPPER_FILE)
 
     def _ids(self, text: str) -> list[int]:
@@ -160,9 +167,17 @@ class CollabDensePrompts:
         """Per history (its last max_history items), the collaborative model's own state after each item."""
         return self.source.states_after_each([list(h)[-self.builder.max_history:] for h in histories])
 
+    def logit_vectors(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor] | None:
+        """Per history, what its last state adds to the last hidden state at each code decoding writes
+        [levels, hidden], or None without `collab_head`."""
+        if self.mapper is None or not self.mapper.logit_levels or not histories:
+            return None
+        last = torch.stack([s[-1] for s in self.states(histories)])
+        return list(self.mapper.logit_vectors(last))
+
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> CollabInputs:
         """What decoding puts into the model for prompts of these histories (decoding.generate_items)."""
-        return CollabInputs(self.placeholder, *self.inputs(histories))
+        return CollabInputs(self.placeholder, *self.inputs(histories), self.logit_vectors(histories))
 
     def embed(self, causal_lm, input_ids: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings of a training batch; `states[r]` = `self.states` of row r's placeholder items."""

@@ -135,6 +135,11 @@ class TrainConfig:
     # is not normalised (at mapper_lr, 1e-3, the additions reached norm 2-2.7 in 70 steps, a token embedding's is
     # ~3.2, and the training loss of a tuned model rose from 3.7 to 4.2 on the same batches)
     on_codes_lr: float = 5e-5
+    # with collab_tokens: the state also adds a learned vector per code level to the last hidden state where that
+    # level's code is written after it, i.e. a direct map of the state onto the code logits through the tied head
+    # (collab_prompt.py, CollabMapper.logit_vectors); zero at the start, so a continued adapter starts where it was
+    collab_head: bool = False
+    collab_head_lr: float = 1e-3
     # > 0 (needs collab_tokens: sasrec): the run's sequential models teach the code tokens written after each
     # collaborative state, their next-item distribution summed onto each level's codes (distill.py), added to
     # the loss with this weight; distill_teachers = the mixture's weights by model ("sasrec", "gru4rec")

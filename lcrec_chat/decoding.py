@@ -34,14 +34,18 @@ METHODS = ("loop", "generate")
 class CollabInputs(NamedTuple):
     """What prompts with collaborative tokens put into the model (collab_prompt.py): the placeholder token id, per
     prompt the vectors of its placeholders [n_i, hidden] (in order), and optionally per prompt the additions on the
-    code tokens after each placeholder [n_i, levels, hidden]; a prompt's last ones go on the codes decoding writes."""
+    code tokens after each placeholder [n_i, levels, hidden]; a prompt's last ones go on the codes decoding writes.
+    `logit_vectors` (train.collab_head), per prompt [levels, hidden] or empty: added to the last hidden state
+    where each level's code is written, i.e. the output head's image of it to that step's logits."""
     placeholder: int
     vectors: Sequence[torch.Tensor]
     code_vectors: Sequence[torch.Tensor] | None = None
+    logit_vectors: Sequence[torch.Tensor] | None = None
 
     def rows(self, start: int, stop: int) -> "CollabInputs":
         return CollabInputs(self.placeholder, self.vectors[start:stop],
-                            None if self.code_vectors is None else self.code_vectors[start:stop])
+                            None if self.code_vectors is None else self.code_vectors[start:stop],
+                            None if self.logit_vectors is None else self.logit_vectors[start:stop])
 
 
 class TrieLogitsProcessor:
@@ -269,6 +273,7 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
         cache = _preallocated_cache(model, prompt_width + trie.depth - 1)
     inputs = {"input_ids": rest} if collab is None else {"inputs_embeds": _embed_with_vectors(model, rest, collab)}
     on_codes = _last_code_vectors(collab, model)   # [B, levels, hidden] for the codes this search writes, or None
+    on_logits = _logit_additions(collab, model)    # [B, levels, vocab] added to each level's logits, or None
     out = model(**inputs, attention_mask=attention, position_ids=positions[:, shared:], use_cache=True,
                 past_key_values=cache, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
@@ -278,6 +283,8 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
     for level in range(trie.depth):
         tokens, childs, valid = trie.candidates(nodes, level, counts[level + 1], request)
         logits = logits.float()  # log-probs normalised over the whole vocabulary, read only at the candidates
+        if on_logits is not None and level < on_logits.shape[1]:
+            logits = logits + on_logits[request, level]
         log_probs = (logits.gather(1, tokens.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
         if log_mass is not None:
             step = log_mass[level + 1][request[:, None], childs.clamp(min=0)] \
@@ -327,6 +334,21 @@ def _last_code_vectors(collab: CollabInputs | None, model) -> torch.Tensor | Non
     levels, width = next(c.shape[1:] for c in collab.code_vectors if len(c))
     return torch.stack([c[-1] if len(c) else torch.zeros(levels, width) for c in collab.code_vectors]
                        ).to(_device(model))
+
+
+def _logit_additions(collab: CollabInputs | None, model) -> torch.Tensor | None:
+    """Per prompt and level, the output head applied to its `logit_vectors` (zeros for a prompt without them):
+    [B, levels, vocab]. The head is linear, so head(h + v) = head(h) + head(v): the same logits as adding v to
+    the last hidden state, as training does."""
+    if collab is None or collab.logit_vectors is None or not any(len(v) for v in collab.logit_vectors):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
+    weight = getattr(head, "weight", None)   # an int8 head has packed weights and takes fp32
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+    levels, width = next(v.shape for v in collab.logit_vectors if len(v))
+    stacked = torch.stack([v if len(v) else torch.zeros(levels, width) for v in collab.logit_vectors])
+    with torch.no_grad():
+        return head(stacked.to(_device(model), dtype)).float()
 
 
 def _preallocated_cache(model, max_length: int):

@@ -103,13 +103,19 @@ class Recommender:
             return None
         vectors: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
         on_codes: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
+        on_logits: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
+        histories = [list(requests[i].history) for i in rows]
         with torch.no_grad():
-            mapped, additions = self.collab.inputs([list(requests[i].history) for i in rows])
+            mapped, additions = self.collab.inputs(histories)
+            heads = self.collab.logit_vectors(histories)
         for n, i in enumerate(rows):
             vectors[i] = mapped[n]
             if additions is not None:
                 on_codes[i] = additions[n]
-        return CollabInputs(self.collab.placeholder, vectors, on_codes if additions is not None else None)
+            if heads is not None:
+                on_logits[i] = heads[n]
+        return CollabInputs(self.collab.placeholder, vectors, on_codes if additions is not None else None,
+                            on_logits if heads is not None else None)
 
     def allowed(self, request: Request) -> torch.Tensor:
         mask = torch.ones(self.num_items, dtype=torch.bool)

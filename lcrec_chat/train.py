@@ -128,6 +128,11 @@ class SupervisedLoss(torch.nn.Module):
             hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.mapper is not None and self.mapper.logit_levels and distill is not None and states is not None:
+            # train.collab_head: the state's vector for each level, on the hidden state that writes that code
+            heads = self.mapper.logit_vectors(torch.cat(states))[distill["vector"], distill["level"]]
+            at = (distill["row"].to(hidden.device), distill["position"].to(hidden.device) - 1)
+            hidden = hidden.index_put(at, heads.to(hidden.dtype), accumulate=True)
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = causal_lm.lm_head(hidden[:, :-1][keep])
@@ -211,6 +216,9 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     if tc.collab_on_codes and collab is None:
         raise ValueError("train.collab_on_codes needs train.collab_tokens: sasrec (it adds the prompt's states to "
                          "the code tokens after them)")
+    if tc.collab_head and collab is None:
+        raise ValueError("train.collab_head needs train.collab_tokens: sasrec (it maps the prompt's states onto the "
+                         "code logits after them)")
     teacher = None
     if tc.distill_weight > 0:
         if collab is None:
@@ -225,11 +233,13 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" not in n]
     named = list(core.mapper.named_parameters()) if core.mapper is not None else []
     on_codes = [p for n, p in named if n.startswith("on_codes_")]
-    mapper_own = [p for n, p in named if not n.startswith("on_codes_")]
+    on_logits = [p for n, p in named if n.startswith("on_logits_")]
+    mapper_own = [p for n, p in named if not n.startswith(("on_codes_", "on_logits_"))]
     optimizer = torch.optim.AdamW([{"params": other_params, "lr": tc.lr},
                                    {"params": embed_params, "lr": tc.embedding_lr}]
                                   + ([{"params": mapper_own, "lr": tc.mapper_lr}] if mapper_own else [])
-                                  + ([{"params": on_codes, "lr": tc.on_codes_lr}] if on_codes else []),
+                                  + ([{"params": on_codes, "lr": tc.on_codes_lr}] if on_codes else [])
+                                  + ([{"params": on_logits, "lr": tc.collab_head_lr}] if on_logits else []),
                                   weight_decay=tc.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 

@@ -134,6 +134,41 @@ def test_code_additions_score_as_one_forward_of_the_prompt_and_the_item(pair):
             assert sum(float(log_probs[pos - 1, ids[0, pos]]) for pos in written) == pytest.approx(score, abs=1e-3)
 
 
+def test_logit_vectors_score_as_the_last_hidden_state_plus_the_vector(pair):
+    """train.collab_head: a prompt's logit vectors change each code step as adding them to the last hidden state
+    before the output head would (what training does); zero vectors change nothing; both models agree."""
+    from lcrec_chat.decoding import CollabInputs
+    from lcrec_chat.methods.collab_tokens import embed_with_collab
+    hf, slim, tokenizer, _ = pair
+    trie = CodeTrie.from_tokenizer([[a, b] for a in range(6) for b in range(6)], tokenizer)
+    placeholder = tokenizer.convert_tokens_to_ids("<gh_stars>")
+    prompts = ["List: <a_1><b_1>, <gh_stars><a_2><b_3>, <gh_stars>", "List: <a_0><b_0>, <gh_stars>"]
+    width = slim.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(3)
+    vectors = [torch.randn(2, width), torch.randn(1, width)]
+    heads = [torch.randn(2, width) * 2, torch.randn(2, width) * 2]   # per prompt: one per code level
+    without = generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, vectors))
+    zero = CollabInputs(placeholder, vectors, None, [torch.zeros_like(h) for h in heads])
+    assert generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=zero) == without
+    given = CollabInputs(placeholder, vectors, None, heads)
+    got = [generate_items(m, tokenizer, trie, prompts, num_beams=8, k=5, collab=given) for m in (hf, slim)]
+    assert [[i for i, _ in r] for r in got[0]] == [[i for i, _ in r] for r in got[1]]
+    assert got[1] != without
+    for prompt, vec, head, ranked in zip(prompts, vectors, heads, got[1]):
+        for item, score in ranked[:3]:
+            code = "".join(index_token(level, c) for level, c in enumerate(trie.codes[item].tolist()))
+            ids = tokenizer(prompt + code, add_special_tokens=False, return_tensors="pt").input_ids
+            with torch.no_grad():
+                embeds = embed_with_collab(slim, ids, placeholder, vec)
+                logits = slim(inputs_embeds=embeds).logits[0].float()
+            written = range(ids.shape[1] - 2, ids.shape[1])
+            total = 0.0
+            for level, pos in enumerate(written):
+                shifted = logits[pos - 1] + slim.lm_head(head[level]).float()
+                total += float(torch.log_softmax(shifted, -1)[ids[0, pos]])
+            assert total == pytest.approx(score, abs=1e-3)
+
+
 def test_serving_load_path_is_slim_int8_and_its_tokenizer_matches(pair):
     hf, _, tokenizer, folder = pair
     model = quantize_int8(load_for_serving(folder))

@@ -160,6 +160,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
                                              f"train.init_adapter={run / 'adapter'}", "train.max_steps=2",
                                              "train.distill_weight=1.0", "train.mapper_lr=0",
                                              "train.collab_on_codes=true", "train.on_codes_lr=0",
+                                             "train.collab_head=true",
                                              "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
                                              "train.task_budget={seqrec_dense: 12, item2index: 4}"])
     assert stages.train(cfg3)["complete"]
@@ -185,11 +186,19 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     saved = torch.load(third / "adapter" / "collab_mapper.pt", weights_only=True)
     depth = len(json.loads((third / "codes.json").read_text())["codes"][0])
     assert saved["code_levels"] == depth and not saved["state"]["on_codes_weight"].any()
-    assert Recommender.from_run(cfg3, third).collab.mapper.code_levels == depth
+    assert saved["logit_levels"] == depth and saved["state"]["on_logits_weight"].any()   # collab_head: it learned
+    rec3 = Recommender.from_run(cfg3, third)
+    assert (rec3.collab.mapper.code_levels, rec3.collab.mapper.logit_levels) == (depth, depth)
+    heads = rec3._collab_vectors([Request(history=[0, 1, 2], style="dense"), Request(query="a comedy")])
+    assert heads.logit_vectors[0].shape == (depth, rec3.collab.mapper.token_dim) and not len(heads.logit_vectors[1])
+    assert [len(r) for r in rec3.recommend_batch([Request(history=[0, 1, 2], style="dense")], k=3)] == [3]
     tokenizer3 = backbone.load_tokenizer(cfg3.model)
     with pytest.raises(ValueError, match="collab_on_codes"):   # continuing it without them would drop them
         CollabDensePrompts.for_run(tokenizer3, run_folder.task_builder(third, cfg3)[0], third, third / "adapter", 0)
-    for lever in ("train.distill_weight=1.0", "train.collab_on_codes=true"):
+    with pytest.raises(ValueError, match="collab_head"):   # nor without the head it learned
+        CollabDensePrompts.for_run(tokenizer3, run_folder.task_builder(third, cfg3)[0], third, third / "adapter",
+                                   depth, 0)
+    for lever in ("train.distill_weight=1.0", "train.collab_on_codes=true", "train.collab_head=true"):
         with pytest.raises(ValueError, match="collab_tokens"):
             stages.train(load_config("configs/tiny.yaml", [f"run_dir={third}", lever, "train.max_steps=1"]))
 
@@ -222,6 +231,19 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     moved = collab.embed(causal_lm, batch["input_ids"], states) - plain
     changed = moved.abs().sum(-1)[0].nonzero().flatten().tolist()
     assert changed == [pos for pos, *_ in data[0].distill]   # exactly the code tokens after each placeholder
+
+    # collab_head: zero at the start (the same loss), then it moves the logits where codes follow a state
+    headed = CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter", code_levels=depth,
+                                        logit_levels=depth)
+    model.eval()   # no LoRA dropout: the two losses are compared exactly
+    headless = CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter", code_levels=depth)
+    with torch.no_grad():
+        start = SupervisedLoss(model, headed)(**batch)[0]
+        assert start == SupervisedLoss(model, headless)(**batch)[0]
+        headed.mapper.on_logits_weight.normal_()
+        assert SupervisedLoss(model, headed)(**batch)[0] != start
+    SupervisedLoss(model, headed)(**batch)[0].backward()
+    assert headed.mapper.on_logits_weight.grad.abs().sum() > 0
 
     # the teacher's points are the code tokens that follow each placeholder, level by level
     points = data[0].distill

@@ -71,18 +71,27 @@ class CollabMapper(nn.Module):
 
     With `code_levels` > 0 it also gives, per vector, one addition for each of the `code_levels` code tokens
     that follow its placeholder (`code_vectors`; LC-Rec's collaborative prompt, collab_prompt.py): a linear map
-    of the normalised vector, zero at the start, so a mapper continued with it begins as the one it came from."""
+    of the normalised vector, zero at the start, so a mapper continued with it begins as the one it came from.
+
+    With `logit_levels` > 0 (train.collab_head) it gives, per vector, one vector for each code level that is added
+    to the model's last hidden state where it writes that level's code after the vector's placeholder
+    (`logit_vectors`): through the tied output head, a learned map of the state onto the code logits, beside the
+    model's own. Linear and zero at the start, as the additions on the code tokens."""
 
     def __init__(self, collab_dim: int, token_dim: int, token_norm: float, hidden: int = 256,
-                 code_levels: int = 0) -> None:
+                 code_levels: int = 0, logit_levels: int = 0) -> None:
         super().__init__()
         self.collab_dim, self.token_dim, self.hidden, self.code_levels = collab_dim, token_dim, hidden, code_levels
+        self.logit_levels = logit_levels
         self.net = nn.Sequential(nn.LayerNorm(collab_dim), nn.Linear(collab_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, token_dim))
         self.register_buffer("token_norm", torch.tensor(float(token_norm)))
         if code_levels:   # zeros made directly: an nn.Linear's random init would move the run's random stream
             self.on_codes_weight = nn.Parameter(torch.zeros(code_levels * token_dim, collab_dim))
             self.on_codes_bias = nn.Parameter(torch.zeros(code_levels * token_dim))
+        if logit_levels:
+            self.on_logits_weight = nn.Parameter(torch.zeros(logit_levels * token_dim, collab_dim))
+            self.on_logits_bias = nn.Parameter(torch.zeros(logit_levels * token_dim))
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         out = self.net(vectors.float())
@@ -94,6 +103,14 @@ class CollabMapper(nn.Module):
             raise CollabError("this mapper was built without code_levels")
         out = F.linear(self.net[0](vectors.float()), self.on_codes_weight, self.on_codes_bias)
         return out.view(len(vectors), self.code_levels, self.token_dim)
+
+    def logit_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[P, logit_levels, token_dim]: what the last hidden state gets where each level's code is written after
+        a vector's placeholder."""
+        if not self.logit_levels:
+            raise CollabError("this mapper was built without logit_levels")
+        out = F.linear(self.net[0](vectors.float()), self.on_logits_weight, self.on_logits_bias)
+        return out.view(len(vectors), self.logit_levels, self.token_dim)
 
 
 def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
