@@ -101,19 +101,26 @@ def test_collaborative_vectors_enter_at_the_placeholders(pair):
         generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, [other[0], other[0]]))
 
 
+def _two_prompts_with_states(pair, seed: int):
+    """(hf, slim, tokenizer, a 6x6 code trie, the placeholder id, two dense prompts with 2 and 1 placeholders,
+    random vectors for those placeholders)."""
+    hf, slim, tokenizer, _ = pair
+    trie = CodeTrie.from_tokenizer([[a, b] for a in range(6) for b in range(6)], tokenizer)
+    placeholder = tokenizer.convert_tokens_to_ids("<gh_stars>")
+    prompts = ["List: <a_1><b_1>, <gh_stars><a_2><b_3>, <gh_stars>", "List: <a_0><b_0>, <gh_stars>"]
+    width = slim.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(seed)
+    return hf, slim, tokenizer, trie, placeholder, prompts, [torch.randn(2, width), torch.randn(1, width)]
+
+
 def test_code_additions_score_as_one_forward_of_the_prompt_and_the_item(pair):
     """With additions on the code tokens after each placeholder (train.collab_on_codes), an item's score from the
     beam loop is the log-likelihood of its codes in one forward of prompt + codes with the additions placed as in
     training (embed_with_collab); zero additions change nothing; both models give the same lists."""
     from lcrec_chat.decoding import CollabInputs
     from lcrec_chat.methods.collab_tokens import embed_with_collab
-    hf, slim, tokenizer, _ = pair
-    trie = CodeTrie.from_tokenizer([[a, b] for a in range(6) for b in range(6)], tokenizer)
-    placeholder = tokenizer.convert_tokens_to_ids("<gh_stars>")
-    prompts = ["List: <a_1><b_1>, <gh_stars><a_2><b_3>, <gh_stars>", "List: <a_0><b_0>, <gh_stars>"]
-    width = slim.get_input_embeddings().weight.shape[1]
-    torch.manual_seed(2)
-    vectors = [torch.randn(2, width), torch.randn(1, width)]
+    hf, slim, tokenizer, trie, placeholder, prompts, vectors = _two_prompts_with_states(pair, seed=2)
+    width = vectors[0].shape[1]
     adds = [torch.randn(2, 2, width) * 3, torch.randn(1, 2, width) * 3]
     without = generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, vectors))
     zero = CollabInputs(placeholder, vectors, [torch.zeros_like(a) for a in adds])
@@ -139,13 +146,8 @@ def test_logit_vectors_score_as_the_last_hidden_state_plus_the_vector(pair):
     before the output head would (what training does); zero vectors change nothing; both models agree."""
     from lcrec_chat.decoding import CollabInputs
     from lcrec_chat.methods.collab_tokens import embed_with_collab
-    hf, slim, tokenizer, _ = pair
-    trie = CodeTrie.from_tokenizer([[a, b] for a in range(6) for b in range(6)], tokenizer)
-    placeholder = tokenizer.convert_tokens_to_ids("<gh_stars>")
-    prompts = ["List: <a_1><b_1>, <gh_stars><a_2><b_3>, <gh_stars>", "List: <a_0><b_0>, <gh_stars>"]
-    width = slim.get_input_embeddings().weight.shape[1]
-    torch.manual_seed(3)
-    vectors = [torch.randn(2, width), torch.randn(1, width)]
+    hf, slim, tokenizer, trie, placeholder, prompts, vectors = _two_prompts_with_states(pair, seed=3)
+    width = vectors[0].shape[1]
     heads = [torch.randn(2, width) * 2, torch.randn(2, width) * 2]   # per prompt: one per code level
     without = generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, vectors))
     zero = CollabInputs(placeholder, vectors, None, [torch.zeros_like(h) for h in heads])
