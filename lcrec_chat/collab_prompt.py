@@ -153,31 +153,28 @@ class CollabDensePrompts:
         """(placeholder vectors [P, hidden], code additions [P, levels, hidden] or None) of P states."""
         return self.mapper(states), (self.mapper.code_vectors(states) if self.mapper.code_levels else None)
 
-    def inputs(self, histories: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def inputs(self, histories: Sequence[Sequence[int]]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """Per history, (the mapped state after each item [n, hidden], the additions on the code tokens after each
-        state [n, levels, hidden], or None without `collab_on_codes`)."""
+        state [n, levels, hidden] or None without `collab_on_codes`, what its last state adds to the last hidden
+        state at each code decoding writes [levels, hidden] or None without `collab_head`), from one pass of the
+        collaborative model."""
         if self.mapper is None or not histories:
-            return [torch.zeros(0) for _ in histories], None
+            return [torch.zeros(0) for _ in histories], None, None
         states = self.states(histories)
         sizes = [len(s) for s in states]
         vectors, additions = self._mapped(torch.cat(states))
-        return list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes)))
+        heads = list(self.mapper.logit_vectors(torch.stack([s[-1] for s in states]))) \
+            if self.mapper.logit_levels else None
+        return list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes))), heads
 
     def states(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per history (its last max_history items), the collaborative model's own state after each item."""
         return self.source.states_after_each([list(h)[-self.builder.max_history:] for h in histories])
 
-    def logit_vectors(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor] | None:
-        """Per history, what its last state adds to the last hidden state at each code decoding writes
-        [levels, hidden], or None without `collab_head`."""
-        if self.mapper is None or not self.mapper.logit_levels or not histories:
-            return None
-        last = torch.stack([s[-1] for s in self.states(histories)])
-        return list(self.mapper.logit_vectors(last))
-
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> CollabInputs:
         """What decoding puts into the model for prompts of these histories (decoding.generate_items)."""
-        return CollabInputs(self.placeholder, *self.inputs(histories), self.logit_vectors(histories))
+        return CollabInputs(self.placeholder, *self.inputs(histories))
 
     def embed(self, causal_lm, input_ids: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings of a training batch; `states[r]` = `self.states` of row r's placeholder items."""

@@ -104,10 +104,8 @@ class Recommender:
         vectors: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
         on_codes: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
         on_logits: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
-        histories = [list(requests[i].history) for i in rows]
         with torch.no_grad():
-            mapped, additions = self.collab.inputs(histories)
-            heads = self.collab.logit_vectors(histories)
+            mapped, additions, heads = self.collab.inputs([list(requests[i].history) for i in rows])
         for n, i in enumerate(rows):
             vectors[i] = mapped[n]
             if additions is not None:

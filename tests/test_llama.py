@@ -113,12 +113,29 @@ def _two_prompts_with_states(pair, seed: int):
     return hf, slim, tokenizer, trie, placeholder, prompts, [torch.randn(2, width), torch.randn(1, width)]
 
 
+def _one_forward_score(model, tokenizer, trie, placeholder, prompt, item, vectors, add=None, head=None) -> float:
+    """The log-likelihood of `item`'s codes after `prompt` in one forward of transformers' model (`model`) over
+    prompt + codes, placed as training
+    places them: `vectors` on the placeholders, `add` on the code tokens after each (embed_with_collab), and
+    `head[level]` added to the last hidden state that writes each code (train.collab_head)."""
+    from lcrec_chat.methods.collab_tokens import embed_with_collab
+    code = "".join(index_token(level, c) for level, c in enumerate(trie.codes[item].tolist()))
+    ids = tokenizer(prompt + code, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = embed_with_collab(model, ids, placeholder, vectors, add)
+        hidden = model.model(inputs_embeds=embeds).last_hidden_state[0]
+        total = 0.0
+        for level, pos in enumerate(range(ids.shape[1] - trie.depth, ids.shape[1])):
+            state = hidden[pos - 1] + (head[level] if head is not None else 0)
+            total += float(torch.log_softmax(model.lm_head(state).float(), -1)[ids[0, pos]])
+    return total
+
+
 def test_code_additions_score_as_one_forward_of_the_prompt_and_the_item(pair):
     """With additions on the code tokens after each placeholder (train.collab_on_codes), an item's score from the
     beam loop is the log-likelihood of its codes in one forward of prompt + codes with the additions placed as in
     training (embed_with_collab); zero additions change nothing; both models give the same lists."""
     from lcrec_chat.decoding import CollabInputs
-    from lcrec_chat.methods.collab_tokens import embed_with_collab
     hf, slim, tokenizer, trie, placeholder, prompts, vectors = _two_prompts_with_states(pair, seed=2)
     width = vectors[0].shape[1]
     adds = [torch.randn(2, 2, width) * 3, torch.randn(1, 2, width) * 3]
@@ -132,20 +149,14 @@ def test_code_additions_score_as_one_forward_of_the_prompt_and_the_item(pair):
     assert got[1] != without
     for prompt, vec, add, ranked in zip(prompts, vectors, adds, got[1]):
         for item, score in ranked[:3]:
-            code = "".join(index_token(level, c) for level, c in enumerate(trie.codes[item].tolist()))
-            ids = tokenizer(prompt + code, add_special_tokens=False, return_tensors="pt").input_ids
-            with torch.no_grad():
-                embeds = embed_with_collab(slim, ids, placeholder, vec, add)
-                log_probs = torch.log_softmax(slim(inputs_embeds=embeds).logits[0].float(), -1)
-            written = range(ids.shape[1] - 2, ids.shape[1])
-            assert sum(float(log_probs[pos - 1, ids[0, pos]]) for pos in written) == pytest.approx(score, abs=1e-3)
+            assert _one_forward_score(hf, tokenizer, trie, placeholder, prompt, item, vec, add=add) == \
+                pytest.approx(score, abs=1e-3)
 
 
 def test_logit_vectors_score_as_the_last_hidden_state_plus_the_vector(pair):
     """train.collab_head: a prompt's logit vectors change each code step as adding them to the last hidden state
     before the output head would (what training does); zero vectors change nothing; both models agree."""
     from lcrec_chat.decoding import CollabInputs
-    from lcrec_chat.methods.collab_tokens import embed_with_collab
     hf, slim, tokenizer, trie, placeholder, prompts, vectors = _two_prompts_with_states(pair, seed=3)
     width = vectors[0].shape[1]
     heads = [torch.randn(2, width) * 2, torch.randn(2, width) * 2]   # per prompt: one per code level
@@ -158,17 +169,8 @@ def test_logit_vectors_score_as_the_last_hidden_state_plus_the_vector(pair):
     assert got[1] != without
     for prompt, vec, head, ranked in zip(prompts, vectors, heads, got[1]):
         for item, score in ranked[:3]:
-            code = "".join(index_token(level, c) for level, c in enumerate(trie.codes[item].tolist()))
-            ids = tokenizer(prompt + code, add_special_tokens=False, return_tensors="pt").input_ids
-            with torch.no_grad():
-                embeds = embed_with_collab(slim, ids, placeholder, vec)
-                logits = slim(inputs_embeds=embeds).logits[0].float()
-            written = range(ids.shape[1] - 2, ids.shape[1])
-            total = 0.0
-            for level, pos in enumerate(written):
-                shifted = logits[pos - 1] + slim.lm_head(head[level]).float()
-                total += float(torch.log_softmax(shifted, -1)[ids[0, pos]])
-            assert total == pytest.approx(score, abs=1e-3)
+            assert _one_forward_score(hf, tokenizer, trie, placeholder, prompt, item, vec, head=head) == \
+                pytest.approx(score, abs=1e-3)
 
 
 def test_serving_load_path_is_slim_int8_and_its_tokenizer_matches(pair):
