@@ -19,8 +19,12 @@ the state has to be fetched by attention. (Measured since: it did not narrow tha
 it gave.) With `train.collab_head`, the same state also adds one learned vector per level to the model's last
 hidden state where it writes each code after [si]: through the tied output head, a direct map of the state onto
 the code logits (bench/code_learnability.py: a small model reading only SASRec's state learns SASRec's code
-conditionals nearly exactly through these codes, the tuned LLM does not). Token ids are assembled piece by piece: the item codes are added special tokens and
-", " tokenises alone, so the ids are those of the joined text.
+conditionals nearly exactly through these codes, the tuned LLM does not). With `train.collab_head_width`, the head
+also has a small MLP per level that reads the state and the code tokens already written, so the same state can rank
+a level's shared code tokens differently under each prefix (decoding feeds it each beam's written codes).
+
+Token ids are assembled piece by piece: the item codes are added special tokens and ", " tokenises alone, so the
+ids are those of the joined text.
 """
 from __future__ import annotations
 
@@ -31,11 +35,16 @@ from typing import Sequence
 import torch
 
 from .methods.collab_tokens import CollabMapper, CollabSource, SASRecSource, embed_with_collab, placeholder_id
-from .decoding import CollabInputs
+from .decoding import CollabInputs, PrefixHead
 from .tasks import HISTORY_SEP, TaskBuilder, chat_prompt, end_of_turn
 
 IGNORE = -100
 MAPPER_FILE = "collab_mapper.pt"   # beside the adapter it was trained with
+
+
+def code_token_ids(tokenizer, builder: TaskBuilder) -> list[int]:
+    """Every token id the run's item codes are written with (the collaborative head's prefix vocabulary)."""
+    return sorted({t for text in builder.code_text for t in tokenizer(text, add_special_tokens=False)["input_ids"]})
 
 
 class CollabDensePrompts:
@@ -52,23 +61,29 @@ class CollabDensePrompts:
 
     @classmethod
     def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path, code_levels: int | None = None,
-                logit_levels: int | None = None) -> "CollabDensePrompts | None":
+                logit_levels: int | None = None, prefix_width: int | None = None) -> "CollabDensePrompts | None":
         """The collaborative prompts an adapter was trained with (its collab_mapper.pt and the run's sasrec.pt), or
-        None for an adapter trained without them. `code_levels` / `logit_levels` (when continuing the training)
-        add the additions on the code tokens / on the code logits to a mapper saved without them; they start at
-        zero."""
+        None for an adapter trained without them. `code_levels` / `logit_levels` / `prefix_width` (when continuing
+        the training) add the additions on the code tokens / on the code logits / the head's prefix MLP to a mapper
+        saved without them; they start at zero."""
         path = Path(adapter_dir) / MAPPER_FILE
         if not path.is_file():
             return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
         levels = {}
         for key, asked, lever in (("code_levels", code_levels, "train.collab_on_codes"),
-                                  ("logit_levels", logit_levels, "train.collab_head")):
+                                  ("logit_levels", logit_levels, "train.collab_head"),
+                                  ("prefix_width", prefix_width, "train.collab_head_width")):
             levels[key] = saved.get(key, 0) if asked is None else asked
             if saved.get(key, 0) and levels[key] != saved[key]:
                 raise ValueError(f"{path} has {key} {saved[key]}; continuing it with {levels[key]} would drop or "
                                  f"reshape what it learned ({lever})")
-        mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], **levels)
+        tokens: Sequence[int] = ()
+        if levels["prefix_width"]:
+            saved_tokens = saved["state"].get("on_logits_prefix_tokens")
+            tokens = saved_tokens.tolist() if saved_tokens is not None else code_token_ids(tokenizer, builder)
+        mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], **levels,
+                              prefix_tokens=tokens)
         missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
         if unexpected or any(not key.startswith(("on_codes_", "on_logits_")) for key in missing):
             raise ValueError(f"{path} does not fit a collaborative mapper: missing {missing}, unexpected {unexpected}")
@@ -82,6 +97,7 @@ class CollabDensePrompts:
         m = self.mapper
         torch.save({"state": m.state_dict(), "collab_dim": m.collab_dim, "token_dim": m.token_dim,
                     "hidden": m.hidden, "code_levels": m.code_levels, "logit_levels": m.logit_levels,
+                    "prefix_width": m.prefix_width,
                     "source": self.source.kind},
                    Path(adapter_dir) / MAPPER_FILE)
 
@@ -153,20 +169,38 @@ class CollabDensePrompts:
         """(placeholder vectors [P, hidden], code additions [P, levels, hidden] or None) of P states."""
         return self.mapper(states), (self.mapper.code_vectors(states) if self.mapper.code_levels else None)
 
-    def inputs(self, histories: Sequence[Sequence[int]]
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    def inputs(self, histories: Sequence[Sequence[int]]) -> tuple[
+            list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None, torch.Tensor | None]:
         """Per history, (the mapped state after each item [n, hidden], the additions on the code tokens after each
         state [n, levels, hidden] or None without `collab_on_codes`, what its last state adds to the last hidden
-        state at each code decoding writes [levels, hidden] or None without `collab_head`), from one pass of the
-        collaborative model."""
+        state at each code decoding writes [levels, hidden] or None without `collab_head`), and the last states
+        [B, collab_dim] for the head's prefix MLP (None without one), from one pass of the collaborative model."""
         if self.mapper is None or not histories:
-            return [torch.zeros(0) for _ in histories], None, None
+            return [torch.zeros(0) for _ in histories], None, None, None
         states = self.states(histories)
         sizes = [len(s) for s in states]
         vectors, additions = self._mapped(torch.cat(states))
-        heads = list(self.mapper.logit_vectors(torch.stack([s[-1] for s in states]))) \
-            if self.mapper.logit_levels else None
-        return list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes))), heads
+        last = torch.stack([s[-1] for s in states])
+        heads = list(self.mapper.logit_vectors(last)) if self.mapper.logit_levels else None
+        return (list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes))), heads,
+                last if self.mapper.prefix_width else None)
+
+    def prefix_head(self, last_states: torch.Tensor, present: torch.Tensor) -> PrefixHead:
+        """Decoding's handle on the head's prefix MLP for prompts with these last states (rows with `present`
+        False, prompts without collaborative tokens, get nothing)."""
+        return PrefixHead(self.mapper.prefix_vectors, last_states, present.float())
+
+    def head_vectors(self, states: torch.Tensor, levels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[P, hidden]: what the collaborative head adds to the last hidden state at P code tokens, each written
+        after the state `states[p]` at code level `levels[p]` of item `items[p]` (training's distill points)."""
+        out = self.mapper.logit_vectors(states)[torch.arange(len(levels)), levels]
+        if self.mapper.prefix_width:
+            codes = torch.tensor([self.code_ids(int(i)) for i in items])
+            for level in levels.unique().tolist():
+                rows = (levels == level).nonzero().squeeze(1)
+                out = out.index_add(0, rows.to(out.device),
+                                    self.mapper.prefix_vectors(states[rows], level, codes[rows, :level]))
+        return out
 
     def states(self, histories: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per history (its last max_history items), the collaborative model's own state after each item."""
@@ -174,7 +208,9 @@ class CollabDensePrompts:
 
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> CollabInputs:
         """What decoding puts into the model for prompts of these histories (decoding.generate_items)."""
-        return CollabInputs(self.placeholder, *self.inputs(histories))
+        vectors, additions, heads, last = self.inputs(histories)
+        prefix = None if last is None else self.prefix_head(last, torch.ones(len(last)))
+        return CollabInputs(self.placeholder, vectors, additions, heads, prefix)
 
     def embed(self, causal_lm, input_ids: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings of a training batch; `states[r]` = `self.states` of row r's placeholder items."""

@@ -140,6 +140,9 @@ class TrainConfig:
     # (collab_prompt.py, CollabMapper.logit_vectors); zero at the start, so a continued adapter starts where it was
     collab_head: bool = False
     collab_head_lr: float = 1e-3
+    # > 0 (with collab_head): the head also has an MLP of this width per level that reads the state and the codes
+    # already written, so the state can rank a level's codes differently under each prefix (CollabMapper)
+    collab_head_width: int = 0
     # > 0 (needs collab_tokens: sasrec): the run's sequential models teach the code tokens written after each
     # collaborative state, their next-item distribution summed onto each level's codes (distill.py), added to
     # the loss with this weight; distill_teachers = the mixture's weights by model ("sasrec", "gru4rec")

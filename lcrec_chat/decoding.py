@@ -36,16 +36,36 @@ class CollabInputs(NamedTuple):
     prompt the vectors of its placeholders [n_i, hidden] (in order), and optionally per prompt the additions on the
     code tokens after each placeholder [n_i, levels, hidden]; a prompt's last ones go on the codes decoding writes.
     `logit_vectors` (train.collab_head), per prompt [levels, hidden] or empty: added to the last hidden state
-    where each level's code is written, i.e. the output head's image of it to that step's logits."""
+    where each level's code is written, i.e. the output head's image of it to that step's logits.
+    `prefix_head` (train.collab_head_width): what each prompt's last state adds there given the codes written so far."""
     placeholder: int
     vectors: Sequence[torch.Tensor]
     code_vectors: Sequence[torch.Tensor] | None = None
     logit_vectors: Sequence[torch.Tensor] | None = None
+    prefix_head: "PrefixHead | None" = None
 
     def rows(self, start: int, stop: int) -> "CollabInputs":
         return CollabInputs(self.placeholder, self.vectors[start:stop],
                             None if self.code_vectors is None else self.code_vectors[start:stop],
-                            None if self.logit_vectors is None else self.logit_vectors[start:stop])
+                            None if self.logit_vectors is None else self.logit_vectors[start:stop],
+                            None if self.prefix_head is None else self.prefix_head.rows(start, stop))
+
+
+class PrefixHead(NamedTuple):
+    """Per prompt the state [collab_dim] (a zero row for a prompt without one, `present` False) and the map
+    `head(states, level, prefix tokens) -> [R, hidden]` (CollabMapper.prefix_vectors) whose output is added to the
+    last hidden state where the level's code is written."""
+    head: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+    states: torch.Tensor
+    present: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> "PrefixHead":
+        return PrefixHead(self.head, self.states[start:stop], self.present[start:stop])
+
+    @torch.no_grad()
+    def __call__(self, request: torch.Tensor, level: int, written: torch.Tensor) -> torch.Tensor:
+        """[R, hidden] for R beams of prompts `request` [R] that wrote the code tokens `written` [R, level]."""
+        return self.head(self.states[request], level, written) * self.present[request, None]
 
 
 class TrieLogitsProcessor:
@@ -279,12 +299,16 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
     cache, logits = out.past_key_values, out.logits[:, -1]
     # before the first code token there is one row per request; afterwards num_beams rows per request
     nodes, scores, request = torch.zeros(batch, dtype=torch.long), torch.zeros(batch), torch.arange(batch)
+    written = torch.zeros(batch, 0, dtype=torch.long)   # the code tokens each row has written
+    prefix_head = None if collab is None else collab.prefix_head
     last_position = positions[:, -1]
     for level in range(trie.depth):
         tokens, childs, valid = trie.candidates(nodes, level, counts[level + 1], request)
         logits = logits.float()  # log-probs normalised over the whole vocabulary, read only at the candidates
         if on_logits is not None and level < on_logits.shape[1]:
             logits = logits + on_logits[request, level]
+        if prefix_head is not None:
+            logits = logits + _through_head(model, prefix_head(request, level, written))
         log_probs = (logits.gather(1, tokens.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
         if log_mass is not None:
             step = log_mass[level + 1][request[:, None], childs.clamp(min=0)] \
@@ -297,6 +321,7 @@ def _beam_loop(model, tokenizer, trie: CodeTrie, prompts: list[str], num_beams: 
             break
         parent_dev = parent.to(device)
         _reorder_beams(cache, parent_dev, level, prompt_width)
+        written = torch.cat([written[parent], tokens[parent, column].view(-1, 1)], dim=1)
         next_tokens = tokens[parent, column].view(-1, 1).to(device)
         attention = torch.cat([attention[parent_dev], torch.ones_like(next_tokens)], dim=1)
         last_position = last_position[parent_dev] + 1
@@ -342,13 +367,17 @@ def _logit_additions(collab: CollabInputs | None, model) -> torch.Tensor | None:
     the last hidden state, as training does."""
     if collab is None or collab.logit_vectors is None or not any(len(v) for v in collab.logit_vectors):
         return None
+    levels, width = next(v.shape for v in collab.logit_vectors if len(v))
+    return _through_head(model, torch.stack([v if len(v) else torch.zeros(levels, width) for v in collab.logit_vectors]))
+
+
+@torch.no_grad()
+def _through_head(model, vectors: torch.Tensor) -> torch.Tensor:
+    """The output head applied to hidden-state additions [..., hidden]: [..., vocab] fp32 logits."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
     weight = getattr(head, "weight", None)   # an int8 head has packed weights and takes fp32
     dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
-    levels, width = next(v.shape for v in collab.logit_vectors if len(v))
-    stacked = torch.stack([v if len(v) else torch.zeros(levels, width) for v in collab.logit_vectors])
-    with torch.no_grad():
-        return head(stacked.to(_device(model), dtype)).float()
+    return head(vectors.to(_device(model), dtype)).float()
 
 
 def _preallocated_cache(model, max_length: int):

@@ -105,7 +105,12 @@ class Recommender:
         on_codes: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
         on_logits: list[torch.Tensor] = [torch.zeros(0) for _ in requests]
         with torch.no_grad():
-            mapped, additions, heads = self.collab.inputs([list(requests[i].history) for i in rows])
+            mapped, additions, heads, last = self.collab.inputs([list(requests[i].history) for i in rows])
+        prefix = None
+        if last is not None:   # the head's prefix MLP: the last state per request, zero where a request has none
+            states, present = torch.zeros(len(requests), last.shape[1]), torch.zeros(len(requests), dtype=torch.bool)
+            states[rows], present[rows] = last, True
+            prefix = self.collab.prefix_head(states, present)
         for n, i in enumerate(rows):
             vectors[i] = mapped[n]
             if additions is not None:
@@ -113,7 +118,7 @@ class Recommender:
             if heads is not None:
                 on_logits[i] = heads[n]
         return CollabInputs(self.collab.placeholder, vectors, on_codes if additions is not None else None,
-                            on_logits if heads is not None else None)
+                            on_logits if heads is not None else None, prefix)
 
     def allowed(self, request: Request) -> torch.Tensor:
         mask = torch.ones(self.num_items, dtype=torch.bool)

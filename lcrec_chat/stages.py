@@ -214,18 +214,20 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
         model = get_peft_model(model, backbone.lora_config(cfg.train, new_ids, model))
     collab = None
     if collab_on:
-        from .collab_prompt import MAPPER_FILE, CollabDensePrompts
+        from .collab_prompt import MAPPER_FILE, CollabDensePrompts, code_token_ids
         from .methods.collab_tokens import CollabMapper, SASRecSource, token_embedding_norm
         code_levels = len(codes[0]) if cfg.train.collab_on_codes else 0
         logit_levels = len(codes[0]) if cfg.train.collab_head else 0
+        prefix_width = cfg.train.collab_head_width if cfg.train.collab_head else 0
         if init is not None and (init / MAPPER_FILE).is_file():   # an adapter tuned with the tokens: continue its mapper
-            collab = CollabDensePrompts.for_run(tokenizer, builder, run, init, code_levels, logit_levels)
+            collab = CollabDensePrompts.for_run(tokenizer, builder, run, init, code_levels, logit_levels, prefix_width)
             collab.mapper.train()
         else:
             source = SASRecSource.load(run / "sasrec.pt")
             torch.manual_seed(cfg.train.seed)
             mapper = CollabMapper(source.dim, model.get_input_embeddings().weight.shape[1],
-                                  token_embedding_norm(model), code_levels=code_levels, logit_levels=logit_levels)
+                                  token_embedding_norm(model), code_levels=code_levels, logit_levels=logit_levels,
+                                  prefix_tokens=code_token_ids(tokenizer, builder), prefix_width=prefix_width)
             collab = CollabDensePrompts(tokenizer, builder, source, mapper)
     summary = run_training(cfg, samples, valid, tokenizer, model, run, collab)
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder

@@ -130,7 +130,7 @@ class SupervisedLoss(torch.nn.Module):
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.mapper is not None and self.mapper.logit_levels and distill is not None and states is not None:
             # train.collab_head: the state's vector for each level, on the hidden state that writes that code
-            heads = self.mapper.logit_vectors(torch.cat(states))[distill["vector"], distill["level"]]
+            heads = self.collab.head_vectors(torch.cat(states)[distill["vector"]], distill["level"], distill["item"])
             at = (distill["row"].to(hidden.device), distill["position"].to(hidden.device) - 1)
             hidden = hidden.index_put(at, heads.to(hidden.dtype), accumulate=True)
         targets = labels[:, 1:]
@@ -216,6 +216,9 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     if tc.collab_on_codes and collab is None:
         raise ValueError("train.collab_on_codes needs train.collab_tokens: sasrec (it adds the prompt's states to "
                          "the code tokens after them)")
+    if tc.collab_head_width and not tc.collab_head:
+        raise ValueError("train.collab_head_width is the width of the collaborative head's prefix MLP: it needs "
+                         "train.collab_head: true")
     if tc.collab_head and collab is None:
         raise ValueError("train.collab_head needs train.collab_tokens: sasrec (it maps the prompt's states onto the "
                          "code logits after them)")

@@ -173,6 +173,36 @@ def test_logit_vectors_score_as_the_last_hidden_state_plus_the_vector(pair):
                 pytest.approx(score, abs=1e-3)
 
 
+def test_prefix_head_scores_as_the_last_hidden_state_plus_its_vector_for_the_written_codes(pair):
+    """train.collab_head_width: the head's prefix MLP adds at each code step what it computes from the prompt's
+    state and the code tokens that beam has written, as training adds it for the item's own prefix; a prompt
+    without a state (present False) gets nothing; both models agree."""
+    from lcrec_chat.decoding import CollabInputs, PrefixHead
+    from lcrec_chat.methods.collab_tokens import CollabMapper
+    hf, slim, tokenizer, trie, placeholder, prompts, vectors = _two_prompts_with_states(pair, seed=4)
+    width = vectors[0].shape[1]
+    code_tokens = tokenizer.convert_tokens_to_ids([index_token(level, c) for level in range(2) for c in range(6)])
+    mapper = CollabMapper(8, width, 1.0, logit_levels=2, prefix_tokens=code_tokens, prefix_width=16)
+    with torch.no_grad():
+        mapper.on_logits_prefix_out.normal_(0, 0.5)
+    states = torch.randn(2, 8)
+    without = generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=(placeholder, vectors))
+    absent = CollabInputs(placeholder, vectors, prefix_head=PrefixHead(mapper.prefix_vectors, states, torch.zeros(2)))
+    assert generate_items(slim, tokenizer, trie, prompts, num_beams=8, k=5, collab=absent) == without
+    given = CollabInputs(placeholder, vectors, prefix_head=PrefixHead(mapper.prefix_vectors, states, torch.ones(2)))
+    got = [generate_items(m, tokenizer, trie, prompts, num_beams=8, k=5, collab=given) for m in (hf, slim)]
+    assert [[i for i, _ in r] for r in got[0]] == [[i for i, _ in r] for r in got[1]]
+    assert got[1] != without
+    for row, (prompt, vec, ranked) in enumerate(zip(prompts, vectors, got[1])):
+        for item, score in ranked[:3]:
+            codes = torch.tensor([tokenizer.convert_tokens_to_ids(index_token(level, c))
+                                  for level, c in enumerate(trie.codes[item].tolist())])
+            with torch.no_grad():
+                head = [mapper.prefix_vectors(states[row:row + 1], level, codes[None, :level])[0] for level in range(2)]
+            assert _one_forward_score(hf, tokenizer, trie, placeholder, prompt, item, vec, head=head) == \
+                pytest.approx(score, abs=1e-3)
+
+
 def test_serving_load_path_is_slim_int8_and_its_tokenizer_matches(pair):
     hf, _, tokenizer, folder = pair
     model = quantize_int8(load_for_serving(folder))

@@ -160,7 +160,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
                                              f"train.init_adapter={run / 'adapter'}", "train.max_steps=2",
                                              "train.distill_weight=1.0", "train.mapper_lr=0",
                                              "train.collab_on_codes=true", "train.on_codes_lr=0",
-                                             "train.collab_head=true",
+                                             "train.collab_head=true", "train.collab_head_width=16",
                                              "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
                                              "train.task_budget={seqrec_dense: 12, item2index: 4}"])
     assert stages.train(cfg3)["complete"]
@@ -187,10 +187,13 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     depth = len(json.loads((third / "codes.json").read_text())["codes"][0])
     assert saved["code_levels"] == depth and not saved["state"]["on_codes_weight"].any()
     assert saved["logit_levels"] == depth and saved["state"]["on_logits_weight"].any()   # collab_head: it learned
+    assert saved["prefix_width"] == 16 and saved["state"]["on_logits_prefix_out"].any()  # and its prefix MLP
     rec3 = Recommender.from_run(cfg3, third)
     assert (rec3.collab.mapper.code_levels, rec3.collab.mapper.logit_levels) == (depth, depth)
     heads = rec3._collab_vectors([Request(history=[0, 1, 2], style="dense"), Request(query="a comedy")])
     assert heads.logit_vectors[0].shape == (depth, rec3.collab.mapper.token_dim) and not len(heads.logit_vectors[1])
+    assert heads.prefix_head.present.tolist() == [1.0, 0.0]   # the request without a history gets no head
+    assert torch.equal(heads.prefix_head.states[0], rec3.collab.states([[0, 1, 2]])[0][-1])
     assert [len(r) for r in rec3.recommend_batch([Request(history=[0, 1, 2], style="dense")], k=3)] == [3]
     tokenizer3 = backbone.load_tokenizer(cfg3.model)
     with pytest.raises(ValueError, match="collab_on_codes"):   # continuing it without them would drop them
@@ -198,6 +201,12 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     with pytest.raises(ValueError, match="collab_head"):   # nor without the head it learned
         CollabDensePrompts.for_run(tokenizer3, run_folder.task_builder(third, cfg3)[0], third, third / "adapter",
                                    depth, 0)
+    with pytest.raises(ValueError, match="collab_head_width"):
+        CollabDensePrompts.for_run(tokenizer3, run_folder.task_builder(third, cfg3)[0], third, third / "adapter",
+                                   depth, depth, 0)
+    with pytest.raises(ValueError, match="collab_head: true"):
+        stages.train(load_config("configs/tiny.yaml", [f"run_dir={third}", "train.collab_tokens=sasrec",
+                                                       "train.collab_head_width=8", "train.max_steps=1"]))
     for lever in ("train.distill_weight=1.0", "train.collab_on_codes=true", "train.collab_head=true"):
         with pytest.raises(ValueError, match="collab_tokens"):
             stages.train(load_config("configs/tiny.yaml", [f"run_dir={third}", lever, "train.max_steps=1"]))
@@ -244,6 +253,16 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
         assert SupervisedLoss(model, headed)(**batch)[0] != start
     SupervisedLoss(model, headed)(**batch)[0].backward()
     assert headed.mapper.on_logits_weight.grad.abs().sum() > 0
+    # its prefix MLP (collab_head_width) too: zero at the start, then it moves the loss and learns
+    prefixed = CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter", code_levels=depth,
+                                          logit_levels=depth, prefix_width=8)
+    with torch.no_grad():
+        assert SupervisedLoss(model, prefixed)(**batch)[0] == start
+    SupervisedLoss(model, prefixed)(**batch)[0].backward()
+    assert prefixed.mapper.on_logits_prefix_out.grad.abs().sum() > 0
+    with torch.no_grad():
+        prefixed.mapper.on_logits_prefix_out.normal_()
+        assert SupervisedLoss(model, prefixed)(**batch)[0] != start
 
     # the teacher's points are the code tokens that follow each placeholder, level by level
     points = data[0].distill
