@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -168,11 +167,25 @@ def test_exact_step_always_gives_distinct_codes(problem):
     for i, code in enumerate(codes.tolist()):          # items nobody collided with keep their code
         if tuple(code) in alone:
             assert not moved[i] and out[i].tolist() == code
+    # at least all but one holder of each shared code move; the colliding items' assignment minimises their total
+    # distortion, which can move every holder of a code (next test), so no exact count holds in general
     assert moved.sum() >= len(codes) - len(keys)
-    per_prefix = Counter(tuple(c[:-1]) for c in codes.tolist())
-    if not arbitrary and all(c <= sizes[-1] for c in per_prefix.values()):
-        # greedy codes and no full prefix: exactly one holder of each shared code stays
-        assert moved.sum() == len(codes) - len(keys)
+
+
+def test_exact_step_assigns_colliding_items_at_least_total_distortion():
+    """Two pairs of items share codes 1 and 2 of a 4-code book (one level): the four are placed by the assignment of
+    least total squared distance, here one that moves three of them (keeping one holder of each shared code costs
+    18.76 against 18.48); found by the property test above."""
+    from itertools import permutations
+    codes = np.array([[1], [1], [2], [2]])
+    z = np.array([[0.71327364, 0.27605592, -1.83592922], [0.71327364, 0.27605592, -1.83592922],
+                  [1.62332459, 0.33590114, 0.32050524], [0.75633029, 0.4002079, 1.04808557]])
+    book = np.array([[-0.1711189, -0.14697537, -0.09555329], [1.0046329, -1.11481845, -0.43683869],
+                     [1.70547584, 0.13477495, 1.92385188], [-2.01349649, -0.97898502, -1.00878444]])
+    out, moved = resolve_collisions(codes, z, [book])
+    cost = ((z[:, None] - book[None]) ** 2).sum(-1)
+    best = min(permutations(range(4)), key=lambda p: sum(cost[i, p[i]] for i in range(4)))
+    assert out[:, 0].tolist() == list(best) and moved.sum() == 3
 
 
 def test_exact_step_moves_overflow_to_nearest_other_prefix():
