@@ -6,7 +6,7 @@ rows, over an hour more on 2 cores.
 
 Writes RUN/lever_rows.json (a stage already there is kept unless listed) and prints a markdown table.
 `--drop-head prefix|all` decodes with the collaborative head's prefix MLP (or the whole head) switched off: how
-much of a trained model's ranking comes through it (rows stored as "STAGE without the ... head"). In the
+much of a trained model's ranking comes through it (rows stored as "STAGE without ..."). In the
 evaluate stage's own precision (the default) and on all users, each row goes through the stage's row cache
 (RUN/eval_rows.json), so the lever whose valid row wins is shipped without computing its rows twice.
 """
@@ -54,12 +54,15 @@ def main() -> None:
         def compute(stage=stage) -> dict:
             return evaluate_sequential(rec, split, stage, "dense", 0, args.max_users, cfg.eval.cutoffs)
         row = cache.get(f"dense {stage}", compute) if cache is not None else compute()
-        key = f"{stage} without the {args.drop_head} head" if args.drop_head else stage
+        key = f"{stage} without {DROPPED[args.drop_head]}" if args.drop_head else stage
         rows[key] = {**row, "dtype": dtype, "max_users": args.max_users, "machine": machine_record()}
         out.write_text(json.dumps(rows, indent=1))
     print("| stage | NDCG@10 | HR@10 | coverage@10 | top-50 share |\n|---|---|---|---|---|")
     for stage, r in rows.items():
         print(f"| {stage} | {r['ndcg@10']:.4f} | {r['hr@10']:.4f} | {r['coverage@10']:.3f} | {r['top50_share@10']:.3f} |")
+
+
+DROPPED = {"prefix": "the head's prefix MLP", "all": "the collaborative head"}
 
 
 def drop_head(rec: Recommender, which: str) -> None:
