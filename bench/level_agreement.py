@@ -5,7 +5,8 @@ negative log-likelihood of the true code under the LLM and under the teacher (a 
 distribution summed onto the codes under that prefix, distill.CodeTeacher), the KL from teacher to LLM, and how
 often their most likely codes agree. Both distributions are over the codes the trie allows there, as in
 constrained decoding. A student that loses mostly at level 1 reads the collaborative state badly; one that loses
-at later levels carries it badly from the state's position to the code tokens after it.
+at later levels carries it badly from the state's position to the code tokens after it. An adapter with a
+collaborative head (train.collab_head) is measured with the head's additions, as decoding applies them.
 
     python bench/level_agreement.py --run-dir RUN [--teachers sasrec=1] [--users 200] [--stage valid]
 
@@ -46,10 +47,14 @@ def level_rows(rec: Recommender, teacher: SequentialTeacher, histories: list[lis
         embeds = collab.embed(rec.model, torch.tensor([ids]), states)
         hidden = rec.model.model(inputs_embeds=embeds).last_hidden_state[0]
         probs = teacher.probabilities([vector_items], {"sasrec": states})[0][-1:]   # after the whole history
-        for pos, _, level, item in points:
+        for pos, k, level, item in points:
             tokens, target_probs = codes.targets(probs, torch.tensor([level]), torch.tensor([item]))
             allowed = target_probs[0] > 0
-            logits = rec.model.lm_head(hidden[pos - 1]).float()[tokens[0]]
+            state = hidden[pos - 1]
+            if collab.mapper.logit_levels:   # train.collab_head: what it adds where this code is written
+                state = state + collab.head_vectors(states[0][k:k + 1], torch.tensor([level]),
+                                                    torch.tensor([item]))[0].to(state.dtype)
+            logits = rec.model.lm_head(state).float()[tokens[0]]
             student = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
             teach = target_probs[0]
             true_slot = int((tokens[0] == ids[pos]).nonzero()[0])
