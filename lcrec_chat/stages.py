@@ -227,7 +227,8 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
             torch.manual_seed(cfg.train.seed)
             mapper = CollabMapper(source.dim, model.get_input_embeddings().weight.shape[1],
                                   token_embedding_norm(model), code_levels=code_levels, logit_levels=logit_levels,
-                                  prefix_tokens=code_token_ids(tokenizer, builder), prefix_width=prefix_width)
+                                  prefix_tokens=code_token_ids(tokenizer, builder) if prefix_width else (),
+                                  prefix_width=prefix_width)
             collab = CollabDensePrompts(tokenizer, builder, source, mapper)
     summary = run_training(cfg, samples, valid, tokenizer, model, run, collab)
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder

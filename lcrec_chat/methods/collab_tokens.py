@@ -105,8 +105,10 @@ class CollabMapper(nn.Module):
                 raise CollabError("a prefix head needs logit_levels and the code token ids")
             # its own random stream: building the head must not move the run's (LoRA init, batches)
             rng = torch.Generator().manual_seed(0)
-            levels, count, w = logit_levels, len(prefix_tokens), prefix_width
-            uniform = lambda *shape, fan_in: (torch.rand(*shape, generator=rng) * 2 - 1) / fan_in ** 0.5  # noqa: E731
+            levels, count, w = logit_levels, len(set(prefix_tokens)), prefix_width
+
+            def uniform(*shape: int, fan_in: int) -> torch.Tensor:
+                return (torch.rand(*shape, generator=rng) * 2 - 1) / fan_in ** 0.5
             self.register_buffer("on_logits_prefix_tokens", torch.tensor(sorted(set(prefix_tokens))))
             self.on_logits_prefix_in = nn.Parameter(uniform(levels, w, collab_dim, fan_in=collab_dim))
             self.on_logits_prefix_embed = nn.Parameter(uniform(levels, count, w, fan_in=max(1, levels - 1)))
@@ -140,8 +142,9 @@ class CollabMapper(nn.Module):
             raise CollabError("this mapper was built without a prefix head")
         x = F.linear(self.net[0](vectors.float()), self.on_logits_prefix_in[level], self.on_logits_prefix_bias[level, 0])
         if level:
+            # the sorted code token ids: a token's position is its row (a non-code token past the last fails loudly)
             rows = torch.searchsorted(self.on_logits_prefix_tokens, prefix.to(self.on_logits_prefix_tokens.device))
-            x = x + self.on_logits_prefix_embed[level][rows.clamp(max=len(self.on_logits_prefix_tokens) - 1)].sum(1)
+            x = x + self.on_logits_prefix_embed[level][rows].sum(1)
         x = F.gelu(F.linear(F.gelu(x), self.on_logits_prefix_mid[level], self.on_logits_prefix_bias[level, 1]))
         return F.linear(x, self.on_logits_prefix_out[level])
 
