@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lcrec_chat.backbone import (BackboneError, add_index_tokens, build_once, describe, dynamic_linear,
@@ -222,11 +223,28 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     before = model.get_input_embeddings().weight.detach().clone()
     peft_model, batch = train_one_step(model, tok, ids)
     with torch.no_grad():
-        logits = peft_model(**batch).logits
+        trained = peft_model(**batch).logits
 
-    save_adapter(peft_model, tok, tmp_path / "adapter")
+    save_adapter(peft_model, tok, tmp_path / "fp32", lora_dtype=None)
+    save_adapter(peft_model, tok, tmp_path / "adapter")   # the default: LoRA factors stored in bf16
     size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert size < 200_000  # LoRA + 5 rows, not the 12.6 MB embedding matrix
+    stored, full = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "fp32" / "adapter_model.safetensors")
+    lora = [k for k in stored if ".lora_A." in k or ".lora_B." in k]
+    assert lora and {stored[k].dtype for k in lora} == {torch.bfloat16} and {full[k].dtype for k in lora} == {torch.float32}
+    rows = [k for k in stored if k.endswith("trainable_tokens_delta")]
+    assert rows and all(stored[k].dtype == torch.float32 and torch.equal(stored[k], full[k]) for k in rows)
+    assert all(torch.equal(stored[k], full[k].bfloat16()) for k in lora)   # rounded, nothing else
+    lora_bytes = sum(full[k].numel() * 4 for k in lora)
+    assert size <= (tmp_path / "fp32" / "adapter_model.safetensors").stat().st_size - lora_bytes // 2 + 4096
+    with torch.no_grad():   # the model the file holds: the trained one with its factors rounded to bf16
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(param.bfloat16().float())
+        logits = peft_model(**batch).logits
+    assert not torch.equal(logits, trained)   # the rounding is real ...
+    torch.testing.assert_close(logits, trained, rtol=0, atol=1e-3 * trained.abs().max().item())   # ... and small
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-llama", CACHE))
     base.resize_token_embeddings(len(tok))  # plain transformers/peft, random new rows
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
