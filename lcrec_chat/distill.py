@@ -11,15 +11,25 @@ does ranking every item), and can add what it reads in the prompt.
 
 The loss is the cross-entropy of the student's softmax (over its whole vocabulary, as in the ordinary loss)
 against these soft targets, added to the ordinary loss with weight `train.distill_weight`.
+
+Those targets only cover the prefixes of items the users took. Beam search also weighs the prefixes the teacher
+likes that nobody took in that window; `teacher_paths` (train.teacher_paths) puts the student on such paths too:
+sequence-level distillation, some written items replaced by the teacher's own draws.
 """
 from __future__ import annotations
 
+import logging
+import random
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .methods.collab_tokens import SASRecSource
+from .tasks import Sample
+
+log = logging.getLogger(__name__)
 
 
 class SequentialTeacher:
@@ -119,3 +129,42 @@ def point_tensors(points: Sequence[Sequence[tuple[int, int, int, int]]], vector_
         offset += count
     return {name: torch.tensor(values, dtype=torch.long) for name, values in
             (("row", rows), ("position", positions), ("vector", vectors), ("level", levels), ("item", items))}
+
+
+def teacher_paths(samples: Sequence[Sample], teacher: SequentialTeacher, share: float, seed: int,
+                  rewrite: Callable[[list[int]], Sample], batch_size: int = 256) -> tuple[list[Sample], int]:
+    """The samples with, in each dense window, every written item after the first replaced with probability
+    `share` by a draw from the teacher's next-item distribution after the window's original items before it
+    (items already in the window excluded, so a replacement is always another item and none appears twice).
+    `rewrite(window)` makes the dense sample of a window; returns (samples, items replaced).
+
+    Why: a student trained only on the users' own windows learns the teacher's conditionals along the taken
+    items' code paths (distill.CodeTeacher); a window with the teacher's draws in it trains them along the paths
+    the teacher would take, with the states and soft targets computed on the rewritten window. The draw for a
+    position reads the original items before it (one batched teacher pass), not earlier replacements."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"train.teacher_paths is a share of the written items, in [0, 1): {share}")
+    out = list(samples)
+    dense = [i for i, s in enumerate(samples) if s.task == "seqrec_dense" and len(s.items) > 1]
+    if share == 0 or not dense:
+        return out, 0
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    replaced = 0
+    for start in tqdm(range(0, len(dense), batch_size), desc="teacher paths", unit="batch", leave=False):
+        chunk = dense[start:start + batch_size]
+        after_each = teacher.probabilities([samples[i].items[:-1] for i in chunk])
+        for i, probs in zip(chunk, after_each):
+            window = list(samples[i].items)
+            positions = [t for t in range(1, len(window)) if rng.random() < share]
+            for t in positions:
+                weights = probs[t - 1].clone()
+                weights[window] = 0.0
+                if weights.sum() <= 0:
+                    continue
+                window[t] = int(torch.multinomial(weights, 1, generator=generator))
+                replaced += 1
+            if positions:
+                out[i] = rewrite(window)
+    log.info("teacher paths: %d of %d written items replaced by the teacher's draws", replaced,
+             sum(len(samples[i].items) - 1 for i in dense))
+    return out, replaced

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .backbone import save_adapter
 from .collab_prompt import CollabDensePrompts
 from .config import Config
-from .distill import CodeTeacher, SequentialTeacher, point_tensors
+from .distill import CodeTeacher, SequentialTeacher, point_tensors, teacher_paths
 from .hardware import describe, native_bf16
 from .tasks import Sample, render
 
@@ -203,6 +203,21 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     torch.manual_seed(tc.seed + rank)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    teacher = None
+    if tc.distill_weight > 0:
+        if collab is None:
+            raise ValueError("train.distill_weight > 0 needs train.collab_tokens: sasrec (the teacher's states sit "
+                             "in the prompt, and the teacher is that SASRec)")
+        teacher = (SequentialTeacher.from_run(out_dir, tc.distill_teachers, loaded={"sasrec": collab.source}),
+                   CodeTeacher.from_prompts(collab, collab.source.num_items))
+    replaced = 0
+    if tc.teacher_paths:
+        if teacher is None:
+            raise ValueError("train.teacher_paths needs train.distill_weight > 0: the draws come from the "
+                             "distillation teacher (train.distill_teachers)")
+        builder = collab.builder
+        train_samples, replaced = teacher_paths(train_samples, teacher[0], tc.teacher_paths, tc.seed,
+                                                lambda window: builder.seqrec_dense(window[:-1], window[-1], None))
     data = encode(tokenizer, train_samples, tc.max_length, collab)
     valid: dict[str, list[Encoded]] = {}
     for e in encode(tokenizer, valid_samples, tc.max_length, collab):
@@ -222,13 +237,6 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     if tc.collab_head and collab is None:
         raise ValueError("train.collab_head needs train.collab_tokens: sasrec (it maps the prompt's states onto the "
                          "code logits after them)")
-    teacher = None
-    if tc.distill_weight > 0:
-        if collab is None:
-            raise ValueError("train.distill_weight > 0 needs train.collab_tokens: sasrec (the teacher's states sit "
-                             "in the prompt, and the teacher is that SASRec)")
-        teacher = (SequentialTeacher.from_run(out_dir, tc.distill_teachers, loaded={"sasrec": collab.source}),
-                   CodeTeacher.from_prompts(collab, collab.source.num_items))
     core = SupervisedLoss(model, collab, teacher, tc.distill_weight)
     mapper_params = list(core.mapper.parameters()) if core.mapper is not None else []
     loss_model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
@@ -327,6 +335,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     summary = {"steps": step, "total_steps": total, "complete": step >= total, "train_samples": len(data), "world_size": world,
                "tokens_per_s": tokens_seen / max(1e-9, time.time() - started),
                "supervised_tokens_per_s": supervised_seen / max(1e-9, time.time() - started)}
+    if tc.teacher_paths:
+        summary["teacher_path_items"] = replaced   # written items the teacher's draws replaced (distill.teacher_paths)
     if world > 1:
         dist.barrier()
     return summary

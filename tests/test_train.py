@@ -162,8 +162,10 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
                                              "train.collab_on_codes=true", "train.on_codes_lr=0",
                                              "train.collab_head=true", "train.collab_head_width=16",
                                              "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
+                                             "train.teacher_paths=0.3",
                                              "train.task_budget={seqrec_dense: 12, item2index: 4}"])
-    assert stages.train(cfg3)["complete"]
+    summary3 = stages.train(cfg3)
+    assert summary3["complete"] and summary3["teacher_path_items"] > 0   # some windows held the teacher's draws
     from lcrec_chat.baselines import SequentialRecommender
     from lcrec_chat.distill import SequentialTeacher
     after_each = SequentialTeacher.from_run(third, {"sasrec": 1.0}).probabilities([[0, 1, 2], [4]])
@@ -346,3 +348,49 @@ def test_code_teacher_sums_the_teachers_item_probabilities_onto_each_levels_code
     assert float(teacher.loss(torch.zeros(1, 30), probs, torch.tensor([0]), torch.tensor([2]))) > float(best)
     with pytest.raises(ValueError, match="coded items"):
         teacher.targets(torch.ones(1, 5) / 5, torch.tensor([0]), torch.tensor([0]))
+
+
+def test_teacher_paths_replace_written_items_with_the_teachers_draws(tiny_run, tmp_path):
+    """distill.teacher_paths: in dense windows, items after the first are replaced at about the given share by
+    draws from the teacher's distribution after the original items before them; the window never holds an item
+    twice, the rewritten sample writes the new window's codes, other tasks are untouched, the same seed gives the
+    same samples, and the draws follow the teacher (mass of its top items as often as the distribution says)."""
+    import shutil
+
+    from lcrec_chat.distill import SequentialTeacher, teacher_paths
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl", "adapter*"))
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={run}"])
+    stages.baselines(cfg)
+    teacher = SequentialTeacher.from_run(run, {"sasrec": 0.7, "gru4rec": 0.3})
+    builder = run_folder.task_builder(run, cfg)[0]
+    samples = builder.build(run_folder.load_split(run).train_sequences(), {"seqrec_dense": 40, "item2index": 6}, 0)
+    def rewrite(window):
+        return builder.seqrec_dense(window[:-1], window[-1], None)
+    mixed, replaced = teacher_paths(samples, teacher, 0.4, seed=3, rewrite=rewrite)
+    written = sum(len(s.items) - 1 for s in samples if s.task == "seqrec_dense")
+    changed = 0
+    for before, after in zip(samples, mixed):
+        if before.task != "seqrec_dense":
+            assert after is before
+            continue
+        assert len(after.items) == len(before.items) and after.items[0] == before.items[0]
+        assert len(set(after.items)) == len(after.items)
+        assert after == rewrite(list(after.items)) and after.target == after.items[-1]
+        changed += sum(a != b for a, b in zip(after.items, before.items))
+    assert changed == replaced and 0.25 * written < replaced < 0.55 * written
+    assert teacher_paths(samples, teacher, 0.4, seed=3, rewrite=rewrite) == (mixed, replaced)
+    assert teacher_paths(samples, teacher, 0.0, seed=3, rewrite=rewrite) == (list(samples), 0)
+    with pytest.raises(ValueError, match="teacher_paths"):
+        teacher_paths(samples, teacher, 1.0, seed=3, rewrite=rewrite)
+
+    # one window drawn many times: the draws at its second position land on the teacher's top items as often as
+    # the teacher's renormalised distribution (window items excluded) puts mass there
+    window = next(s for s in samples if s.task == "seqrec_dense" and len(s.items) > 3)
+    probs = teacher.probabilities([window.items[:-1]])[0][0].clone()
+    probs[list(window.items)] = 0
+    probs /= probs.sum()
+    top = set(probs.topk(50).indices.tolist())
+    draws, _ = teacher_paths([window] * 3000, teacher, 0.999, seed=5, rewrite=rewrite)
+    share_in_top = sum(d.items[1] in top for d in draws) / len(draws)
+    assert share_in_top == pytest.approx(float(probs[list(top)].sum()), abs=0.04)
