@@ -580,7 +580,9 @@ def store_lora_factors(folder: str | Path, dtype: torch.dtype = torch.bfloat16) 
     state = safetensors.torch.load(path.read_bytes())
     state = {key: value.to(dtype) if key.endswith((".lora_A.weight", ".lora_B.weight")) else value
              for key, value in state.items()}
+    mode = path.stat().st_mode
     safetensors.torch.save_file(state, str(path), metadata={"format": "pt"})
+    path.chmod(mode)   # save_file writes a private file; keep the permissions PEFT gave it
     return path.stat().st_size
 
 
