@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .methods.collab_tokens import SASRecSource
-from .tasks import Sample
+from .tasks import Sample, TaskBuilder
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,11 @@ def point_tensors(points: Sequence[Sequence[tuple[int, int, int, int]]], vector_
 
 
 def teacher_paths(samples: Sequence[Sample], teacher: SequentialTeacher, share: float, seed: int,
-                  rewrite: Callable[[list[int]], Sample], batch_size: int = 256) -> tuple[list[Sample], int]:
+                  builder: TaskBuilder, batch_size: int = 256) -> tuple[list[Sample], int]:
     """The samples with, in each dense window, every written item after the first replaced with probability
     `share` by a draw from the teacher's next-item distribution after the window's original items before it
     (items already in the window excluded, so a replacement is always another item and none appears twice).
-    `rewrite(window)` makes the dense sample of a window; returns (samples, items replaced).
+    `builder` writes the dense sample of a rewritten window; returns (samples, items replaced).
 
     Why: a student trained only on the users' own windows learns the teacher's conditionals along the taken
     items' code paths (distill.CodeTeacher); a window with the teacher's draws in it trains them along the paths
@@ -164,7 +164,7 @@ def teacher_paths(samples: Sequence[Sample], teacher: SequentialTeacher, share: 
                 window[t] = int(torch.multinomial(weights, 1, generator=generator))
                 replaced += 1
             if positions:
-                out[i] = rewrite(window)
+                out[i] = builder.seqrec_dense(window[:-1], window[-1], None)
     log.info("teacher paths: %d of %d written items replaced by the teacher's draws", replaced,
              sum(len(samples[i].items) - 1 for i in dense))
     return out, replaced

@@ -215,9 +215,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         if teacher is None:
             raise ValueError("train.teacher_paths needs train.distill_weight > 0: the draws come from the "
                              "distillation teacher (train.distill_teachers)")
-        builder = collab.builder
-        train_samples, replaced = teacher_paths(train_samples, teacher[0], tc.teacher_paths, tc.seed,
-                                                lambda window: builder.seqrec_dense(window[:-1], window[-1], None))
+        train_samples, replaced = teacher_paths(train_samples, teacher[0], tc.teacher_paths, tc.seed, collab.builder)
     data = encode(tokenizer, train_samples, tc.max_length, collab)
     valid: dict[str, list[Encoded]] = {}
     for e in encode(tokenizer, valid_samples, tc.max_length, collab):

@@ -365,9 +365,10 @@ def test_teacher_paths_replace_written_items_with_the_teachers_draws(tiny_run, t
     teacher = SequentialTeacher.from_run(run, {"sasrec": 0.7, "gru4rec": 0.3})
     builder = run_folder.task_builder(run, cfg)[0]
     samples = builder.build(run_folder.load_split(run).train_sequences(), {"seqrec_dense": 40, "item2index": 6}, 0)
+
     def rewrite(window):
         return builder.seqrec_dense(window[:-1], window[-1], None)
-    mixed, replaced = teacher_paths(samples, teacher, 0.4, seed=3, rewrite=rewrite)
+    mixed, replaced = teacher_paths(samples, teacher, 0.4, seed=3, builder=builder)
     written = sum(len(s.items) - 1 for s in samples if s.task == "seqrec_dense")
     changed = 0
     for before, after in zip(samples, mixed):
@@ -379,10 +380,10 @@ def test_teacher_paths_replace_written_items_with_the_teachers_draws(tiny_run, t
         assert after == rewrite(list(after.items)) and after.target == after.items[-1]
         changed += sum(a != b for a, b in zip(after.items, before.items))
     assert changed == replaced and 0.25 * written < replaced < 0.55 * written
-    assert teacher_paths(samples, teacher, 0.4, seed=3, rewrite=rewrite) == (mixed, replaced)
-    assert teacher_paths(samples, teacher, 0.0, seed=3, rewrite=rewrite) == (list(samples), 0)
+    assert teacher_paths(samples, teacher, 0.4, seed=3, builder=builder) == (mixed, replaced)
+    assert teacher_paths(samples, teacher, 0.0, seed=3, builder=builder) == (list(samples), 0)
     with pytest.raises(ValueError, match="teacher_paths"):
-        teacher_paths(samples, teacher, 1.0, seed=3, rewrite=rewrite)
+        teacher_paths(samples, teacher, 1.0, seed=3, builder=builder)
 
     # one window drawn many times: the draws at its second position land on the teacher's top items as often as
     # the teacher's renormalised distribution (window items excluded) puts mass there
@@ -391,6 +392,6 @@ def test_teacher_paths_replace_written_items_with_the_teachers_draws(tiny_run, t
     probs[list(window.items)] = 0
     probs /= probs.sum()
     top = set(probs.topk(50).indices.tolist())
-    draws, _ = teacher_paths([window] * 3000, teacher, 0.999, seed=5, rewrite=rewrite)
+    draws, _ = teacher_paths([window] * 3000, teacher, 0.999, seed=5, builder=builder)
     share_in_top = sum(d.items[1] in top for d in draws) / len(draws)
     assert share_in_top == pytest.approx(float(probs[list(top)].sum()), abs=0.04)

@@ -105,11 +105,12 @@ class CollabMapper(nn.Module):
                 raise CollabError("a prefix head needs logit_levels and the code token ids")
             # its own random stream: building the head must not move the run's (LoRA init, batches)
             rng = torch.Generator().manual_seed(0)
-            levels, count, w = logit_levels, len(set(prefix_tokens)), prefix_width
+            tokens = sorted(set(prefix_tokens))   # a code token's row is its position here (prefix_vectors)
+            levels, count, w = logit_levels, len(tokens), prefix_width
 
             def uniform(*shape: int, fan_in: int) -> torch.Tensor:
                 return (torch.rand(*shape, generator=rng) * 2 - 1) / fan_in ** 0.5
-            self.register_buffer("on_logits_prefix_tokens", torch.tensor(sorted(set(prefix_tokens))))
+            self.register_buffer("on_logits_prefix_tokens", torch.tensor(tokens))
             self.on_logits_prefix_in = nn.Parameter(uniform(levels, w, collab_dim, fan_in=collab_dim))
             self.on_logits_prefix_embed = nn.Parameter(uniform(levels, count, w, fan_in=max(1, levels - 1)))
             self.on_logits_prefix_mid = nn.Parameter(uniform(levels, w, w, fan_in=w))
