@@ -153,6 +153,13 @@ class TrainConfig:
     # code conditionals along paths the users did not take (distill.teacher_paths). On ML-100K, 0.3 over a full
     # 630-step phase lost 3.6% valid NDCG@10 against the same phase without it (model card), so the recipe leaves it 0
     teacher_paths: float = 0.0
+    # > 0 (needs collab_head): after the last phase, the collaborative head alone is fitted for this many epochs on
+    # the frozen model's features (head_refit.py: one pass of the model over the training windows, then epochs over
+    # the cached hidden states), from head_refit_lr (cosine to 0), with the same loss and distill_weight, once per
+    # seed of head_refit_seeds (batch orders) from the phases' head; the head kept is their mean
+    head_refit_epochs: int = 0
+    head_refit_lr: float = 1e-3
+    head_refit_seeds: int = 1
     # continue from an adapter instead of a fresh LoRA (a run folder's adapter/, same base and index tokens):
     # a second phase on top of a finished run, e.g. adding collaborative tokens to a tuned model
     init_adapter: str = ""

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .catalog import Catalog
-from .config import Config, train_phases
+from .config import Config, TrainConfig, train_phases
 from .data import load_dataset
 from .data.split import Split, leave_one_out
 from .locks import process_alive
@@ -132,7 +132,68 @@ def train(cfg: Config, force: bool = False) -> dict:
         cfg.save(run / "config.yaml")
     phases = train_phases(cfg)
     if len(phases) == 1:
-        return _train_phase(cfg, "train", force)
+        summary = _train_phase(cfg, "train", force)
+    else:
+        summary = _train_phases(cfg, phases, force)
+    if summary["complete"] and phases[-1].head_refit_epochs and os.environ.get("RANK", "0") == "0":
+        summary["head_refit"] = head_refit(cfg, phases[-1], force)
+    return summary
+
+
+# the head refit runs after the phases on their adapter: its settings are its own stage's, not the phases'
+REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds")
+REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
+
+
+def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
+    """adapter/collab_mapper.pt refitted (head_refit.py), the phases' own kept beside it; head_refit.json."""
+    import shutil
+
+    from .collab_prompt import MAPPER_FILE
+    from .distill import SequentialTeacher
+    from .hardware import resolve_dtype
+    from .head_refit import HeadRefit, training_windows
+    from .recommender import Recommender
+    run = cfg.run_path
+    record, adapter, out = StageRecord(run), run / "adapter", run / "head_refit.json"
+    fp = _fingerprint(record.data.get("train", ""), {k: getattr(tc, k) for k in REFIT_KEYS}, tc.distill_weight,
+                      tc.distill_teachers)
+    if not force and record.fresh("head_refit", fp) and out.exists():
+        log.info("head_refit: up to date (use --force to rerun)")
+        return json.loads(out.read_text())
+    if not tc.collab_head:
+        raise ValueError("train.head_refit_epochs refits the collaborative head: it needs train.collab_head: true")
+    if (adapter / REFIT_START).exists():
+        shutil.copy(adapter / REFIT_START, adapter / MAPPER_FILE)
+    else:
+        shutil.copy(adapter / MAPPER_FILE, adapter / REFIT_START)
+    record.data.pop("head_refit", None)
+    started = time.time()
+    # the features in the precision decoding runs in, so the head fits what it will be added to
+    dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
+    rec = Recommender.from_run(cfg, run, dtype=dtype)
+    teacher = SequentialTeacher.from_run(run, tc.distill_teachers, loaded={"sasrec": rec.collab.source})
+    refit = HeadRefit(rec.model, rec.collab, teacher, tc.distill_weight)
+    split = load_split(run)
+    windows = training_windows(split.train_sequences(), cfg.data.max_history + 1)
+    train_f = refit.features([(w, -1) for w in windows], cfg.eval.batch_size, "head refit: training windows")
+    valid_f = refit.features([(split.history(u, "valid"), split.target(u, "valid")) for u in split.users
+                              if u.valid >= 0], cfg.eval.batch_size, "head refit: valid users")
+    before = refit.held_out(valid_f)
+    fits = refit.fit_averaged(train_f, valid_f, tc.head_refit_epochs, tc.head_refit_lr, tc.head_refit_seeds,
+                              first_seed=tc.seed)
+    rec.collab.save_mapper(adapter)
+    report = {"windows": len(windows), "train_points": len(train_f), "valid_points": len(valid_f), "dtype": dtype,
+              "valid_before": before, "valid_after": refit.held_out(valid_f),
+              "valid_teacher_nll_per_item": refit.teacher_nll(valid_f), "fits": fits,
+              "seconds": round(time.time() - started, 1)}
+    out.write_text(json.dumps(report, indent=1))
+    record.done("head_refit", fp)
+    return report
+
+
+def _train_phases(cfg: Config, phases: list[TrainConfig], force: bool) -> dict:
+    run = cfg.run_path
     summary: dict = {}
     for i, phase in enumerate(phases):
         last = i == len(phases) - 1
@@ -171,7 +232,7 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     record = StageRecord(run)
     # max_minutes is left out: a run stopped by the clock resumes when started again with more time; so is the
     # phases list (always empty here: train() runs them one by one), so runs from before phases keep their prints
-    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in ("max_minutes", "phases")}
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in ("max_minutes", "phases") + REFIT_KEYS}
     collab_on = cfg.train.collab_tokens != "none"
     if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
         baselines(cfg)
@@ -231,6 +292,7 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
                                   prefix_width=prefix_width)
             collab = CollabDensePrompts(tokenizer, builder, source, mapper)
     summary = run_training(cfg, samples, valid, tokenizer, model, run, collab)
+    (run / "adapter" / REFIT_START).unlink(missing_ok=True)   # a new head: a refit of the old one is stale
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder
         return summary
     summary["task_samples"] = {t: sum(s.task == t for s in samples) for t in cfg.train.task_budget}
@@ -378,7 +440,14 @@ def lcrec_row_cache(cfg: Config, dtype: str) -> RowCache:
     bench/lever_rows.py computed under the same protocol is one the stage does not compute again."""
     run = cfg.run_path
     return RowCache(run / "eval_rows.json",
-                    _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors")))
+                    _fingerprint(cfg.eval, dtype, _file_stamp(run / "adapter" / "adapter_model.safetensors"),
+                                 *_mapper_stamp(run / "adapter")))
+
+
+def _mapper_stamp(adapter: Path) -> list[str]:
+    """The collaborative mapper's stamp where it was changed after the LoRA (a head refit): part of the model, but
+    left out otherwise, so rows cached before refits existed stay valid (the mapper trained with the LoRA then)."""
+    return [_file_stamp(adapter / "collab_mapper.pt")] if (adapter / REFIT_START).exists() else []
 
 
 def evaluate(cfg: Config, force: bool = False) -> dict:
@@ -529,7 +598,7 @@ def _served_dtype() -> str:
 EXPORTED = ("config.yaml", "catalog.sqlite", "split.json", "stats.json", "codes.json", "rqvae.pt", "item_emb.npy",
             "item_emb.json", "index_report.json", "code_usage.png", "train_log.jsonl", "train_summary.json",
             "loss_curves.png", "metrics.json", "report.md", "adapter", "sasrec.pt", "baselines.json", "methods.json",
-            "cllm4rec", "collm")
+            "cllm4rec", "collm", "head_refit.json")
 
 
 def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
@@ -549,7 +618,8 @@ def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
             continue
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", "*.claim"))   # scoring locks
+            # scoring locks, and the head the phases trained before a refit (it only serves to refit again)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", "*.claim", REFIT_START))
         else:
             shutil.copy2(src, dst)
         copied.append(name)

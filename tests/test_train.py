@@ -395,3 +395,66 @@ def test_teacher_paths_replace_written_items_with_the_teachers_draws(tiny_run, t
     draws, _ = teacher_paths([window] * 3000, teacher, 0.999, seed=5, builder=builder)
     share_in_top = sum(d.items[1] in top for d in draws) / len(draws)
     assert share_in_top == pytest.approx(float(probs[list(top)].sum()), abs=0.04)
+
+
+def test_training_windows_write_every_item_after_the_first_once():
+    from lcrec_chat.head_refit import training_windows
+    sequences = [list(range(100, 147)), [1, 2, 3], [9], list(range(200, 221))]
+    windows = training_windows(sequences, 21)
+    assert all(2 <= len(w) <= 21 for w in windows)
+    written = [item for w in windows for item in w[1:]]   # a window's first item has no state before it
+    # each sequence's items after its first, once (the last window aligned to the end may repeat a few)
+    assert set(written) == {i for s in sequences for i in s[1:]}
+    assert len(written) - len(set(written)) < 21
+    assert [1, 2, 3] in windows and not any(9 in w for w in windows)
+
+
+def test_head_refit_fits_the_head_alone_from_the_phases_head(tiny_run, tmp_path):
+    """train.head_refit_epochs: after the phases, only the collaborative head's weights change (the LoRA and the
+    rest of the mapper stay), its training loss falls, the phases' head is kept and every refit starts from it
+    (a changed setting and back gives the same head, to the bit), a finished refit is up to date, and the
+    refitted model decodes."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lcrec_chat.recommender import Recommender, Request
+    run = tmp_path / "refit"
+    shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl"))
+    flags = [f"run_dir={run}", "train.collab_tokens=sasrec", f"train.init_adapter={run / 'adapter'}",
+             "train.max_steps=2", "train.distill_weight=1.0", "train.collab_head=true",
+             "train.collab_head_width=16", "train.task_budget={seqrec_dense: 12, item2index: 4}",
+             "train.head_refit_epochs=4", "train.head_refit_seeds=2", "train.head_refit_lr=0.01"]
+    cfg = load_config("configs/tiny.yaml", flags)
+    summary = stages.train(cfg)
+    report = summary["head_refit"]
+    assert report["train_points"] > 0 and report["valid_points"] > 0 and [len(f) for f in report["fits"]] == [4, 4]
+    for fit in report["fits"]:
+        losses = [row["train_loss"] for row in fit]
+        assert losses[-1] < losses[0], losses
+    assert report["fits"][0] != report["fits"][1]            # two batch orders, from the same start, averaged
+    adapter = run / "adapter"
+    before = torch.load(adapter / stages.REFIT_START, weights_only=True)["state"]
+    after = torch.load(adapter / "collab_mapper.pt", weights_only=True)["state"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("on_logits_") for k in changed), changed
+    lora = load_file(adapter / "adapter_model.safetensors")
+    assert json.loads((run / "head_refit.json").read_text())["fits"] == report["fits"]
+
+    again = stages.train(cfg)                         # up to date: neither the phases nor the refit run again
+    assert again["head_refit"] == report
+    other = stages.train(load_config("configs/tiny.yaml", flags[:-1] + ["train.head_refit_lr=0.001"]))
+    assert other["head_refit"]["fits"] != report["fits"]       # a changed setting refits, without retraining
+    assert all(torch.equal(lora[k], v) for k, v in load_file(adapter / "adapter_model.safetensors").items())
+    stages.train(cfg)                                 # back: from the phases' head, the same refit
+    final = torch.load(adapter / "collab_mapper.pt", weights_only=True)["state"]
+    assert all(torch.equal(after[k], final[k]) for k in after)
+
+    rec = Recommender.from_run(cfg, run)
+    assert [len(r) for r in rec.recommend_batch([Request(history=[0, 1, 2], style="dense")], k=3)] == [3]
+    shipped = stages.export(cfg, tmp_path / "shipped")   # the refitted head ships; the phases' copy does not
+    assert "head_refit.json" in shipped["copied"] and not (tmp_path / "shipped" / "adapter" / stages.REFIT_START).exists()
+    assert (tmp_path / "shipped" / "adapter" / "collab_mapper.pt").read_bytes() == (adapter / "collab_mapper.pt").read_bytes()
+    with pytest.raises(ValueError, match="collab_head"):
+        stages.head_refit(cfg, dataclasses.replace(cfg.train, collab_head=False), force=True)
