@@ -67,7 +67,9 @@ class HeadFeatures:
 class HeadRefit:
     """The head's loss on cached features (see the module docstring); `collab.mapper` holds the head."""
 
-    def __init__(self, causal_lm, collab: CollabDensePrompts, teacher: SequentialTeacher, distill_weight: float):
+    def __init__(self, model, collab: CollabDensePrompts, teacher: SequentialTeacher, distill_weight: float):
+        # a 4-bit model keeps its adapter unmerged (Recommender.from_run): the causal LM is under the PEFT wrapper
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.causal_lm, self.collab, self.teacher, self.distill_weight = causal_lm, collab, teacher, distill_weight
         self.codes = CodeTeacher.from_prompts(collab, collab.source.num_items)
         self.output = causal_lm.get_output_embeddings().weight.detach().float()        # [V, H]
