@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .collab_prompt import CollabDensePrompts
 from .distill import CodeTeacher, SequentialTeacher
+from .train import Encoded, collate
 
 log = logging.getLogger(__name__)
 
@@ -74,51 +75,36 @@ class HeadRefit:
         self.codes = CodeTeacher.from_prompts(collab, collab.source.num_items)
         self.output = causal_lm.get_output_embeddings().weight.detach().float()        # [V, H]
         self.level_rows = self.output[self.codes.level_tokens]                         # [L, S, H]
-        # a level with fewer codes than the widest pads its slots with repeats of its first token: out of the softmax
+        # a level with fewer codes than the widest pads its last slots (CodeTeacher): out of the softmax
         tokens = self.codes.level_tokens
-        self.padding = torch.zeros(tokens.shape[0], tokens.shape[1], dtype=torch.bool)
-        for level in range(tokens.shape[0]):
-            seen: set[int] = set()
-            for slot, token in enumerate(tokens[level].tolist()):
-                self.padding[level, slot] = token in seen
-                seen.add(token)
+        distinct = torch.tensor([len(torch.unique(row)) for row in tokens])
+        self.padding = torch.arange(tokens.shape[1]) >= distinct[:, None]
 
     @torch.no_grad()
-    def features(self, samples: Sequence[tuple[Sequence[int], int]], batch_size: int = 8, desc: str = "features"
-                 ) -> HeadFeatures:
-        """Features of dense samples: (window, -1) writes every item after the first, (history, target) only the
-        target (collab_prompt.CollabDensePrompts.sample_ids)."""
+    def features(self, data: Sequence[Encoded], batch_size: int = 8, desc: str = "features") -> HeadFeatures:
+        """Features of encoded dense samples (train.encode: a training window writes every item after its first, a
+        held-out history only its target), batched as training batches them (train.collate)."""
         collab, lm = self.collab, self.causal_lm
-        pad = self.collab.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.collab.tokenizer.eos_token_id
+        tokenizer = collab.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = self.output.device
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in HeadFeatures.__dataclass_fields__}
-        for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
-            chunk = samples[start:start + batch_size]
-            encoded = [collab.sample_ids(list(items), target) for items, target in chunk]
-            width = max(len(ids) for ids, _, _ in encoded)
-            input_ids = torch.full((len(chunk), width), pad)
-            attention = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, (ids, _, _) in enumerate(encoded):
-                input_ids[r, :len(ids)] = torch.tensor(ids)
-                attention[r, :len(ids)] = 1
-            vector_items = [list(v) for _, _, v in encoded]
-            states = collab.states(vector_items)
-            hidden = lm.model(inputs_embeds=collab.embed(lm, input_ids.to(device), states),
-                              attention_mask=attention.to(device)).last_hidden_state
-            offsets = torch.tensor([0] + [len(s) for s in states]).cumsum(0)
-            points = [(r, pos, int(offsets[r]) + k, level, item)
-                      for r, ((ids, _, _), (items, target)) in enumerate(zip(encoded, chunk))
-                      for pos, k, level, item in collab.distill_points(ids, list(items), target)]
-            if not points:
+        for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
+            batch = collate(data, list(range(start, min(start + batch_size, len(data)))), pad, device)
+            if "distill" not in batch:
                 continue
-            rows, positions, vectors, levels, items = (torch.tensor(c) for c in zip(*points))
-            h = hidden[rows, positions - 1].float()           # the logits of the code at p come from p - 1
-            state = torch.cat(states)[vectors].float()
+            states = collab.states(batch["vector_items"])
+            hidden = lm.model(inputs_embeds=collab.embed(lm, batch["input_ids"], states),
+                              attention_mask=batch["attention_mask"]).last_hidden_state
+            points = batch["distill"]
+            levels, items = points["level"], points["item"]
+            # the logits that predict the code at a position come from the position before it
+            h = hidden[points["row"].to(device), points["position"].to(device) - 1].float()
+            state = torch.cat(states)[points["vector"]].float()
             # the rest of the vocabulary as decoding sees it with the head the phases trained (exact at the start)
             logits = (h + collab.head_vectors(state, levels, items)) @ self.output.T
             own = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, self.codes.level_tokens[levels], True)
-            probs = torch.cat(self.teacher.probabilities(vector_items, {"sasrec": states}))[vectors]
+            probs = torch.cat(self.teacher.probabilities(batch["vector_items"], {"sasrec": states}))[points["vector"]]
             parts["hidden"].append(h.bfloat16())
             parts["state"].append(state)
             parts["level"].append(levels)
@@ -143,22 +129,18 @@ class HeadRefit:
     def held_out(self, f: HeadFeatures) -> dict[str, float]:
         """Mean negative log-likelihood of the true code per level, and per item (their sum)."""
         ce, _ = self.losses(f, torch.arange(len(f)))
-        per_level = [float(ce[f.level == level].mean()) for level in range(int(f.level.max()) + 1)]
-        return {"nll_per_level": [round(v, 4) for v in per_level], "nll_per_item": round(sum(per_level), 4)}
+        return _per_level(ce, f.level)
 
-    def teacher_nll(self, f: HeadFeatures) -> float:
-        """The teacher's own per-item NLL on the same points (its soft target at the true code, summed)."""
+    def teacher_nll(self, f: HeadFeatures) -> dict[str, float]:
+        """The teacher's own NLL on the same points (its soft target at the true code), as `held_out`."""
         at_true = f.target.float().gather(1, self.codes.item_slot[f.item, f.level][:, None]).squeeze(1)
-        nll = -at_true.clamp_min(1e-12).log()
-        return round(sum(float(nll[f.level == level].mean()) for level in range(int(f.level.max()) + 1)), 4)
+        return _per_level(-at_true.clamp_min(1e-12).log(), f.level)
 
     def fit(self, train: HeadFeatures, valid: HeadFeatures | None, epochs: int, lr: float, batch_size: int = 2048,
             seed: int = 0) -> list[dict]:
         """AdamW on the head's parameters only (cosine from `lr` to 0); one log row per epoch."""
         mapper = self.collab.mapper
         params = [p for n, p in mapper.named_parameters() if n.startswith("on_logits_")]
-        if not params:
-            raise ValueError("train.head_refit_epochs needs a collaborative head (train.collab_head: true)")
         for n, p in mapper.named_parameters():
             p.requires_grad_(n.startswith("on_logits_"))
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -206,3 +188,8 @@ class HeadRefit:
             for n, p in head.items():
                 p.copy_(total[n] / seeds)
         return logs
+
+
+def _per_level(nll: torch.Tensor, levels: torch.Tensor) -> dict[str, float]:
+    per_level = [float(nll[levels == level].mean()) for level in range(int(levels.max()) + 1)]
+    return {"nll_per_level": [round(v, 4) for v in per_level], "nll_per_item": round(sum(per_level), 4)}

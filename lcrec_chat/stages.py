@@ -154,6 +154,7 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     from .hardware import resolve_dtype
     from .head_refit import HeadRefit, training_windows
     from .recommender import Recommender
+    from .train import encode
     run = cfg.run_path
     record, adapter, out = StageRecord(run), run / "adapter", run / "head_refit.json"
     fp = _fingerprint(record.data.get("train", ""), {k: getattr(tc, k) for k in REFIT_KEYS}, tc.distill_weight,
@@ -175,17 +176,23 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     teacher = SequentialTeacher.from_run(run, tc.distill_teachers, loaded={"sasrec": rec.collab.source})
     refit = HeadRefit(rec.model, rec.collab, teacher, tc.distill_weight)
     split = load_split(run)
+    builder = rec.builder
     windows = training_windows(split.train_sequences(), cfg.data.max_history + 1)
-    train_f = refit.features([(w, -1) for w in windows], cfg.eval.batch_size, "head refit: training windows")
-    valid_f = refit.features([(split.history(u, "valid"), split.target(u, "valid")) for u in split.users
-                              if u.valid >= 0], cfg.eval.batch_size, "head refit: valid users")
+    valid_users = [u for u in split.users if u.valid >= 0]
+    # encoded as training encodes them (train.encode), so the head sees the prompts it was trained on
+    train_f = refit.features(encode(rec.tokenizer, [builder.seqrec_dense(w[:-1], w[-1], None) for w in windows],
+                                    tc.max_length, rec.collab), cfg.eval.batch_size, "head refit: training windows")
+    valid_f = refit.features(encode(rec.tokenizer, builder.heldout([split.history(u, "valid") for u in valid_users],
+                                                                   [split.target(u, "valid") for u in valid_users],
+                                                                   "seqrec_dense", tc.seed),
+                                    tc.max_length, rec.collab), cfg.eval.batch_size, "head refit: valid users")
     before = refit.held_out(valid_f)
     fits = refit.fit_averaged(train_f, valid_f, tc.head_refit_epochs, tc.head_refit_lr, tc.head_refit_seeds,
                               first_seed=tc.seed)
     rec.collab.save_mapper(adapter)
     report = {"windows": len(windows), "train_points": len(train_f), "valid_points": len(valid_f), "dtype": dtype,
               "valid_before": before, "valid_after": refit.held_out(valid_f),
-              "valid_teacher_nll_per_item": refit.teacher_nll(valid_f), "fits": fits,
+              "valid_teacher_nll_per_item": refit.teacher_nll(valid_f)["nll_per_item"], "fits": fits,
               "seconds": round(time.time() - started, 1)}
     out.write_text(json.dumps(report, indent=1))
     record.done("head_refit", fp)
