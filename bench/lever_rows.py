@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcrec_chat.backbone import resolve_device  # noqa: E402
 from lcrec_chat.config import load_config  # noqa: E402
 from lcrec_chat.evaluate import evaluate_sequential  # noqa: E402
 from lcrec_chat.hardware import machine_record, resolve_dtype  # noqa: E402
@@ -39,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.run_dir / "config.yaml")
     cfg.run_dir = str(args.run_dir)
-    stage_dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
+    stage_dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype, resolve_device(cfg.model.device))
     dtype = args.dtype or stage_dtype
     # the stage's rows are every user's in its precision; anything else is computed here only
     cache = lcrec_row_cache(cfg, dtype) if dtype == stage_dtype and args.max_users == cfg.eval.max_users \

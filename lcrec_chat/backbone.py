@@ -225,7 +225,11 @@ def _quantization_config(device: str):
 
 def _device_map(device: str) -> dict:
     """Everything on one device; under torchrun each process's current CUDA device (set from its local rank)."""
-    return {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    if device != "cuda":
+        return {"": "cpu"}
+    if "LOCAL_RANK" in os.environ:   # torchrun: one process per GPU, by its local rank (before NCCL starts)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return {"": torch.cuda.current_device()}
 
 
 def load_model(cfg: ModelConfig, for_training: bool = False):
@@ -486,7 +490,8 @@ def _init_rows(weight: torch.Tensor, known_rows: int, new: list[tuple[str, int]]
         if text_ids:
             value = torch.stack([old[ids].mean(0) for ids in text_ids]).mean(0)
         else:
-            value = mean + 0.1 * std * torch.randn(mean.shape, generator=generator)
+            # drawn on the CPU generator, so a GPU run gets the same rows
+            value = mean + 0.1 * std * torch.randn(mean.shape, generator=generator).to(mean.device)
         weight[row] = value.to(weight.dtype)
 
 

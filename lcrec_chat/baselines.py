@@ -371,6 +371,16 @@ def _mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
 SEQUENTIAL = {"sasrec": SASRec, "gru4rec": GRU4Rec}
 
 
+def model_file(name: str, seeds: Sequence[int], index: int) -> str:
+    """The file of the `index`-th seed's fitted `name` model in a run folder: <name>.pt, then <name>_s<seed>.pt."""
+    return f"{name}.pt" if index == 0 else f"{name}_s{seeds[index]}.pt"
+
+
+def saved_model_files(seeds: Sequence[int]) -> list[str]:
+    """Every sequential model file `run_baselines` writes for these seeds."""
+    return [model_file(name, seeds, i) for name in SEQUENTIAL for i in range(len(seeds))]
+
+
 def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg: EvalConfig,
                   num_threads: int | None = None, progress: bool = True, save_dir: str | Path | None = None
                   ) -> dict[str, dict[str, Any]]:
@@ -379,8 +389,9 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
     Methods: "pop", "sasrec", "gru4rec" and "text_knn" when `item_emb` is given ([num_items, dim]). The
     sequential models are fitted once per seed of `cfg.baseline_seeds`; their row is the mean over seeds
     with each seed's NDCG@10 and the spread. Users are limited by `cfg.max_users` exactly as for LC-Rec; early
-    stopping uses the full valid set (model selection, not reporting). With `save_dir`, the first seed's
-    fitted sequential models are written there as `<name>.pt` (hybrid decoding reads sasrec.pt).
+    stopping uses the full valid set (model selection, not reporting). With `save_dir`, every seed's fitted
+    sequential model is written there (`model_file`: the first seed's as `<name>.pt`, which hybrid decoding and the
+    collaborative prompt read; the others as `<name>_s<seed>.pt`, for teacher ensembles and the head's extra states).
     """
     results: dict[str, dict[str, Any]] = {}
     single: list[Ranker] = [Popularity()]
@@ -405,8 +416,9 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
             for stage in STAGES:
                 run[stage] = evaluate_ranker(model, split, stage, cfg.cutoffs, cfg.max_users)
             runs.append(run)
-            if save_dir is not None and i == 0:
-                model.save(Path(save_dir) / f"{name}.pt")
+            if save_dir is not None:
+                Path(save_dir).mkdir(parents=True, exist_ok=True)
+                model.save(Path(save_dir) / model_file(name, cfg.baseline_seeds, i))
         results[name] = _mean_over_seeds(runs)
     for name, entry in results.items():
         log.info("%s: valid NDCG@10 %.4f | test NDCG@10 %.4f", name, entry["valid"]["ndcg@10"],

@@ -21,7 +21,10 @@ hidden state where it writes each code after [si]: through the tied output head,
 the code logits (bench/code_learnability.py: a small model reading only SASRec's state learns SASRec's code
 conditionals nearly exactly through these codes, the tuned LLM does not). With `train.collab_head_width`, the head
 also has a small MLP per level that reads the state and the code tokens already written, so the same state can rank
-a level's shared code tokens differently under each prefix (decoding feeds it each beam's written codes).
+a level's shared code tokens differently under each prefix (decoding feeds it each beam's written codes). With
+`train.head_refit_sources` the head (only the head: the prompt is unchanged) also reads other sequential models' states
+after the same items (`head_sources`, e.g. GRU4Rec's: the distillation teacher mixes it in, and SASRec's state alone
+cannot say what it adds).
 
 Token ids are assembled piece by piece: the item codes are added special tokens and ", " tokenises alone, so the
 ids are those of the joined text.
@@ -51,8 +54,14 @@ class CollabDensePrompts:
     """Token ids (training and inference) and collaborative vectors of the dense prompt; `mapper` None gives the
     plain dense form (no collaborative tokens), so both arms of a comparison share every other step."""
 
-    def __init__(self, tokenizer, builder: TaskBuilder, source: CollabSource, mapper: CollabMapper | None):
+    def __init__(self, tokenizer, builder: TaskBuilder, source: CollabSource, mapper: CollabMapper | None,
+                 head_sources: dict[str, SASRecSource] | None = None):
         self.tokenizer, self.builder, self.source, self.mapper = tokenizer, builder, source, mapper
+        self.head_sources = dict(head_sources or {})
+        extra = sum(s.dim for s in self.head_sources.values())
+        if mapper is not None and mapper.head_extra_dim != extra:
+            raise ValueError(f"the mapper's head reads {mapper.head_extra_dim} extra state dimensions, the head sources "
+                             f"{sorted(self.head_sources)} give {extra}")
         self.placeholder = placeholder_id(tokenizer)[1] if mapper is not None else None
         self.context_text = chat_prompt(tokenizer, builder.prompts.dense)
         self.context = self._ids(self.context_text)
@@ -61,11 +70,12 @@ class CollabDensePrompts:
 
     @classmethod
     def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path, code_levels: int | None = None,
-                logit_levels: int | None = None, prefix_width: int | None = None) -> "CollabDensePrompts | None":
+                logit_levels: int | None = None, prefix_width: int | None = None,
+                head_sources: Sequence[str] | None = None) -> "CollabDensePrompts | None":
         """The collaborative prompts an adapter was trained with (its collab_mapper.pt and the run's sasrec.pt), or
-        None for an adapter trained without them. `code_levels` / `logit_levels` / `prefix_width` (when continuing
-        the training) add the additions on the code tokens / on the code logits / the head's prefix MLP to a mapper
-        saved without them; they start at zero."""
+        None for an adapter trained without them. `code_levels` / `logit_levels` / `prefix_width` / `head_sources`
+        (when continuing the training) add the additions on the code tokens / on the code logits / the head's prefix
+        MLP / the head's extra states (the run's <name>.pt models) to a mapper saved without them; they start at zero."""
         path = Path(adapter_dir) / MAPPER_FILE
         if not path.is_file():
             return None
@@ -82,22 +92,28 @@ class CollabDensePrompts:
         if levels["prefix_width"]:
             saved_tokens = saved["state"].get("on_logits_prefix_tokens")
             tokens = saved_tokens.tolist() if saved_tokens is not None else code_token_ids(tokenizer, builder)
+        names = list(saved.get("head_sources", []))
+        if head_sources is not None:
+            if names and list(head_sources) != names:
+                raise ValueError(f"{path}'s head reads the states of {names}; continuing it with {list(head_sources)} "
+                                 "would drop or reshape what it learned (train.head_refit_sources)")
+            names = list(head_sources)
+        sasrec, extra = Path(run) / "sasrec.pt", _head_sources(run, names)
         mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], **levels,
-                              prefix_tokens=tokens)
+                              prefix_tokens=tokens, head_extra_dim=sum(s.dim for s in extra.values()))
         missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
         if unexpected or any(not key.startswith(("on_codes_", "on_logits_")) for key in missing):
             raise ValueError(f"{path} does not fit a collaborative mapper: missing {missing}, unexpected {unexpected}")
-        sasrec = Path(run) / "sasrec.pt"
         if not sasrec.is_file():
             raise FileNotFoundError(f"{adapter_dir} was trained with collaborative tokens from SASRec, but {sasrec} "
                                     "is missing: run the baselines stage (python -m lcrec_chat baselines)")
-        return cls(tokenizer, builder, SASRecSource.load(sasrec), mapper.eval())
+        return cls(tokenizer, builder, SASRecSource.load(sasrec), mapper.eval(), extra)
 
     def save_mapper(self, adapter_dir: Path) -> None:
         m = self.mapper
         torch.save({"state": m.state_dict(), "collab_dim": m.collab_dim, "token_dim": m.token_dim,
                     "hidden": m.hidden, "code_levels": m.code_levels, "logit_levels": m.logit_levels,
-                    "prefix_width": m.prefix_width,
+                    "prefix_width": m.prefix_width, "head_sources": list(self.head_sources),
                     "source": self.source.kind},
                    Path(adapter_dir) / MAPPER_FILE)
 
@@ -174,13 +190,14 @@ class CollabDensePrompts:
         """Per history, (the mapped state after each item [n, hidden], the additions on the code tokens after each
         state [n, levels, hidden] or None without `collab_on_codes`, what its last state adds to the last hidden
         state at each code decoding writes [levels, hidden] or None without `collab_head`), and the last states
-        [B, collab_dim] for the head's prefix MLP (None without one), from one pass of the collaborative model."""
+        [B, collab_dim + head_extra_dim] for the head's prefix MLP (None without one), from one pass of the
+        collaborative model (and of each head source)."""
         if self.mapper is None or not histories:
             return [torch.zeros(0) for _ in histories], None, None, None
         states = self.states(histories)
         sizes = [len(s) for s in states]
         vectors, additions = self._mapped(torch.cat(states))
-        last = torch.stack([s[-1] for s in states])
+        last = torch.stack([s[-1] for s in self.head_states(histories, states)])
         heads = list(self.mapper.logit_vectors(last)) if self.mapper.logit_levels else None
         return (list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes))), heads,
                 last if self.mapper.prefix_width else None)
@@ -192,7 +209,8 @@ class CollabDensePrompts:
 
     def head_vectors(self, states: torch.Tensor, levels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """[P, hidden]: what the collaborative head adds to the last hidden state at P code tokens, each written
-        after the state `states[p]` at code level `levels[p]` of item `items[p]` (training's distill points)."""
+        after the head input `states[p]` (`head_states`) at code level `levels[p]` of item `items[p]` (training's
+        distill points)."""
         out = self.mapper.logit_vectors(states)[torch.arange(len(levels)), levels]
         if self.mapper.prefix_width:
             codes = torch.tensor([self.code_ids(int(i)) for i in items])
@@ -206,6 +224,15 @@ class CollabDensePrompts:
         """Per history (its last max_history items), the collaborative model's own state after each item."""
         return self.source.states_after_each([list(h)[-self.builder.max_history:] for h in histories])
 
+    def head_states(self, histories: Sequence[Sequence[int]], states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The head's input after each item: `states` (this class's `states` of `histories`), with each head
+        source's state after the same items appended ([n, collab_dim + head_extra_dim]); `states` without them."""
+        if not self.head_sources:
+            return list(states)
+        windows = [list(h)[-self.builder.max_history:] for h in histories]
+        extra = [source.states_after_each(windows) for source in self.head_sources.values()]
+        return [torch.cat([own, *(e[row] for e in extra)], 1) for row, own in enumerate(states)]
+
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> CollabInputs:
         """What decoding puts into the model for prompts of these histories (decoding.generate_items)."""
         vectors, additions, heads, last = self.inputs(histories)
@@ -218,3 +245,14 @@ class CollabDensePrompts:
             return causal_lm.get_input_embeddings()(input_ids)
         return embed_with_collab(causal_lm, input_ids, self.placeholder, *self._mapped(torch.cat(list(states))))
 
+
+def _head_sources(run: Path, names: Sequence[str]) -> dict[str, SASRecSource]:
+    """The run's sequential models (<name>.pt of the baselines stage) whose states the head reads."""
+    out = {}
+    for name in names:
+        path = Path(run) / f"{name}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"the collaborative head reads {name}'s states, but {path} is missing: run the "
+                                    "baselines stage (python -m lcrec_chat baselines)")
+        out[name] = SASRecSource.load(path)
+    return out

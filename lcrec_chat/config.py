@@ -160,6 +160,9 @@ class TrainConfig:
     head_refit_epochs: int = 0
     head_refit_lr: float = 1e-3
     head_refit_seeds: int = 1
+    # the run's sequential models (baselines stage: "gru4rec") whose states the refitted head reads beside SASRec's
+    # (the prompt's); the distillation teacher mixes GRU4Rec in, and SASRec's state alone cannot say what it adds
+    head_refit_sources: list[str] = field(default_factory=list)
     # continue from an adapter instead of a fresh LoRA (a run folder's adapter/, same base and index tokens):
     # a second phase on top of a finished run, e.g. adding collaborative tokens to a tuned model
     init_adapter: str = ""

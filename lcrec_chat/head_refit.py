@@ -51,8 +51,8 @@ def training_windows(sequences: Sequence[Sequence[int]], size: int) -> list[list
 
 @dataclass
 class HeadFeatures:
-    """Per code point: the frozen last hidden state before the head [P, H] (bf16), the collaborative state it
-    follows [P, D], its code level and item, the log-sum-exp of every logit but the level's codes [P], and the
+    """Per code point: the frozen last hidden state before the head [P, H] (bf16), the head's input after the
+    items before it [P, D] (CollabDensePrompts.head_states), its code level and item, the log-sum-exp of every logit but the level's codes [P], and the
     teacher's soft targets over the level's code slots [P, S] (fp16)."""
     hidden: torch.Tensor
     state: torch.Tensor
@@ -73,7 +73,10 @@ class HeadRefit:
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.causal_lm, self.collab, self.teacher, self.distill_weight = causal_lm, collab, teacher, distill_weight
         self.codes = CodeTeacher.from_prompts(collab, collab.source.num_items)
-        self.output = causal_lm.get_output_embeddings().weight.detach().float()        # [V, H]
+        # the head is fitted on the CPU (it is small; the mapper is served there): only the frozen model's pass runs
+        # on the model's device
+        self.device = causal_lm.get_output_embeddings().weight.device
+        self.output = causal_lm.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
         self.level_rows = self.output[self.codes.level_tokens]                         # [L, S, H]
         # a level with fewer codes than the widest pads its last slots (CodeTeacher): out of the softmax
         tokens = self.codes.level_tokens
@@ -87,7 +90,7 @@ class HeadRefit:
         collab, lm = self.collab, self.causal_lm
         tokenizer = collab.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        device = self.output.device
+        device = self.device
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in HeadFeatures.__dataclass_fields__}
         for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
             batch = collate(data, list(range(start, min(start + batch_size, len(data)))), pad, device)
@@ -99,8 +102,8 @@ class HeadRefit:
             points = batch["distill"]
             levels, items = points["level"], points["item"]
             # the logits that predict the code at a position come from the position before it
-            h = hidden[points["row"].to(device), points["position"].to(device) - 1].float()
-            state = torch.cat(states)[points["vector"]].float()
+            h = hidden[points["row"].to(device), points["position"].to(device) - 1].float().cpu()
+            state = torch.cat(collab.head_states(batch["vector_items"], states))[points["vector"]].float()
             # the rest of the vocabulary as decoding sees it with the head the phases trained (exact at the start)
             logits = (h + collab.head_vectors(state, levels, items)) @ self.output.T
             own = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, self.codes.level_tokens[levels], True)

@@ -141,7 +141,7 @@ def train(cfg: Config, force: bool = False) -> dict:
 
 
 # the head refit runs after the phases on their adapter: its settings are its own stage's, not the phases'
-REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds")
+REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_refit_sources")
 REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
 
 
@@ -149,16 +149,18 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     """adapter/collab_mapper.pt refitted (head_refit.py), the phases' own kept beside it; head_refit.json."""
     import shutil
 
-    from .collab_prompt import MAPPER_FILE
+    from .collab_prompt import MAPPER_FILE, CollabDensePrompts
     from .distill import SequentialTeacher
+    from .backbone import resolve_device
     from .hardware import resolve_dtype
     from .head_refit import HeadRefit, training_windows
     from .recommender import Recommender
     from .train import encode
     run = cfg.run_path
     record, adapter, out = StageRecord(run), run / "adapter", run / "head_refit.json"
-    fp = _fingerprint(record.data.get("train", ""), {k: getattr(tc, k) for k in REFIT_KEYS}, tc.distill_weight,
-                      tc.distill_teachers)
+    # head_refit_sources enters only when set, so refits recorded before it existed stay up to date
+    keys = {k: getattr(tc, k) for k in REFIT_KEYS if k != "head_refit_sources" or tc.head_refit_sources}
+    fp = _fingerprint(record.data.get("train", ""), keys, tc.distill_weight, tc.distill_teachers)
     if not force and record.fresh("head_refit", fp) and out.exists():
         log.info("head_refit: up to date (use --force to rerun)")
         return json.loads(out.read_text())
@@ -171,9 +173,13 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     record.data.pop("head_refit", None)
     started = time.time()
     # the features in the precision decoding runs in, so the head fits what it will be added to
-    dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
+    dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype, resolve_device(cfg.model.device))
     rec = Recommender.from_run(cfg, run, dtype=dtype)
-    teacher = SequentialTeacher.from_run(run, tc.distill_teachers, loaded={"sasrec": rec.collab.source})
+    if tc.head_refit_sources:   # the phases' head with the extra states' weights added (zero at the start)
+        rec.collab = CollabDensePrompts.for_run(rec.tokenizer, rec.builder, run, adapter,
+                                                head_sources=tc.head_refit_sources)
+    teacher = SequentialTeacher.from_run(run, tc.distill_teachers,
+                                         loaded={"sasrec": rec.collab.source, **rec.collab.head_sources})
     refit = HeadRefit(rec.model, rec.collab, teacher, tc.distill_weight)
     split = load_split(run)
     builder = rec.builder
@@ -348,14 +354,17 @@ def baselines(cfg: Config, force: bool = False) -> dict:
     cores better than one process with two); `evaluate` reuses a fresh result and waits for a running one."""
     import numpy as np
 
-    from .baselines import run_baselines
+    from .baselines import run_baselines, saved_model_files
     run = cfg.run_path
     split_path = require(run, "split.json", "prepare")
     keys = ("cutoffs", "max_users", "baseline_epochs", "baseline_patience", "baseline_seeds", "baseline_stride")
     fp = _fingerprint({k: getattr(cfg.eval, k) for k in keys}, _file_stamp(split_path),
                       _file_stamp(run / "item_emb.npy"))
     out = run / "baselines.json"
-    if not force and out.exists() and json.loads(out.read_text()).get("fingerprint") == fp:
+    # every seed's model is kept (the head's extra states and teacher ensembles read them): a run whose stage
+    # finished before they were kept fits them again
+    missing = [name for name in saved_model_files(cfg.eval.baseline_seeds) if not (run / name).exists()]
+    if not force and not missing and out.exists() and json.loads(out.read_text()).get("fingerprint") == fp:
         log.info("baselines: up to date (use --force to rerun)")
         return json.loads(out.read_text())
     marker = run / "baselines.running"
@@ -467,13 +476,14 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
 
     from .evaluate import (calibrate_int8_smoothing, choose_prior_weight, evaluate_itemsearch, evaluate_sequential,
                            itemsearch_baselines, template_spread)
+    from .backbone import resolve_device
     from .hardware import describe, resolve_dtype
     from .recommender import Recommender
     from .report import write_report
     run = cfg.run_path
     record = StageRecord(run)
     require(run, "adapter", "train")
-    dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype)
+    dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype, resolve_device(cfg.model.device))
     cache = lcrec_row_cache(cfg, dtype)
     fp = cache.fingerprint
     # the stage is stale when any row source changed; LC-Rec's cached rows only when LC-Rec's inputs did
@@ -608,6 +618,17 @@ EXPORTED = ("config.yaml", "catalog.sqlite", "split.json", "stats.json", "codes.
             "cllm4rec", "collm", "head_refit.json")
 
 
+def _head_source_files(adapter: Path) -> list[str]:
+    """The run's model files whose states the collaborative head reads besides sasrec.pt (train.head_refit_sources)."""
+    import torch
+
+    from .collab_prompt import MAPPER_FILE
+    path = adapter / MAPPER_FILE
+    if not path.is_file():
+        return []
+    return [f"{name}.pt" for name in torch.load(path, map_location="cpu", weights_only=True).get("head_sources", [])]
+
+
 def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
     """Copy the small, servable artifacts of ``cfg.run_dir`` into ``target`` (e.g. models/ml-100k), with a
     config.yaml whose run_dir points at the target. A model card (README.md) already in ``target`` is kept."""
@@ -619,7 +640,7 @@ def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
         raise ValueError("export target is the run folder itself")
     target.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in EXPORTED:
+    for name in (*EXPORTED, *_head_source_files(run / "adapter")):
         src, dst = run / name, target / name
         if not src.exists():
             continue

@@ -130,7 +130,8 @@ class SupervisedLoss(torch.nn.Module):
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.mapper is not None and self.mapper.logit_levels and distill is not None and states is not None:
             # train.collab_head: the state's vector for each level, on the hidden state that writes that code
-            heads = self.collab.head_vectors(torch.cat(states)[distill["vector"]], distill["level"], distill["item"])
+            head_in = torch.cat(self.collab.head_states(vector_items, states))[distill["vector"]]
+            heads = self.collab.head_vectors(head_in, distill["level"], distill["item"])
             at = (distill["row"].to(hidden.device), distill["position"].to(hidden.device) - 1)
             hidden = hidden.index_put(at, heads.to(hidden.dtype), accumulate=True)
         targets = labels[:, 1:]
@@ -236,6 +237,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         raise ValueError("train.collab_head needs train.collab_tokens: sasrec (it maps the prompt's states onto the "
                          "code logits after them)")
     core = SupervisedLoss(model, collab, teacher, tc.distill_weight)
+    if core.mapper is not None:
+        core.mapper.to(device)   # trains beside the LoRA; its inputs (the sequential models' states) follow it
     mapper_params = list(core.mapper.parameters()) if core.mapper is not None else []
     loss_model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
     embed_params = [p for n, p in model.named_parameters() if p.requires_grad and "token" in n]
@@ -264,6 +267,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         step = state["step"]
         random.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():   # LoRA dropout draws on the GPU
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from step %d", step)
 
     def save_checkpoint():
@@ -273,7 +278,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         tmp = ckpt / "state.pt.tmp"
         torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                     "mapper": core.mapper.state_dict() if mapper_params else None,
-                    "step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+                    "step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
         tmp.replace(ckpt / "state.pt")
 
     def record(entry: dict):

@@ -9,7 +9,7 @@ import torch
 
 from lcrec_chat.ranking import evaluate_ranker
 from lcrec_chat.baselines import (GRU4Rec, Popularity, SASRec, SequentialRecommender, TextKNN,
-                                  run_baselines, training_windows)
+                                  run_baselines, saved_model_files, training_windows)
 from lcrec_chat.config import EvalConfig
 from lcrec_chat.data.dataset import Dataset, Item
 from lcrec_chat.data.movielens import load_ml100k
@@ -181,9 +181,17 @@ def test_run_baselines_reports_every_method_and_stage(tmp_path):
     assert out["sasrec"]["epochs_run"] == [2] and out["sasrec"]["test"]["ndcg@10_per_seed"]
     assert SequentialRecommender.load(tmp_path / "sasrec.pt").num_items == 30
     two = run_baselines(split, 30, None, EvalConfig(baseline_epochs=1, baseline_seeds=[1, 2], max_users=20),
-                        num_threads=1, progress=False)
+                        num_threads=1, progress=False, save_dir=tmp_path / "two")
     per_seed = two["gru4rec"]["test"]["ndcg@10_per_seed"]
     assert len(per_seed) == 2 and two["gru4rec"]["test"]["ndcg@10"] == pytest.approx(sum(per_seed) / 2)
+    # every seed's model is kept: the first as <name>.pt, the others by seed (teacher ensembles, the head's states)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(saved_model_files([1, 2])) == [
+        "gru4rec.pt", "gru4rec_s2.pt", "sasrec.pt", "sasrec_s2.pt"]
+    second = SequentialRecommender.load(tmp_path / "two" / "sasrec_s2.pt")
+    histories, exclude, targets = stage_inputs(split, "test", 20)
+    ranked = second.recommend(histories, exclude, 10)
+    second_ndcg = two["sasrec"]["test"]["ndcg@10_per_seed"][1]
+    assert rank_metrics(ranked, targets, (10,))["ndcg@10"] == pytest.approx(second_ndcg)
     assert "text_knn" not in run_baselines(split, 30, None, cfg, num_threads=1, progress=False)
 
 

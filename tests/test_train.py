@@ -60,7 +60,8 @@ def test_gradients_reach_new_token_rows_and_first_layer(tiny_run):
     model = get_peft_model(model, backbone.lora_config(tiny_run.train, ids, model))
     sample = builder.seqrec([0, 1, 2], 3, __import__("random").Random(0))
     data = encode(tokenizer, [sample], 256)
-    loss, n = SupervisedLoss(model)(**collate(data, [0], tokenizer.pad_token_id or 0, torch.device("cpu")))
+    device = next(model.parameters()).device
+    loss, n = SupervisedLoss(model)(**collate(data, [0], tokenizer.pad_token_id or 0, device))
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     delta = [g for name, g in grads.items() if "trainable_tokens_delta" in name]
@@ -228,7 +229,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     window = builder.seqrec_dense([0, 1, 2, 3], 4, None)
     data = encode(tokenizer, [window], 128, collab)
     assert data[0].vector_items == (0, 1, 2, 3) and data[0].input_ids.count(collab.placeholder) == 4
-    batch = collate(data, [0], tokenizer.pad_token_id, "cpu")
+    batch = collate(data, [0], tokenizer.pad_token_id, next(model.parameters()).device)
     # the additions start at zero: the continued model starts where it was
     causal_lm = model.get_base_model()
     states = collab.states(batch["vector_items"])
@@ -458,3 +459,28 @@ def test_head_refit_fits_the_head_alone_from_the_phases_head(tiny_run, tmp_path)
     assert (tmp_path / "shipped" / "adapter" / "collab_mapper.pt").read_bytes() == (adapter / "collab_mapper.pt").read_bytes()
     with pytest.raises(ValueError, match="collab_head"):
         stages.head_refit(cfg, dataclasses.replace(cfg.train, collab_head=False), force=True)
+
+    # train.head_refit_sources: the head also reads GRU4Rec's state after the same items; only the refit reruns
+    with_gru = load_config("configs/tiny.yaml", flags + ["train.head_refit_sources=[gru4rec]"])
+    stages.train(with_gru)
+    assert all(torch.equal(lora[k], v) for k, v in load_file(adapter / "adapter_model.safetensors").items())
+    saved = torch.load(adapter / "collab_mapper.pt", weights_only=True)
+    assert saved["head_sources"] == ["gru4rec"]
+    for name in ("on_logits_extra_weight", "on_logits_prefix_extra_in"):    # zero at the start, fitted
+        assert saved["state"][name].abs().sum() > 0, name
+    rec = Recommender.from_run(with_gru, run)
+    history = [[0, 1, 2]]
+    _, _, heads, last = rec.collab.inputs(history)
+    gru = rec.collab.head_sources["gru4rec"]
+    assert last.shape[1] == rec.collab.source.dim + gru.dim
+    with torch.no_grad():                             # decoding reads GRU4Rec's state: another state, another head
+        gru.model.net.item_emb.weight.mul_(-1.0)
+    _, _, other_heads, _ = rec.collab.inputs(history)
+    assert not torch.allclose(heads[0], other_heads[0])
+    assert [len(r) for r in rec.recommend_batch([Request(history=[0, 1, 2], style="dense")], k=3)] == [3]
+    shipped = stages.export(with_gru, tmp_path / "shipped_gru")   # the model it reads ships with the head
+    assert "gru4rec.pt" in shipped["copied"]
+    served = Recommender.from_run(load_config(tmp_path / "shipped_gru" / "config.yaml"), tmp_path / "shipped_gru")
+    assert list(served.collab.head_sources) == ["gru4rec"]
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        stages.head_refit(cfg, dataclasses.replace(cfg.train, head_refit_sources=["nope"]), force=True)

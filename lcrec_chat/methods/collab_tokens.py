@@ -82,14 +82,18 @@ class CollabMapper(nn.Module):
     small MLP per level of the state and the code tokens already written (`prefix_vectors`): one linear map of the
     state per level cannot rank a level's codes differently under each prefix, and the second and third code tokens
     are shared by every prefix (bench/code_learnability.py: such an MLP learns SASRec's code conditionals to 0.128
-    valid NDCG@10, a linear map to 0.108). Its last layer starts at zero."""
+    valid NDCG@10, a linear map to 0.108). Its last layer starts at zero.
+
+    With `head_extra_dim` > 0 (train.head_refit_sources) the head (not the prompt) also reads other sequential models'
+    states: `logit_vectors` and `prefix_vectors` then take vectors of width collab_dim + head_extra_dim, the prompt's
+    state first, and add a linear map of the rest (its own LayerNorm) to each; zero at the start."""
 
     def __init__(self, collab_dim: int, token_dim: int, token_norm: float, hidden: int = 256,
                  code_levels: int = 0, logit_levels: int = 0, prefix_tokens: Sequence[int] = (),
-                 prefix_width: int = 0) -> None:
+                 prefix_width: int = 0, head_extra_dim: int = 0) -> None:
         super().__init__()
         self.collab_dim, self.token_dim, self.hidden, self.code_levels = collab_dim, token_dim, hidden, code_levels
-        self.logit_levels = logit_levels
+        self.logit_levels, self.head_extra_dim = logit_levels, head_extra_dim
         self.net = nn.Sequential(nn.LayerNorm(collab_dim), nn.Linear(collab_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, token_dim))
         self.register_buffer("token_norm", torch.tensor(float(token_norm)))
@@ -116,32 +120,61 @@ class CollabMapper(nn.Module):
             self.on_logits_prefix_mid = nn.Parameter(uniform(levels, w, w, fan_in=w))
             self.on_logits_prefix_bias = nn.Parameter(torch.zeros(levels, 2, w))
             self.on_logits_prefix_out = nn.Parameter(torch.zeros(levels, token_dim, w))
+        if head_extra_dim:
+            if not logit_levels:
+                raise CollabError("a head's extra states need logit_levels")
+            self.on_logits_extra_norm = nn.LayerNorm(head_extra_dim)
+            self.on_logits_extra_weight = nn.Parameter(torch.zeros(logit_levels * token_dim, head_extra_dim))
+            if prefix_width:
+                self.on_logits_prefix_extra_in = nn.Parameter(torch.zeros(logit_levels, prefix_width, head_extra_dim))
+
+    def _on_device(self, vectors: torch.Tensor) -> torch.Tensor:
+        """`vectors` in fp32 on the mapper's device (the sequential models give CPU states; a trained mapper may
+        sit on the GPU beside the LoRA)."""
+        return vectors.to(self.token_norm.device, torch.float32)
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        out = self.net(vectors.float())
+        out = self.net(self._on_device(vectors))
         return F.normalize(out, dim=-1, eps=1e-8) * self.token_norm
 
     def code_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """[P, code_levels, token_dim]: what each of the code tokens after a vector's placeholder adds."""
         if not self.code_levels:
             raise CollabError("this mapper was built without code_levels")
-        out = F.linear(self.net[0](vectors.float()), self.on_codes_weight, self.on_codes_bias)
+        out = F.linear(self.net[0](self._on_device(vectors)), self.on_codes_weight, self.on_codes_bias)
         return out.view(len(vectors), self.code_levels, self.token_dim)
+
+    def _head_inputs(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the normalised prompt state, the normalised extra states or None) of the head's input vectors."""
+        width = self.collab_dim + self.head_extra_dim
+        if vectors.shape[-1] != width:
+            raise CollabError(f"the head reads vectors of width {width} (collab_dim {self.collab_dim} + extra states "
+                              f"{self.head_extra_dim}), not {vectors.shape[-1]}")
+        vectors = self._on_device(vectors)
+        own = self.net[0](vectors[:, :self.collab_dim])
+        return own, (self.on_logits_extra_norm(vectors[:, self.collab_dim:]) if self.head_extra_dim else None)
 
     def logit_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """[P, logit_levels, token_dim]: what the last hidden state gets where each level's code is written after
-        a vector's placeholder."""
+        a vector's placeholder (`vectors`: the head's input, see `head_extra_dim`)."""
         if not self.logit_levels:
             raise CollabError("this mapper was built without logit_levels")
-        out = F.linear(self.net[0](vectors.float()), self.on_logits_weight, self.on_logits_bias)
+        own, extra = self._head_inputs(vectors)
+        out = F.linear(own, self.on_logits_weight, self.on_logits_bias)
+        if extra is not None:
+            out = out + F.linear(extra, self.on_logits_extra_weight)
         return out.view(len(vectors), self.logit_levels, self.token_dim)
 
     def prefix_vectors(self, vectors: torch.Tensor, level: int, prefix: torch.Tensor) -> torch.Tensor:
         """[R, token_dim]: what the prefix head adds to the last hidden state where a level-`level` code is written
-        after R states [R, collab_dim] whose item's first `level` code tokens are `prefix` [R, level] (token ids)."""
+        after R head inputs [R, collab_dim + head_extra_dim] whose item's first `level` code tokens are `prefix`
+        [R, level] (token ids)."""
         if not self.prefix_width:
             raise CollabError("this mapper was built without a prefix head")
-        x = F.linear(self.net[0](vectors.float()), self.on_logits_prefix_in[level], self.on_logits_prefix_bias[level, 0])
+        own, extra = self._head_inputs(vectors)
+        x = F.linear(own, self.on_logits_prefix_in[level], self.on_logits_prefix_bias[level, 0])
+        if extra is not None:
+            x = x + F.linear(extra, self.on_logits_prefix_extra_in[level])
         if level:
             # the sorted code token ids: a token's position is its row (a non-code token past the last fails loudly)
             rows = torch.searchsorted(self.on_logits_prefix_tokens, prefix.to(self.on_logits_prefix_tokens.device))
@@ -173,7 +206,8 @@ def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
     if collab_vectors.shape[-1] != embeds.shape[-1]:
         raise CollabError(f"collaborative vectors have width {collab_vectors.shape[-1]}, "
                           f"token embeddings {embeds.shape[-1]}")
-    embeds = embeds.masked_scatter(mask.unsqueeze(-1), collab_vectors.to(embeds.dtype))
+    # a mapper served on the CPU beside a model on the GPU (head_refit, decoding) gives CPU vectors
+    embeds = embeds.masked_scatter(mask.unsqueeze(-1), collab_vectors.to(embeds.device, embeds.dtype))
     if code_vectors is None:
         return embeds
     if len(code_vectors) != count:
@@ -182,7 +216,8 @@ def embed_with_collab(model, input_ids: torch.Tensor, placeholder: int,
     for level in range(code_vectors.shape[1]):
         at = cols + 1 + level
         inside = at < input_ids.shape[1]
-        embeds = embeds.index_put((rows[inside], at[inside]), code_vectors[inside, level].to(embeds.dtype),
+        embeds = embeds.index_put((rows[inside], at[inside]),
+                                  code_vectors[inside.to(code_vectors.device), level].to(embeds.device, embeds.dtype),
                                   accumulate=True)
     return embeds
 
