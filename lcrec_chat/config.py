@@ -163,6 +163,10 @@ class TrainConfig:
     # the run's sequential models (baselines stage: "gru4rec") whose states the refitted head reads beside SASRec's
     # (the prompt's); the distillation teacher mixes GRU4Rec in, and SASRec's state alone cannot say what it adds
     head_refit_sources: list[str] = field(default_factory=list)
+    # the refit's own teacher mixture, by model file as distill_teachers ("sasrec_s43": the baselines stage's seed-43
+    # SASRec); empty = distill_teachers. Every seed's models mixed are a stronger teacher than the phases' pair, and
+    # only the refit reruns when it changes
+    head_refit_teachers: dict[str, float] = field(default_factory=dict)
     # continue from an adapter instead of a fresh LoRA (a run folder's adapter/, same base and index tokens):
     # a second phase on top of a finished run, e.g. adding collaborative tokens to a tuned model
     init_adapter: str = ""

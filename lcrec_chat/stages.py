@@ -141,7 +141,8 @@ def train(cfg: Config, force: bool = False) -> dict:
 
 
 # the head refit runs after the phases on their adapter: its settings are its own stage's, not the phases'
-REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_refit_sources")
+REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_refit_sources", "head_refit_teachers")
+ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers")   # in the fingerprint only when set
 REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
 
 
@@ -158,8 +159,8 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     from .train import encode
     run = cfg.run_path
     record, adapter, out = StageRecord(run), run / "adapter", run / "head_refit.json"
-    # head_refit_sources enters only when set, so refits recorded before it existed stay up to date
-    keys = {k: getattr(tc, k) for k in REFIT_KEYS if k != "head_refit_sources" or tc.head_refit_sources}
+    # keys added later enter only when set, so refits recorded before they existed stay up to date
+    keys = {k: getattr(tc, k) for k in REFIT_KEYS if k not in ADDED_REFIT_KEYS or getattr(tc, k)}
     fp = _fingerprint(record.data.get("train", ""), keys, tc.distill_weight, tc.distill_teachers)
     if not force and record.fresh("head_refit", fp) and out.exists():
         log.info("head_refit: up to date (use --force to rerun)")
@@ -178,7 +179,7 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     if tc.head_refit_sources:   # the phases' head with the extra states' weights added (zero at the start)
         rec.collab = CollabDensePrompts.for_run(rec.tokenizer, rec.builder, run, adapter,
                                                 head_sources=tc.head_refit_sources)
-    teacher = SequentialTeacher.from_run(run, tc.distill_teachers,
+    teacher = SequentialTeacher.from_run(run, tc.head_refit_teachers or tc.distill_teachers,
                                          loaded={"sasrec": rec.collab.source, **rec.collab.head_sources})
     refit = HeadRefit(rec.model, rec.collab, teacher, tc.distill_weight)
     split = load_split(run)
@@ -198,7 +199,8 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     rec.collab.save_mapper(adapter)
     report = {"windows": len(windows), "train_points": len(train_f), "valid_points": len(valid_f), "dtype": dtype,
               "valid_before": before, "valid_after": refit.held_out(valid_f),
-              "valid_teacher_nll_per_item": refit.teacher_nll(valid_f)["nll_per_item"], "fits": fits,
+              "valid_teacher_nll_per_item": refit.teacher_nll(valid_f)["nll_per_item"], "teacher": teacher.weights,
+              "head_sources": list(rec.collab.head_sources), "fits": fits,
               "seconds": round(time.time() - started, 1)}
     out.write_text(json.dumps(report, indent=1))
     record.done("head_refit", fp)

@@ -461,8 +461,11 @@ def test_head_refit_fits_the_head_alone_from_the_phases_head(tiny_run, tmp_path)
         stages.head_refit(cfg, dataclasses.replace(cfg.train, collab_head=False), force=True)
 
     # train.head_refit_sources: the head also reads GRU4Rec's state after the same items; only the refit reruns
-    with_gru = load_config("configs/tiny.yaml", flags + ["train.head_refit_sources=[gru4rec]"])
-    stages.train(with_gru)
+    with_gru = load_config("configs/tiny.yaml", flags + ["train.head_refit_sources=[gru4rec]",
+                                                          "train.head_refit_teachers={sasrec: 1, gru4rec: 1}"])
+    refitted = stages.train(with_gru)["head_refit"]
+    assert refitted["head_sources"] == ["gru4rec"] and refitted["teacher"] == {"sasrec": 0.5, "gru4rec": 0.5}
+    assert report["teacher"] == {"sasrec": 1.0}                # the phases' distill_teachers when none is given
     assert all(torch.equal(lora[k], v) for k, v in load_file(adapter / "adapter_model.safetensors").items())
     saved = torch.load(adapter / "collab_mapper.pt", weights_only=True)
     assert saved["head_sources"] == ["gru4rec"]
