@@ -39,6 +39,7 @@ import torch
 
 from .methods.collab_tokens import CollabMapper, CollabSource, SASRecSource, embed_with_collab, placeholder_id
 from .decoding import CollabInputs, PrefixHead
+from .run_folder import load_sequential
 from .tasks import HISTORY_SEP, TaskBuilder, chat_prompt, end_of_turn
 
 IGNORE = -100
@@ -98,7 +99,7 @@ class CollabDensePrompts:
                 raise ValueError(f"{path}'s head reads the states of {names}; continuing it with {list(head_sources)} "
                                  "would drop or reshape what it learned (train.head_refit_sources)")
             names = list(head_sources)
-        sasrec, extra = Path(run) / "sasrec.pt", _head_sources(run, names)
+        sasrec, extra = Path(run) / "sasrec.pt", load_sequential(run, names)
         mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], **levels,
                               prefix_tokens=tokens, head_extra_dim=sum(s.dim for s in extra.values()))
         missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
@@ -245,14 +246,3 @@ class CollabDensePrompts:
             return causal_lm.get_input_embeddings()(input_ids)
         return embed_with_collab(causal_lm, input_ids, self.placeholder, *self._mapped(torch.cat(list(states))))
 
-
-def _head_sources(run: Path, names: Sequence[str]) -> dict[str, SASRecSource]:
-    """The run's sequential models (<name>.pt of the baselines stage) whose states the head reads."""
-    out = {}
-    for name in names:
-        path = Path(run) / f"{name}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"the collaborative head reads {name}'s states, but {path} is missing: run the "
-                                    "baselines stage (python -m lcrec_chat baselines)")
-        out[name] = SASRecSource.load(path)
-    return out

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .methods.collab_tokens import SASRecSource
+from .run_folder import load_sequential
 from .tasks import Sample, TaskBuilder
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,7 @@ class SequentialTeacher:
                  ) -> "SequentialTeacher":
         """The models named in `weights` ("sasrec", "gru4rec") from the run's baselines stage; `loaded` gives
         those already in memory (the collaborative prompt's SASRec)."""
-        sources = dict(loaded or {})
-        for name in weights:
-            path = Path(run) / f"{name}.pt"
-            if name in sources:
-                continue
-            if not path.is_file():
-                raise FileNotFoundError(f"train.distill_teachers names {name}, but {path} is missing: run the "
-                                        "baselines stage (python -m lcrec_chat baselines)")
-            sources[name] = SASRecSource.load(path)
-        return cls({name: sources[name] for name in weights}, weights)
+        return cls(load_sequential(run, list(weights), loaded), weights)
 
     @torch.no_grad()
     def probabilities(self, histories: Sequence[Sequence[int]],

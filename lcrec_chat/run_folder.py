@@ -6,6 +6,7 @@ Components (the recommender, the app, benchmarks) read a run through these funct
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from .catalog import Catalog
 from .config import Config
@@ -46,6 +47,15 @@ def task_builder(run: Path, cfg: Config, split: Split | None = None):
     codes = load_codes(run)
     split = split or load_split(run)
     return TaskBuilder(items, codes, split.item_popularity(len(items)), cfg.data.max_history, domain), codes
+
+
+def load_sequential(run: Path, names: Sequence[str], loaded: dict | None = None) -> dict:
+    """The baselines stage's fitted sequential models by file name ("sasrec", "gru4rec_s43": <name>.pt), in the
+    order given, as collaborative sources (`SASRecSource`); `loaded` gives those already in memory."""
+    from .methods.collab_tokens import SASRecSource
+    loaded = loaded or {}
+    return {name: loaded[name] if name in loaded else SASRecSource.load(require(run, f"{name}.pt", "baselines"))
+            for name in names}
 
 
 def load_prior(run: Path):
