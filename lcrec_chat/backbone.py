@@ -304,7 +304,7 @@ def load_in_memory(path: str | Path):
 # down_proj weights (fbgemm's fp16 GEMM, half the memory) measured test NDCG@10 0.0547 on all users against 0.0574
 # for fp32 down_proj and 0.0588 for the fp32 model, so down_proj stays fp32. The other int8 linears' inputs are
 # smoothed where the adapter folder has the scales (smoothing.py: 72% -> 88% of top-10 shared on 40 valid users).
-INT8_RECIPE = f"int8 per-channel, down_proj fp32, smoothed {SMOOTHING_ALPHA:g}"
+INT8_RECIPE = f"int8 per-channel, down_proj fp32, smoothed {SMOOTHING_ALPHA:g}, index-token head rows fp32"
 # the forward pass int8 serving runs (llama.py where the model is a plain Llama); part of the served rows' cache key
 SERVED_FORWARD = "llama.py, padding rows zero"
 FP32_LINEARS = ("down_proj",)
@@ -322,27 +322,52 @@ class Bf16Embedding(torch.nn.Module):
         return torch.nn.functional.embedding(input_ids, self.weight).float()
 
 
-@torch.no_grad()
 def dynamic_linear(linear: torch.nn.Linear) -> torch.nn.Module:
     """What torch.ao's quantize_dynamic with per_channel_dynamic_qconfig makes of `linear` (int8 weights with
     per-channel symmetric scales, int8 dynamic activations), with identical outputs, but packed once: its
     from_float first packs a zero weight of the full shape."""
+    return packed_int8_linear(linear.weight, linear.bias)
+
+
+@torch.no_grad()
+def packed_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Module:
+    """A dynamic int8 linear of `weight` [out, in] (see dynamic_linear)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.nn.quantized.modules.utils import _quantize_weight
     from torch.ao.quantization import per_channel_dynamic_qconfig
     observer = per_channel_dynamic_qconfig.weight()
-    observer(linear.weight.detach().float())
-    weight = _quantize_weight(linear.weight.detach().float(), observer)
+    observer(weight.detach().float())
     module = DynamicLinear(1, 1, dtype=torch.qint8)   # a 1x1 placeholder, replaced by the real packed weight
-    module.in_features, module.out_features = linear.in_features, linear.out_features
-    module.set_weight_bias(weight, None if linear.bias is None else linear.bias.detach().float())
+    module.out_features, module.in_features = weight.shape
+    module.set_weight_bias(_quantize_weight(weight.detach().float(), observer),
+                           None if bias is None else bias.detach().float())
     return module
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+class Int8HeadExactRows(torch.nn.Module):
+    """An output head whose first rows are int8 (dynamic_linear) and whose last `exact.shape[0]` rows stay fp32.
+
+    The last rows are the index tokens the adapter added: every recommendation is decided by their logits alone
+    (decoding reads log-probabilities only at trie candidates), and the int8 head quantises its input with one
+    scale per call, so the small gaps between close codes were lost in rounding. 169 fp32 rows cost 0.4 MB."""
+
+    def __init__(self, head: torch.nn.Linear, exact_rows: int):
+        super().__init__()
+        split = head.out_features - exact_rows
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.quantized = packed_int8_linear(head.weight[:split])
+        self.register_buffer("exact", head.weight[split:].detach().float().clone())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        return torch.cat([self.quantized(hidden), hidden @ self.exact.T], dim=-1)
+
+
+def quantize_int8(model: torch.nn.Module, exact_head_rows: int = 0) -> torch.nn.Module:
     """The linear layers (q/k/v/o, gate/up and the LM head) as int8 weights with per-channel scales and int8
     dynamic activations, computed by PyTorch's x86 kernels (fbgemm: AVX2/AVX-512 integer dot products); down_proj
-    stays fp32 (see INT8_RECIPE). On the 2-core CPUs of this project a chat reply took 0.66 s at the median
+    stays fp32 (see INT8_RECIPE), and so do the head's last `exact_head_rows` rows (Int8HeadExactRows: the index
+    tokens). On the 2-core CPUs of this project a chat reply took 0.66 s at the median
     against 1.00 s in fp32 (conversation benchmark) and the server 1.0 instead of 1.3 GB; the input embedding is
     kept in bf16 (a lookup, no matmul). Inference only: nothing here has a backward pass. Call it after LoRA is
     merged into the weights."""
@@ -354,7 +379,11 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     from concurrent.futures import ThreadPoolExecutor
     linears = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear]
 
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
+
     def convert(named: tuple[str, torch.nn.Linear]) -> torch.nn.Module:
+        if named[1] is head and exact_head_rows:
+            return Int8HeadExactRows(head, exact_head_rows)
         return named[1] if named[0].endswith(FP32_LINEARS) else dynamic_linear(named[1])
     with warnings.catch_warnings():   # torch.ao eager quantisation is deprecated upstream, still shipped in 2.13
         warnings.simplefilter("ignore")
@@ -680,13 +709,15 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
         model = load_for_serving(resolve_model_path(cfg.base, cfg.cache_dir))
     else:
         model = load_model(cfg, for_training=for_training)
+    base_rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the same rule as add_index_tokens
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if int8:   # the served path: a plain merge, no PEFT import
         model = merge_adapter(model, adapter_dir).eval()
         if (scales := load_smoothing(adapter_dir)) is not None:   # measured on this adapter by `evaluate`
             apply_smoothing(model, scales)
-        return quantize_int8(model), tokenizer
+        return quantize_int8(model, exact_head_rows=model.get_input_embeddings().weight.shape[0] - base_rows), \
+            tokenizer
     from peft import PeftModel
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=for_training)
     if not for_training:

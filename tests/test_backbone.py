@@ -16,9 +16,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lcrec_chat.backbone import (BackboneError, add_index_tokens, build_once, describe, dynamic_linear,
-                                 guard_4bit_cpu, load_finetuned, load_in_memory, load_model, load_tokenizer, lora_config,
-                                 merge_adapter, resolve_model_path, save_adapter, widen_lora)
+from lcrec_chat.backbone import (BackboneError, Int8HeadExactRows, add_index_tokens, build_once, describe,
+                                 dynamic_linear, guard_4bit_cpu, load_finetuned, load_in_memory, load_model,
+                                 load_tokenizer, lora_config, merge_adapter, resolve_model_path, save_adapter,
+                                 widen_lora)
 from lcrec_chat.config import ModelConfig, TrainConfig
 
 CACHE = str(Path(__file__).resolve().parents[1] / ".cache" / "models")
@@ -271,6 +272,18 @@ def test_new_token_rows_train_in_the_adapter_and_reload_with_plain_peft(tmp_path
     quantized = {name: m._packed_params.dtype for name, m in int8.named_modules()
                  if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
     assert len(quantized) == 2 * 6 + 1 and set(quantized.values()) == {torch.qint8}   # the rest, and the head
+    # ... whose rows of the index tokens the adapter added stay fp32: the codes' logits are exact in the hidden state
+    head = int8.get_output_embeddings() if hasattr(int8, "get_output_embeddings") else int8.lm_head
+    assert ids == list(range(len(tok) - len(CODES), len(tok)))   # the added rows are the last ones
+    assert isinstance(head, Int8HeadExactRows) and head.exact.shape[0] == len(CODES)
+    torch.testing.assert_close(head.exact, folded.get_output_embeddings().weight[ids].float(), rtol=0, atol=0)
+    hidden = torch.randn(3, head.in_features)
+    with torch.no_grad():
+        out = head(hidden)
+    assert out.shape == (3, len(tok))
+    torch.testing.assert_close(out[:, ids], hidden @ head.exact.T, rtol=0, atol=0)
+    full = hidden @ folded.get_output_embeddings().weight.T
+    assert 0 < (out[:, :ids[0]] - full[:, :ids[0]]).abs().max() < 0.05 * full.abs().max()   # the rest: int8
     with torch.no_grad():
         approx = int8(**batch).logits
     # int8 rounding moves the logits a little, never the ranking of clearly separated tokens
