@@ -64,21 +64,23 @@ class Recommender:
 
     @classmethod
     def from_run(cls, cfg: Config, run_dir: str | Path | None = None, dtype: str = "",
-                 prior_weight: float = 0.0) -> "Recommender":
+                 prior_weight: float = 0.0, adapter_dir: str | Path | None = None) -> "Recommender":
         """Base model + index tokens + the run's adapter (merged into the weights unless 4-bit), in ``dtype``
         (auto | fp32 | bf16 | nf4; empty = the config's model.dtype). ``prior_weight`` > 0 decodes as the hybrid,
-        with the run's sasrec.pt as the prior (a missing file is an error, not a silent fallback)."""
+        with the run's sasrec.pt as the prior (a missing file is an error, not a silent fallback).
+        ``adapter_dir``: another adapter of the run (an earlier phase's adapter.phase{i}) instead of adapter/."""
         from . import backbone
         from .run_folder import load_prior, task_builder
         run = Path(run_dir or cfg.run_dir)
         prior = load_prior(run) if prior_weight > 0 else None   # a missing sasrec.pt is an error, not pure LC-Rec
         builder, codes = task_builder(run, cfg)
         model_cfg = replace(cfg.model, dtype=dtype or cfg.model.dtype)
-        model, tokenizer = backbone.load_finetuned(model_cfg, run / "adapter", merge=True)
+        adapter = Path(adapter_dir) if adapter_dir else run / "adapter"
+        model, tokenizer = backbone.load_finetuned(model_cfg, adapter, merge=True)
         return cls(model, tokenizer, Catalog(run / "catalog.sqlite"), builder, codes,
                    num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size, prior_model=prior,
                    prior_weight=prior_weight,
-                   collab=CollabDensePrompts.for_run(tokenizer, builder, run, run / "adapter"))
+                   collab=CollabDensePrompts.for_run(tokenizer, builder, run, adapter))
 
     def prompt(self, request: Request) -> str:
         """The formatted prompt, in the run's domain words (tasks.Prompts), that the item code continues."""

@@ -126,11 +126,17 @@ def train(cfg: Config, force: bool = False) -> dict:
 
     With `train.phases`, phase i (i < last) ends as adapter.phase{i}/ (its log and summary inside) and phase i+1
     starts from it; the last phase writes adapter/. Each phase is its own stage record, so a stopped run resumes
-    in the phase it stopped in, and a changed phase reruns from there on (the next one's start changed with it)."""
+    in the phase it stopped in, and a changed phase reruns from there on (the next one's start changed with it).
+    A phase with `head_refit_after` has its head refitted (adapter.phase{i}/head_refit.json) before the next starts."""
     run = cfg.run_path
+    phases = train_phases(cfg)
+    for i, phase in enumerate(phases):
+        if phase.head_refit_after and (i == len(phases) - 1 or not phase.head_refit_epochs):
+            raise ValueError(f"train: phase {i + 1} of {len(phases)} sets head_refit_after, which needs "
+                             "head_refit_epochs > 0 and a later phase in train.phases (the last phase's head is "
+                             "refitted by head_refit_epochs alone)")
     if os.environ.get("RANK", "0") == "0":
         cfg.save(run / "config.yaml")
-    phases = train_phases(cfg)
     if len(phases) == 1:
         summary = _train_phase(cfg, "train", force)
     else:
@@ -141,13 +147,16 @@ def train(cfg: Config, force: bool = False) -> dict:
 
 
 # the head refit runs after the phases on their adapter: its settings are its own stage's, not the phases'
-REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_refit_sources", "head_refit_teachers")
-ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers")   # in the fingerprint only when set
+REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_refit_sources", "head_refit_teachers",
+              "head_refit_after")
+# in the fingerprint only when set
+ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers", "head_refit_after")
 REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
 
 
-def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
-    """adapter/collab_mapper.pt refitted (head_refit.py), the phases' own kept beside it; head_refit.json."""
+def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | None = None) -> dict:
+    """adapter/collab_mapper.pt refitted (head_refit.py), the phases' own kept beside it; head_refit.json. With
+    `phase` i (train.head_refit_after), the adapter kept as adapter.phase{i}, its report inside it."""
     import shutil
 
     from .collab_prompt import MAPPER_FILE, CollabDensePrompts
@@ -158,12 +167,14 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
     from .recommender import Recommender
     from .train import encode
     run = cfg.run_path
-    record, adapter, out = StageRecord(run), run / "adapter", run / "head_refit.json"
+    suffix = "" if phase is None else f".phase{phase}"
+    record, adapter, stage = StageRecord(run), run / f"adapter{suffix}", f"head_refit{suffix}"
+    out = (run if phase is None else adapter) / "head_refit.json"
     # keys added later enter only when set, so refits recorded before they existed stay up to date
     keys = {k: getattr(tc, k) for k in REFIT_KEYS if k not in ADDED_REFIT_KEYS or getattr(tc, k)}
-    fp = _fingerprint(record.data.get("train", ""), keys, tc.distill_weight, tc.distill_teachers)
-    if not force and record.fresh("head_refit", fp) and out.exists():
-        log.info("head_refit: up to date (use --force to rerun)")
+    fp = _fingerprint(record.data.get(f"train{suffix}", ""), keys, tc.distill_weight, tc.distill_teachers)
+    if not force and record.fresh(stage, fp) and out.exists():
+        log.info("%s: up to date (use --force to rerun)", stage)
         return json.loads(out.read_text())
     if not tc.collab_head:
         raise ValueError("train.head_refit_epochs refits the collaborative head: it needs train.collab_head: true")
@@ -171,11 +182,11 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
         shutil.copy(adapter / REFIT_START, adapter / MAPPER_FILE)
     else:
         shutil.copy(adapter / MAPPER_FILE, adapter / REFIT_START)
-    record.data.pop("head_refit", None)
+    record.data.pop(stage, None)
     started = time.time()
     # the features in the precision decoding runs in, so the head fits what it will be added to
     dtype = resolve_dtype(cfg.eval.dtype or cfg.model.dtype, resolve_device(cfg.model.device))
-    rec = Recommender.from_run(cfg, run, dtype=dtype)
+    rec = Recommender.from_run(cfg, run, dtype=dtype, adapter_dir=adapter)
     if tc.head_refit_sources:   # the phases' head with the extra states' weights added (zero at the start)
         rec.collab = CollabDensePrompts.for_run(rec.tokenizer, rec.builder, run, adapter,
                                                 head_sources=tc.head_refit_sources)
@@ -203,7 +214,7 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False) -> dict:
               "head_sources": list(rec.collab.head_sources), "fits": fits,
               "seconds": round(time.time() - started, 1)}
     out.write_text(json.dumps(report, indent=1))
-    record.done("head_refit", fp)
+    record.done(stage, fp)
     return report
 
 
@@ -215,12 +226,16 @@ def _train_phases(cfg: Config, phases: list[TrainConfig], force: bool) -> dict:
         if i:
             phase.init_adapter = str(run / f"adapter.phase{i - 1}")
         log.info("train: phase %d of %d", i + 1, len(phases))
-        # the phase before's fingerprint is part of this one's: a changed earlier phase retrains the later ones
-        after = StageRecord(run).data.get(f"train.phase{i - 1}", "") if i else None
+        # the phase before's fingerprint (and its refit's) is part of this one's: a changed earlier phase retrains
+        # the later ones
+        done = StageRecord(run).data
+        after = done.get(f"train.phase{i - 1}", "") + done.get(f"head_refit.phase{i - 1}", "") if i else None
         summary = _train_phase(dataclasses.replace(cfg, train=phase), "train" if last else f"train.phase{i}",
                                force, keep_as=None if last else run / f"adapter.phase{i}", after=after)
         if not summary["complete"]:
             break
+        if phase.head_refit_after and os.environ.get("RANK", "0") == "0":
+            summary["head_refit"] = head_refit(cfg, phase, force, phase=i)
         if not last:
             _barrier()           # torchrun: the other ranks start the next phase once rank 0 has kept this one
     return summary

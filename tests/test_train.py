@@ -322,6 +322,61 @@ def test_phases_train_the_same_model_as_a_chain_of_continued_runs(tiny_run, tmp_
     assert (folders["phased"] / "adapter" / "adapter_model.safetensors").stat().st_mtime == mtime
 
 
+def test_a_phase_can_refit_its_head_before_the_next_phase_continues_it(tiny_run, tmp_path):
+    """train.head_refit_after: the earlier phase's adapter (adapter.phase0) gets its head refitted, with its report
+    inside it, and the next phase continues the refitted head: the phased run trains the same weights, to the bit,
+    as a refitted first run continued through train.init_adapter; a changed refit retrains the later phase; the
+    last phase cannot ask for it."""
+    import shutil
+    from safetensors.torch import load_file
+    first = ["train.collab_tokens=sasrec", "train.max_steps=2", "train.distill_weight=1.0", "train.collab_head=true",
+             "train.collab_head_width=16", "train.task_budget={seqrec_dense: 8, item2index: 4}",
+             "train.head_refit_epochs=2", "train.head_refit_lr=0.01"]
+    later = {"seed": 43, "max_steps": 2, "task_budget": {"seqrec_dense": 8, "itemsearch": 4}}
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run.run_path, base, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl", "adapter*"))
+    stages.baselines(load_config("configs/tiny.yaml", [f"run_dir={base}"]))
+    folders = {name: tmp_path / name for name in ("phased", "chain1", "chain2")}
+    for folder in folders.values():
+        shutil.copytree(base, folder)
+    phases = [{**later, "head_refit_after": False}]
+    phased = load_config("configs/tiny.yaml", [f"run_dir={folders['phased']}", *first, "train.head_refit_after=true",
+                                               f"train.phases={json.dumps(phases)}"])
+    summary = stages.train(phased)
+    kept = folders["phased"] / "adapter.phase0"
+    report = json.loads((kept / "head_refit.json").read_text())
+    assert report["train_points"] > 0 and len(report["fits"]) == 1
+    start = torch.load(kept / stages.REFIT_START, weights_only=True)["state"]
+    refitted = torch.load(kept / "collab_mapper.pt", weights_only=True)["state"]
+    changed = {k for k in start if not torch.equal(start[k], refitted[k])}
+    assert changed and all(k.startswith("on_logits_") for k in changed), changed
+    assert summary["head_refit"]["fits"] != report["fits"]          # the last phase's own refit, of its own head
+
+    stages.train(load_config("configs/tiny.yaml", [f"run_dir={folders['chain1']}", *first]))   # refits adapter/
+    stages.train(load_config("configs/tiny.yaml", [f"run_dir={folders['chain2']}", *first,
+                                                   *[f"train.{k}={json.dumps(v)}" for k, v in later.items()],
+                                                   f"train.init_adapter={folders['chain1'] / 'adapter'}"]))
+
+    def weights(adapter):
+        return (load_file(adapter / "adapter_model.safetensors"),
+                torch.load(adapter / "collab_mapper.pt", weights_only=True)["state"])
+    for a, b in zip(weights(folders["phased"] / "adapter"), weights(folders["chain2"] / "adapter")):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    adapter = folders["phased"] / "adapter" / "adapter_model.safetensors"
+    mtime = adapter.stat().st_mtime
+    stages.train(phased)                                     # up to date: nothing retrained
+    assert adapter.stat().st_mtime == mtime
+    changed_refit = load_config("configs/tiny.yaml", [f"run_dir={folders['phased']}", *first,
+                                                      "train.head_refit_after=true", "train.head_refit_lr=0.001",
+                                                      f"train.phases={json.dumps(phases)}"])
+    stages.train(changed_refit)                              # phase 0's head changed: phase 1 trains again
+    assert adapter.stat().st_mtime != mtime
+    with pytest.raises(ValueError, match="head_refit_after"):
+        stages.train(load_config("configs/tiny.yaml", [f"run_dir={folders['phased']}", *first,
+                                                       "train.phases=[{seed: 43, head_refit_after: true}]"]))
+
+
 def test_code_teacher_sums_the_teachers_item_probabilities_onto_each_levels_codes():
     """Level 0: mass per first code; level l: only items sharing the true item's first l codes, renormalised;
     the product of the conditionals along an item's code is the teacher's probability of that item."""
