@@ -355,12 +355,15 @@ class Int8HeadExactRows(torch.nn.Module):
         super().__init__()
         split = head.out_features - exact_rows
         self.in_features, self.out_features = head.in_features, head.out_features
-        self.quantized = packed_int8_linear(head.weight[:split])
+        bias = head.bias
+        self.quantized = packed_int8_linear(head.weight[:split], None if bias is None else bias[:split])
         self.register_buffer("exact", head.weight[split:].detach().float().clone())
+        self.register_buffer("exact_bias", None if bias is None else bias[split:].detach().float().clone())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()
-        return torch.cat([self.quantized(hidden), hidden @ self.exact.T], dim=-1)
+        exact = torch.nn.functional.linear(hidden, self.exact, self.exact_bias)
+        return torch.cat([self.quantized(hidden), exact], dim=-1)
 
 
 def quantize_int8(model: torch.nn.Module, exact_head_rows: int = 0) -> torch.nn.Module:
