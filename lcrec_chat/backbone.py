@@ -382,7 +382,7 @@ def quantize_int8(model: torch.nn.Module, exact_head_rows: int = 0) -> torch.nn.
     from concurrent.futures import ThreadPoolExecutor
     linears = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear]
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
+    head = model.get_output_embeddings()
 
     def convert(named: tuple[str, torch.nn.Linear]) -> torch.nn.Module:
         if named[1] is head and exact_head_rows:
@@ -713,7 +713,7 @@ def load_finetuned(cfg: ModelConfig, adapter_dir: str | Path, for_training: bool
     else:
         model = load_model(cfg, for_training=for_training)
     base_rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the same rule as add_index_tokens
+    if len(tokenizer) > base_rows:  # the same rule as add_index_tokens
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if int8:   # the served path: a plain merge, no PEFT import
         model = merge_adapter(model, adapter_dir).eval()

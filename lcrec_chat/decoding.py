@@ -374,7 +374,7 @@ def _logit_additions(collab: CollabInputs | None, model) -> torch.Tensor | None:
 @torch.no_grad()
 def _through_head(model, vectors: torch.Tensor) -> torch.Tensor:
     """The output head applied to hidden-state additions [..., hidden]: [..., vocab] fp32 logits."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
+    head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)   # an int8 head has packed weights and takes fp32
     dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
     return head(vectors.to(_device(model), dtype)).float()

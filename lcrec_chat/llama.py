@@ -179,6 +179,9 @@ class SlimLlama(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
+    def get_output_embeddings(self) -> nn.Module:   # transformers' name for the head, which callers use
+        return self.lm_head
+
     def set_input_embeddings(self, module: nn.Module) -> None:
         self.model.embed_tokens = module
 

@@ -20,10 +20,11 @@ STEPS = 40
 
 
 def config(**changes) -> CLLM4RecConfig:
-    # budgets are a safety net only: `max_steps` decides, so every run does the same steps. token_lr is 10x
+    # budgets are a safety net only (generous, so a busy machine cannot cut a run short): `max_steps` decides,
+    # so every run does the same steps. token_lr is 10x
     # below the default because the tiny model's embeddings are ~7x smaller than SmolLM2's (std 0.02 vs 0.14)
-    return CLLM4RecConfig(**{"batch_size": 8, "window": 10, "lr": 3e-3, "token_lr": 1e-3, "pretrain_minutes": 1.0,
-                             "finetune_minutes": 1.0, "seed": 0, **changes})
+    return CLLM4RecConfig(**{"batch_size": 8, "window": 10, "lr": 3e-3, "token_lr": 1e-3, "pretrain_minutes": 10.0,
+                             "finetune_minutes": 10.0, "seed": 0, **changes})
 
 
 @pytest.fixture(scope="module")
