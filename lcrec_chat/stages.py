@@ -135,10 +135,13 @@ def train(cfg: Config, force: bool = False) -> dict:
             raise ValueError(f"train: phase {i + 1} of {len(phases)} sets head_refit_after, which needs "
                              "head_refit_epochs > 0 and a later phase in train.phases (the last phase's head is "
                              "refitted by head_refit_epochs alone)")
+        if phase.soup_seeds and (len(set(phase.soup_seeds)) < 2 or len(set(phase.soup_seeds)) < len(phase.soup_seeds)):
+            raise ValueError(f"train: phase {i + 1} of {len(phases)} has soup_seeds {phase.soup_seeds}: a soup needs "
+                             "two or more different seeds (empty = one run with train.seed)")
     if os.environ.get("RANK", "0") == "0":
         cfg.save(run / "config.yaml")
     if len(phases) == 1:
-        summary = _train_phase(cfg, "train", force)
+        summary = _train_phase_or_soup(cfg, "train", force)
     else:
         summary = _train_phases(cfg, phases, force)
     if summary["complete"] and phases[-1].head_refit_epochs and os.environ.get("RANK", "0") == "0":
@@ -230,8 +233,8 @@ def _train_phases(cfg: Config, phases: list[TrainConfig], force: bool) -> dict:
         # the later ones
         done = StageRecord(run).data
         after = done.get(f"train.phase{i - 1}", "") + done.get(f"head_refit.phase{i - 1}", "") if i else None
-        summary = _train_phase(dataclasses.replace(cfg, train=phase), "train" if last else f"train.phase{i}",
-                               force, keep_as=None if last else run / f"adapter.phase{i}", after=after)
+        summary = _train_phase_or_soup(dataclasses.replace(cfg, train=phase), "train" if last else f"train.phase{i}",
+                                       force, keep_as=None if last else run / f"adapter.phase{i}", after=after)
         if not summary["complete"]:
             break
         if phase.head_refit_after and os.environ.get("RANK", "0") == "0":
@@ -245,6 +248,45 @@ def _barrier() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _train_phase_or_soup(cfg: Config, stage: str, force: bool, keep_as: Path | None = None,
+                         after: str | None = None) -> dict:
+    """One phase (_train_phase), or with train.soup_seeds one member per seed, each its own stage record and kept as
+    adapter.<stage>.seed<s>/ (a stopped soup resumes in the member it stopped in), averaged into the phase's adapter
+    (soup.py). The soup's fingerprint is its members', so later phases and the refit follow a changed member."""
+    if not cfg.train.soup_seeds:
+        return _train_phase(cfg, stage, force, keep_as, after)
+    import shutil
+
+    from .soup import average_adapters
+    run, seeds = cfg.run_path, cfg.train.soup_seeds
+    members: dict[int, dict] = {}
+    for seed in seeds:
+        log.info("%s: soup member with seed %d (%d of %d)", stage, seed, len(members) + 1, len(seeds))
+        member_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, soup_seeds=[]))
+        summary = _train_phase(member_cfg, f"{stage}.seed{seed}", force, keep_as=run / f"adapter.{stage}.seed{seed}",
+                               after=after)
+        if not summary["complete"]:
+            return summary
+        members[seed] = summary
+    record = StageRecord(run)
+    fp = _fingerprint(*(record.data[f"{stage}.seed{seed}"] for seed in seeds))
+    target, record_dir = keep_as or run / "adapter", keep_as or run
+    if not force and record.fresh(stage, fp) and target.exists():
+        log.info("%s: soup up to date (use --force to rerun)", stage)
+        return json.loads((record_dir / "train_summary.json").read_text())
+    record.data.pop(stage, None)
+    average_adapters([run / f"adapter.{stage}.seed{seed}" for seed in seeds], target)
+    first = run / f"adapter.{stage}.seed{seeds[0]}"
+    for name in ("train_log.jsonl", "loss_curves.png"):   # the curves shown are the first member's
+        if (first / name).exists():
+            shutil.copy2(first / name, record_dir / name)
+    summary = {"complete": True, "soup_seeds": seeds, "curves_of_seed": seeds[0],
+               "steps": sum(m["steps"] for m in members.values()), "members": members}
+    (record_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    record.done(stage, fp)
+    return summary
 
 
 def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = None,
@@ -262,7 +304,7 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     record = StageRecord(run)
     # max_minutes is left out: a run stopped by the clock resumes when started again with more time; so is the
     # phases list (always empty here: train() runs them one by one), so runs from before phases keep their prints
-    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in ("max_minutes", "phases") + REFIT_KEYS}
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in ("max_minutes", "phases", "soup_seeds") + REFIT_KEYS}
     collab_on = cfg.train.collab_tokens != "none"
     if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
         baselines(cfg)
@@ -347,16 +389,18 @@ def _initial_adapter(run: Path, init: Path) -> Path:
     """The adapter a second training phase starts from. When that is the run's own adapter/ (which this phase
     overwrites), a copy is kept as adapter.init/ and used from then on, so a rerun starts from the same point."""
     import shutil
+    kept = run / "adapter.init"
+    own = init.resolve() == (run / "adapter").resolve()
+    if own and (kept / "adapter_config.json").is_file():   # also once a soup's first member has moved adapter/ away
+        return kept
     if not (init / "adapter_config.json").is_file():
         raise FileNotFoundError(f"train.init_adapter: {init} is not an adapter folder (no adapter_config.json)")
-    if init.resolve() != (run / "adapter").resolve():
+    if not own:
         return init
-    kept = run / "adapter.init"
-    if not (kept / "adapter_config.json").is_file():
-        shutil.copytree(init, kept)
-        for name in ("train_log.jsonl", "train_summary.json"):   # the first phase's record stays beside it
-            if (run / name).exists():
-                shutil.copy2(run / name, kept / name)
+    shutil.copytree(init, kept)
+    for name in ("train_log.jsonl", "train_summary.json"):   # the first phase's record stays beside it
+        if (run / name).exists():
+            shutil.copy2(run / name, kept / name)
     return kept
 
 

@@ -377,6 +377,68 @@ def test_a_phase_can_refit_its_head_before_the_next_phase_continues_it(tiny_run,
                                                        "train.phases=[{seed: 43, head_refit_after: true}]"]))
 
 
+def test_a_soup_phase_trains_one_member_per_seed_and_keeps_their_average(tiny_run, tmp_path):
+    """train.soup_seeds: each member is, to the bit, the run the phase trains with that seed alone; the phase's
+    adapter is their average (every LoRA delta and the mapper exactly the members' mean), which the head refit then
+    starts from; a finished soup is up to date; a changed seed list trains only the new member; one seed is refused."""
+    import shutil
+    from safetensors.torch import load_file
+    first = ["train.collab_tokens=sasrec", "train.max_steps=2", "train.collab_head=true", "train.collab_head_width=16",
+             "train.task_budget={seqrec_dense: 8, item2index: 4}"]
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run.run_path, base, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl", "adapter*"))
+    stages.baselines(load_config("configs/tiny.yaml", [f"run_dir={base}"]))
+    soup_dir, plain_dir = tmp_path / "soup", tmp_path / "plain"
+    shutil.copytree(base, soup_dir)
+    shutil.copytree(base, plain_dir)
+
+    def soup_config(seeds):
+        return load_config("configs/tiny.yaml", [f"run_dir={soup_dir}", *first, f"train.soup_seeds={seeds}",
+                                                 "train.head_refit_epochs=1"])
+    summary = stages.train(soup_config([43, 44]))
+    assert summary["soup_seeds"] == [43, 44] and summary["head_refit"]["train_points"] > 0
+    stages.train(load_config("configs/tiny.yaml", [f"run_dir={plain_dir}", *first, "train.seed=43"]))
+
+    def weights(adapter):
+        return (load_file(adapter / "adapter_model.safetensors"),
+                torch.load(adapter / "collab_mapper.pt", weights_only=True)["state"])
+    for a, b in zip(weights(soup_dir / "adapter.train.seed43"), weights(plain_dir / "adapter")):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def deltas(adapter):   # every LoRA update as the dense matrix it adds, and every other trained tensor
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        state = load_file(adapter / "adapter_model.safetensors")
+        out = {k: state[k].float() for k in state if "lora_" not in k}
+        for k in state:
+            if "lora_A" in k:
+                b = state[k.replace("lora_A", "lora_B")].float()
+                out[k] = b @ state[k].float() * cfg["lora_alpha"] / cfg["r"]
+        return out, cfg["r"]
+    (d43, r), (d44, _) = deltas(soup_dir / "adapter.train.seed43"), deltas(soup_dir / "adapter.train.seed44")
+    soup, soup_r = deltas(soup_dir / "adapter")
+    assert soup_r == 2 * r and soup.keys() == d43.keys()
+    for k in soup:
+        assert not torch.equal(d43[k], d44[k]), k          # the members differ ...
+        torch.testing.assert_close(soup[k], (d43[k] + d44[k]) / 2, rtol=0, atol=1e-6)   # ... and the soup is their mean
+    maps = [torch.load(soup_dir / f"adapter.train.seed{s}" / "collab_mapper.pt", weights_only=True)["state"]
+            for s in (43, 44)]
+    start = torch.load(soup_dir / "adapter" / stages.REFIT_START, weights_only=True)["state"]   # the refit's start
+    for k in start:
+        expected = (maps[0][k].float() + maps[1][k].float()) / 2 if start[k].is_floating_point() else maps[0][k]
+        torch.testing.assert_close(start[k].float(), expected.float(), rtol=0, atol=1e-6)
+
+    adapter = soup_dir / "adapter" / "adapter_model.safetensors"
+    member43 = soup_dir / "adapter.train.seed43" / "adapter_model.safetensors"
+    mtimes = adapter.stat().st_mtime, member43.stat().st_mtime
+    stages.train(soup_config([43, 44]))                       # up to date: nothing retrained
+    assert (adapter.stat().st_mtime, member43.stat().st_mtime) == mtimes
+    assert stages.train(soup_config([43, 45]))["soup_seeds"] == [43, 45]   # only the new member trains
+    assert member43.stat().st_mtime == mtimes[1] and adapter.stat().st_mtime != mtimes[0]
+    assert (soup_dir / "adapter.train.seed45" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="soup_seeds"):
+        stages.train(soup_config([43]))
+
+
 def test_code_teacher_sums_the_teachers_item_probabilities_onto_each_levels_codes():
     """Level 0: mass per first code; level l: only items sharing the true item's first l codes, renormalised;
     the product of the conditionals along an item's code is the teacher's probability of that item."""
