@@ -74,11 +74,12 @@ def average_adapters(members: list[Path], out: Path) -> None:
 
 def _average_mappers(files: list[Path], out: Path) -> None:
     saved = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    layout = {k: v for k, v in saved[0].items() if k != "state"}
+    def layout(mapper: dict) -> dict:   # everything but the weights: sizes, levels, the models the head reads
+        return {k: v for k, v in mapper.items() if k != "state"}
     for other, f in zip(saved[1:], files[1:]):
-        if {k: v for k, v in other.items() if k != "state"} != layout or other["state"].keys() != saved[0]["state"].keys():
+        if layout(other) != layout(saved[0]) or other["state"].keys() != saved[0]["state"].keys():
             raise ValueError(f"soup members' collaborative mappers differ in layout: {files[0]} and {f}")
-    torch.save({**layout, "state": {k: _mean([s["state"][k] for s in saved], k) for k in saved[0]["state"]}}, out)
+    torch.save({**layout(saved[0]), "state": {k: _mean([s["state"][k] for s in saved], k) for k in saved[0]["state"]}}, out)
 
 
 def _mean(tensors: list[torch.Tensor], key: str) -> torch.Tensor:

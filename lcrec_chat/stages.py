@@ -270,11 +270,16 @@ def _train_phase_or_soup(cfg: Config, stage: str, force: bool, keep_as: Path | N
         if not summary["complete"]:
             return summary
         members[seed] = summary
+        _barrier()     # torchrun: rank 0 has kept this member before any rank trains the next
+    if os.environ.get("RANK", "0") != "0":   # rank 0 makes the soup; the others wait for it
+        _barrier()
+        return summary
     record = StageRecord(run)
     fp = _fingerprint(*(record.data[f"{stage}.seed{seed}"] for seed in seeds))
     target, record_dir = keep_as or run / "adapter", keep_as or run
     if not force and record.fresh(stage, fp) and target.exists():
         log.info("%s: soup up to date (use --force to rerun)", stage)
+        _barrier()
         return json.loads((record_dir / "train_summary.json").read_text())
     record.data.pop(stage, None)
     average_adapters([run / f"adapter.{stage}.seed{seed}" for seed in seeds], target)
@@ -286,6 +291,7 @@ def _train_phase_or_soup(cfg: Config, stage: str, force: bool, keep_as: Path | N
                "steps": sum(m["steps"] for m in members.values()), "members": members}
     (record_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     record.done(stage, fp)
+    _barrier()
     return summary
 
 
@@ -304,7 +310,9 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     record = StageRecord(run)
     # max_minutes is left out: a run stopped by the clock resumes when started again with more time; so is the
     # phases list (always empty here: train() runs them one by one), so runs from before phases keep their prints
-    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in ("max_minutes", "phases", "soup_seeds") + REFIT_KEYS}
+    # (and a soup's seeds: each member is trained with its own seed and none)
+    skipped = ("max_minutes", "phases", "soup_seeds") + REFIT_KEYS
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in skipped}
     collab_on = cfg.train.collab_tokens != "none"
     if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
         baselines(cfg)
