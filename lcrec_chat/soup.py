@@ -42,6 +42,8 @@ def average_adapters(members: list[Path], out: Path) -> None:
         raise ValueError("a soup of adapters with per-module ranks (rank_pattern, alpha_pattern) is not supported")
     from safetensors.torch import load_file, save_file
     states = [load_file(str(m / WEIGHTS)) for m in members]
+    if any(s.keys() != states[0].keys() for s in states[1:]):
+        raise ValueError("soup members must train the same tensors: their adapter weights' names differ")
     n = len(members)
     weights = {}
     for key, first in states[0].items():
@@ -52,8 +54,6 @@ def average_adapters(members: list[Path], out: Path) -> None:
             weights[key] = torch.cat([t.float() / n for t in tensors], 1).to(first.dtype)
         else:
             weights[key] = _mean(tensors, key)
-    if any(s.keys() != states[0].keys() for s in states[1:]):
-        raise ValueError("soup members must train the same tensors: their adapter weights' names differ")
 
     r = config["r"]
     scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
@@ -79,7 +79,8 @@ def _average_mappers(files: list[Path], out: Path) -> None:
     for other, f in zip(saved[1:], files[1:]):
         if layout(other) != layout(saved[0]) or other["state"].keys() != saved[0]["state"].keys():
             raise ValueError(f"soup members' collaborative mappers differ in layout: {files[0]} and {f}")
-    torch.save({**layout(saved[0]), "state": {k: _mean([s["state"][k] for s in saved], k) for k in saved[0]["state"]}}, out)
+    state = {k: _mean([s["state"][k] for s in saved], k) for k in saved[0]["state"]}
+    torch.save({**layout(saved[0]), "state": state}, out)
 
 
 def _mean(tensors: list[torch.Tensor], key: str) -> torch.Tensor:

@@ -135,7 +135,7 @@ def train(cfg: Config, force: bool = False) -> dict:
             raise ValueError(f"train: phase {i + 1} of {len(phases)} sets head_refit_after, which needs "
                              "head_refit_epochs > 0 and a later phase in train.phases (the last phase's head is "
                              "refitted by head_refit_epochs alone)")
-        if phase.soup_seeds and (len(set(phase.soup_seeds)) < 2 or len(set(phase.soup_seeds)) < len(phase.soup_seeds)):
+        if phase.soup_seeds and (len(phase.soup_seeds) < 2 or len(set(phase.soup_seeds)) < len(phase.soup_seeds)):
             raise ValueError(f"train: phase {i + 1} of {len(phases)} has soup_seeds {phase.soup_seeds}: a soup needs "
                              "two or more different seeds (empty = one run with train.seed)")
     if os.environ.get("RANK", "0") == "0":
