@@ -44,7 +44,8 @@ def level_rows(rec: Recommender, teacher: SequentialTeacher, histories: list[lis
         ids, _, vector_items = collab.sample_ids(history, target)
         points = collab.distill_points(ids, history, target)
         states = collab.states([vector_items])
-        embeds = collab.embed(rec.model, torch.tensor([ids]), states)
+        head_in = collab.head_states([vector_items], states)   # with the head's extra states, where it reads some
+        embeds = collab.embed(rec.model, torch.tensor([ids]), collab.prompt_states([vector_items], states))
         hidden = rec.model.model(inputs_embeds=embeds).last_hidden_state[0]
         probs = teacher.probabilities([vector_items], {"sasrec": states})[0][-1:]   # after the whole history
         for pos, k, level, item in points:
@@ -52,7 +53,7 @@ def level_rows(rec: Recommender, teacher: SequentialTeacher, histories: list[lis
             allowed = target_probs[0] > 0
             state = hidden[pos - 1]
             if collab.mapper.logit_levels:   # train.collab_head: what it adds where this code is written
-                state = state + collab.head_vectors(states[0][k:k + 1], torch.tensor([level]),
+                state = state + collab.head_vectors(head_in[0][k:k + 1], torch.tensor([level]),
                                                     torch.tensor([item]))[0].to(state.dtype)
             logits = rec.model.lm_head(state).float()[tokens[0]]
             student = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)

@@ -22,9 +22,11 @@ the code logits (bench/code_learnability.py: a small model reading only SASRec's
 conditionals nearly exactly through these codes, the tuned LLM does not). With `train.collab_head_width`, the head
 also has a small MLP per level that reads the state and the code tokens already written, so the same state can rank
 a level's shared code tokens differently under each prefix (decoding feeds it each beam's written codes). With
-`train.head_refit_sources` the head (only the head: the prompt is unchanged) also reads other sequential models' states
+`train.head_refit_sources` the head (by default only the head) also reads other sequential models' states
 after the same items (`head_sources`, e.g. GRU4Rec's: the distillation teacher mixes it in, and SASRec's state alone
-cannot say what it adds).
+cannot say what it adds). With `train.prompt_reads_head_sources` the prompt's tokens read them too: each [si] is then
+the mapped state of every sequential model after items 1..i, so the LLM itself reads what its teacher, their mixture,
+reads (`prompt_states`).
 
 Token ids are assembled piece by piece: the item codes are added special tokens and ", " tokenises alone, so the
 ids are those of the joined text.
@@ -63,6 +65,9 @@ class CollabDensePrompts:
         if mapper is not None and mapper.head_extra_dim != extra:
             raise ValueError(f"the mapper's head reads {mapper.head_extra_dim} extra state dimensions, the head sources "
                              f"{sorted(self.head_sources)} give {extra}")
+        if mapper is not None and mapper.prompt_extra_dim not in (0, extra):
+            raise ValueError(f"the mapper's prompt reads {mapper.prompt_extra_dim} extra state dimensions, the head "
+                             f"sources {sorted(self.head_sources)} give {extra}")
         self.placeholder = placeholder_id(tokenizer)[1] if mapper is not None else None
         self.context_text = chat_prompt(tokenizer, builder.prompts.dense)
         self.context = self._ids(self.context_text)
@@ -72,11 +77,14 @@ class CollabDensePrompts:
     @classmethod
     def for_run(cls, tokenizer, builder: TaskBuilder, run: Path, adapter_dir: Path, code_levels: int | None = None,
                 logit_levels: int | None = None, prefix_width: int | None = None,
-                head_sources: Sequence[str] | None = None) -> "CollabDensePrompts | None":
+                head_sources: Sequence[str] | None = None, prompt_extra: bool | None = None
+                ) -> "CollabDensePrompts | None":
         """The collaborative prompts an adapter was trained with (its collab_mapper.pt and the run's sasrec.pt), or
         None for an adapter trained without them. `code_levels` / `logit_levels` / `prefix_width` / `head_sources`
         (when continuing the training) add the additions on the code tokens / on the code logits / the head's prefix
-        MLP / the head's extra states (the run's <name>.pt models) to a mapper saved without them; they start at zero."""
+        MLP / the head's extra states (the run's <name>.pt models) to a mapper saved without them; `prompt_extra` True
+        lets the prompt's tokens read the head's extra states too (train.prompt_reads_head_sources). They start at
+        zero."""
         path = Path(adapter_dir) / MAPPER_FILE
         if not path.is_file():
             return None
@@ -99,11 +107,22 @@ class CollabDensePrompts:
                 raise ValueError(f"{path}'s head reads the states of {names}; continuing it with {list(head_sources)} "
                                  "would drop or reshape what it learned (train.head_refit_sources)")
             names = list(head_sources)
+        saved_prompt = bool(saved.get("prompt_extra", False))
+        if prompt_extra is None:
+            prompt_extra = saved_prompt
+        if saved_prompt and not prompt_extra:
+            raise ValueError(f"{path}'s prompt reads its head's extra states; continuing it without them would drop "
+                             "what it learned (train.prompt_reads_head_sources)")
+        if prompt_extra and not names:
+            raise ValueError(f"the prompt can read the head's extra states only where the head has some: {path} has "
+                             "none (train.prompt_reads_head_sources needs train.head_refit_sources, refitted before)")
         sasrec, extra = Path(run) / "sasrec.pt", load_sequential(run, names)
+        extra_dim = sum(s.dim for s in extra.values())
         mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], **levels,
-                              prefix_tokens=tokens, head_extra_dim=sum(s.dim for s in extra.values()))
+                              prefix_tokens=tokens, head_extra_dim=extra_dim,
+                              prompt_extra_dim=extra_dim if prompt_extra else 0)
         missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
-        if unexpected or any(not key.startswith(("on_codes_", "on_logits_")) for key in missing):
+        if unexpected or any(not key.startswith(("on_codes_", "on_logits_", "prompt_extra_")) for key in missing):
             raise ValueError(f"{path} does not fit a collaborative mapper: missing {missing}, unexpected {unexpected}")
         if not sasrec.is_file():
             raise FileNotFoundError(f"{adapter_dir} was trained with collaborative tokens from SASRec, but {sasrec} "
@@ -115,6 +134,7 @@ class CollabDensePrompts:
         torch.save({"state": m.state_dict(), "collab_dim": m.collab_dim, "token_dim": m.token_dim,
                     "hidden": m.hidden, "code_levels": m.code_levels, "logit_levels": m.logit_levels,
                     "prefix_width": m.prefix_width, "head_sources": list(self.head_sources),
+                    "prompt_extra": bool(m.prompt_extra_dim),
                     "source": self.source.kind},
                    Path(adapter_dir) / MAPPER_FILE)
 
@@ -183,7 +203,8 @@ class CollabDensePrompts:
         return self.context_text + self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _mapped(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(placeholder vectors [P, hidden], code additions [P, levels, hidden] or None) of P states."""
+        """(placeholder vectors [P, hidden], code additions [P, levels, hidden] or None) of P prompt states
+        (`prompt_states`)."""
         return self.mapper(states), (self.mapper.code_vectors(states) if self.mapper.code_levels else None)
 
     def inputs(self, histories: Sequence[Sequence[int]]) -> tuple[
@@ -197,8 +218,9 @@ class CollabDensePrompts:
             return [torch.zeros(0) for _ in histories], None, None, None
         states = self.states(histories)
         sizes = [len(s) for s in states]
-        vectors, additions = self._mapped(torch.cat(states))
-        last = torch.stack([s[-1] for s in self.head_states(histories, states)])
+        full = self.head_states(histories, states)
+        vectors, additions = self._mapped(torch.cat(full if self.mapper.prompt_extra_dim else states))
+        last = torch.stack([s[-1] for s in full])
         heads = list(self.mapper.logit_vectors(last)) if self.mapper.logit_levels else None
         return (list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes))), heads,
                 last if self.mapper.prefix_width else None)
@@ -234,6 +256,11 @@ class CollabDensePrompts:
         extra = [source.states_after_each(windows) for source in self.head_sources.values()]
         return [torch.cat([own, *(e[row] for e in extra)], 1) for row, own in enumerate(states)]
 
+    def prompt_states(self, histories: Sequence[Sequence[int]], states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """What the prompt's tokens read after each item: `states` (this class's `states` of `histories`), with the
+        head sources' states appended where the prompt reads them too (`head_states`)."""
+        return self.head_states(histories, states) if self.mapper.prompt_extra_dim else list(states)
+
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> CollabInputs:
         """What decoding puts into the model for prompts of these histories (decoding.generate_items)."""
         vectors, additions, heads, last = self.inputs(histories)
@@ -241,7 +268,7 @@ class CollabDensePrompts:
         return CollabInputs(self.placeholder, vectors, additions, heads, prefix)
 
     def embed(self, causal_lm, input_ids: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Input embeddings of a training batch; `states[r]` = `self.states` of row r's placeholder items."""
+        """Input embeddings of a training batch; `states[r]` = `self.prompt_states` of row r's placeholder items."""
         if self.mapper is None:
             return causal_lm.get_input_embeddings()(input_ids)
         return embed_with_collab(causal_lm, input_ids, self.placeholder, *self._mapped(torch.cat(list(states))))

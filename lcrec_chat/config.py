@@ -171,6 +171,10 @@ class TrainConfig:
     # on this phase's adapter before the next phase continues it, so the next phase's LoRA learns beside the
     # refitted head (on ML-100K a 300-step phase after the refit, with its own refit: valid NDCG@10 +5%)
     head_refit_after: bool = False
+    # with collab_head and an init adapter whose refitted head reads other models' states (head_refit_sources): the
+    # prompt's collaborative tokens read those states too, each mapped with SASRec's by the mapper (a linear map of
+    # them added to its first layer, zero at the start), so the LLM reads what its teacher, their mixture, reads
+    prompt_reads_head_sources: bool = False
     # a model soup (soup.py): the phase trained once per seed listed (each replacing `seed`, all from the phase's
     # start), each member kept as adapter.<stage>.seed<s>/, and their average is the phase's adapter. Empty = one
     # run with `seed`. On ML-100K two and three seeds of the last phase averaged stayed at the seeds' mean level on

@@ -97,7 +97,8 @@ class HeadRefit:
             if "distill" not in batch:
                 continue
             states = collab.states(batch["vector_items"])
-            hidden = lm.model(inputs_embeds=collab.embed(lm, batch["input_ids"], states),
+            prompt = collab.prompt_states(batch["vector_items"], states)
+            hidden = lm.model(inputs_embeds=collab.embed(lm, batch["input_ids"], prompt),
                               attention_mask=batch["attention_mask"]).last_hidden_state
             points = batch["distill"]
             levels, items = points["level"], points["item"]
@@ -129,9 +130,11 @@ class HeadRefit:
         return ce, soft
 
     @torch.no_grad()
-    def held_out(self, f: HeadFeatures) -> dict[str, float]:
-        """Mean negative log-likelihood of the true code per level, and per item (their sum)."""
-        ce, _ = self.losses(f, torch.arange(len(f)))
+    def held_out(self, f: HeadFeatures, chunk: int = 4096) -> dict[str, float]:
+        """Mean negative log-likelihood of the true code per level, and per item (their sum); in chunks, so the
+        training points' hundreds of thousands fit in memory too."""
+        ce = torch.cat([self.losses(f, torch.arange(start, min(start + chunk, len(f))))[0]
+                        for start in range(0, len(f), chunk)])
         return _per_level(ce, f.level)
 
     def teacher_nll(self, f: HeadFeatures) -> dict[str, float]:

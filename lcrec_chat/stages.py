@@ -213,7 +213,12 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | N
     rec.collab.save_mapper(adapter)
     report = {"windows": len(windows), "train_points": len(train_f), "valid_points": len(valid_f), "dtype": dtype,
               "valid_before": before, "valid_after": refit.held_out(valid_f),
-              "valid_teacher_nll_per_item": refit.teacher_nll(valid_f)["nll_per_item"], "teacher": teacher.weights,
+              "valid_teacher_nll_per_item": refit.teacher_nll(valid_f)["nll_per_item"],
+              # the same on the training windows the model was tuned on: a student far below its teacher there and
+              # not on valid has learnt the windows rather than the teacher
+              "train_after": refit.held_out(train_f),
+              "train_teacher_nll_per_item": refit.teacher_nll(train_f)["nll_per_item"],
+              "teacher": teacher.weights,
               "head_sources": list(rec.collab.head_sources), "fits": fits,
               "seconds": round(time.time() - started, 1)}
     out.write_text(json.dumps(report, indent=1))
@@ -312,7 +317,9 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     # phases list (always empty here: train() runs them one by one), so runs from before phases keep their prints
     # (and a soup's seeds: each member is trained with its own seed and none)
     skipped = ("max_minutes", "phases", "soup_seeds") + REFIT_KEYS
-    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in skipped}
+    # settings added later enter only when set, so runs trained before they existed keep their prints
+    added = ("prompt_reads_head_sources",)
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in skipped and (k not in added or v)}
     collab_on = cfg.train.collab_tokens != "none"
     if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
         baselines(cfg)
@@ -361,8 +368,12 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
         logit_levels = len(codes[0]) if cfg.train.collab_head else 0
         prefix_width = cfg.train.collab_head_width if cfg.train.collab_head else 0
         if init is not None and (init / MAPPER_FILE).is_file():   # an adapter tuned with the tokens: continue its mapper
-            collab = CollabDensePrompts.for_run(tokenizer, builder, run, init, code_levels, logit_levels, prefix_width)
+            collab = CollabDensePrompts.for_run(tokenizer, builder, run, init, code_levels, logit_levels, prefix_width,
+                                                prompt_extra=cfg.train.prompt_reads_head_sources)
             collab.mapper.train()
+        elif cfg.train.prompt_reads_head_sources:
+            raise ValueError("train.prompt_reads_head_sources continues a mapper whose refitted head reads other "
+                             "models' states (train.head_refit_sources): it needs train.init_adapter with one")
         else:
             source = SASRecSource.load(run / "sasrec.pt")
             torch.manual_seed(cfg.train.seed)

@@ -124,7 +124,7 @@ class SupervisedLoss(torch.nn.Module):
         states = None
         if self.collab is not None and vector_items is not None:
             states = self.collab.states(vector_items)
-            embeds = self.collab.embed(causal_lm, input_ids, states)
+            embeds = self.collab.embed(causal_lm, input_ids, self.collab.prompt_states(vector_items, states))
             hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

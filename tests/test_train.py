@@ -377,6 +377,67 @@ def test_a_phase_can_refit_its_head_before_the_next_phase_continues_it(tiny_run,
                                                        "train.phases=[{seed: 43, head_refit_after: true}]"]))
 
 
+def test_the_prompt_can_read_the_heads_extra_states(tiny_run, tmp_path):
+    """train.prompt_reads_head_sources: a phase continuing an adapter whose refitted head reads GRU4Rec's state
+    puts that state into the prompt's tokens too. It starts as the adapter it continues (the new weights are zero,
+    so the prompt's vectors are those of the mapper it came from, to the bit), they train, the saved mapper says
+    so, and the served model's prompt follows GRU4Rec's state; continuing it without them, or asking for them with
+    no head sources, is a clear error."""
+    import shutil
+
+    from lcrec_chat.collab_prompt import CollabDensePrompts
+    from lcrec_chat.recommender import Recommender
+    run = tmp_path / "prompt"
+    shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl"))
+    stages.baselines(load_config("configs/tiny.yaml", [f"run_dir={run}"]))
+    first = [f"run_dir={run}", "train.collab_tokens=sasrec", f"train.init_adapter={run / 'adapter'}",
+             "train.max_steps=2", "train.distill_weight=1.0", "train.collab_head=true", "train.collab_head_width=16",
+             "train.collab_on_codes=true", "train.task_budget={seqrec_dense: 8, item2index: 4}",
+             "train.head_refit_epochs=1", "train.head_refit_lr=0.01", "train.head_refit_sources=[gru4rec]"]
+    stages.train(load_config("configs/tiny.yaml", first))
+    start = run / "adapter.start"
+    shutil.copytree(run / "adapter", start)
+    rec = Recommender.from_run(load_config("configs/tiny.yaml", [f"run_dir={run}"]), run, adapter_dir=start)
+    history = [[0, 1, 2, 3]]
+    before = rec.collab.inputs(history)
+    reading = CollabDensePrompts.for_run(rec.tokenizer, rec.builder, run, start, prompt_extra=True)
+    assert reading.mapper.prompt_extra_dim == reading.head_sources["gru4rec"].dim
+    after = reading.inputs(history)
+    for a, b in zip(before[:3], after[:3]):                  # the prompt's vectors, the code additions, the head
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+    second = [f"run_dir={tmp_path / 'second'}", "train.collab_tokens=sasrec", f"train.init_adapter={start}",
+              "train.max_steps=2", "train.seed=44", "train.distill_weight=1.0", "train.collab_head=true",
+              "train.collab_head_width=16", "train.collab_on_codes=true",
+              "train.task_budget={seqrec_dense: 8, item2index: 4}", "train.head_refit_sources=[gru4rec]",
+              "train.prompt_reads_head_sources=true"]
+    fresh_copy = shutil.ignore_patterns("adapter*", "checkpoint", "train_log.jsonl")
+    shutil.copytree(run, tmp_path / "second", ignore=fresh_copy)
+    cfg = load_config("configs/tiny.yaml", second)
+    stages.train(cfg)
+    saved = torch.load(tmp_path / "second" / "adapter" / "collab_mapper.pt", weights_only=True)
+    assert saved["prompt_extra"] is True and saved["head_sources"] == ["gru4rec"]
+    assert saved["state"]["prompt_extra_in"].abs().sum() > 0          # zero at the start, trained
+    served = Recommender.from_run(cfg, tmp_path / "second")
+    assert served.collab.mapper.prompt_extra_dim > 0
+    vectors = served.collab.inputs(history)[0][0]
+    with torch.no_grad():                                # another GRU4Rec state, another prompt
+        served.collab.head_sources["gru4rec"].model.net.item_emb.weight.mul_(-1.0)
+    assert not torch.allclose(vectors, served.collab.inputs(history)[0][0])
+
+    third, fresh = tmp_path / "third", tmp_path / "fresh"
+    for folder in (third, fresh):
+        shutil.copytree(run, folder, ignore=fresh_copy)
+    continued = tmp_path / "second" / "adapter"
+    without = [f"run_dir={third}", "train.collab_tokens=sasrec", f"train.init_adapter={continued}",
+               *(f for f in second[3:] if not f.startswith("train.prompt_reads"))]
+    with pytest.raises(ValueError, match="prompt_reads_head_sources"):   # would drop what the prompt learned
+        stages.train(load_config("configs/tiny.yaml", without))
+    with pytest.raises(ValueError, match="prompt_reads_head_sources"):   # a fresh mapper has no head sources
+        stages.train(load_config("configs/tiny.yaml", [f"run_dir={fresh}", "train.collab_tokens=sasrec",
+                                                       "train.prompt_reads_head_sources=true", "train.max_steps=1"]))
+
+
 def test_a_soup_phase_trains_one_member_per_seed_and_keeps_their_average(tiny_run, tmp_path):
     """train.soup_seeds: each member is, to the bit, the run the phase trains with that seed alone; the phase's
     adapter is their average (every LoRA delta and the mapper exactly the members' mean), which the head refit then
@@ -548,6 +609,8 @@ def test_head_refit_fits_the_head_alone_from_the_phases_head(tiny_run, tmp_path)
     summary = stages.train(cfg)
     report = summary["head_refit"]
     assert report["train_points"] > 0 and report["valid_points"] > 0 and [len(f) for f in report["fits"]] == [4, 4]
+    # the student beside its teacher on the training windows too (the model card's memorisation check)
+    assert len(report["train_after"]["nll_per_level"]) == 3 and report["train_teacher_nll_per_item"] > 0
     for fit in report["fits"]:
         losses = [row["train_loss"] for row in fit]
         assert losses[-1] < losses[0], losses
