@@ -148,9 +148,9 @@ class CollabMapper(nn.Module):
             raise CollabError(f"the prompt's tokens read vectors of width {width} (collab_dim {self.collab_dim} + "
                               f"extra states {self.prompt_extra_dim}), not {vectors.shape[-1]}")
         vectors = self._on_device(vectors)
-        first = self.net[1](self.net[0](vectors[:, :self.collab_dim]))
+        first = self.net[1](self.net[0](vectors[..., :self.collab_dim]))
         if self.prompt_extra_dim:
-            first = first + F.linear(self.prompt_extra_norm(vectors[:, self.collab_dim:]), self.prompt_extra_in)
+            first = first + F.linear(self.prompt_extra_norm(vectors[..., self.collab_dim:]), self.prompt_extra_in)
         out = self.net[3](self.net[2](first))
         return F.normalize(out, dim=-1, eps=1e-8) * self.token_norm
 
