@@ -70,7 +70,9 @@ def loss_of(model, prompts: CollabDensePrompts, windows, pad_id: int) -> torch.T
     encoded = [(*prompts.training_ids(w), None) for w in windows]
     ids, labels, mask = batch_tensors(encoded, pad_id)
     causal_lm = model.get_base_model()
-    embeds = prompts.embed(causal_lm, ids, [w[:-1] for w in windows])
+    histories = [w[:-1] for w in windows]   # the items whose states fill the placeholders
+    states = prompts.states(histories) if prompts.mapper is not None else []
+    embeds = prompts.embed(causal_lm, ids, states)
     hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
