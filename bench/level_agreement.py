@@ -44,8 +44,8 @@ def level_rows(rec: Recommender, teacher: SequentialTeacher, histories: list[lis
         ids, _, vector_items = collab.sample_ids(history, target)
         points = collab.distill_points(ids, history, target)
         states = collab.states([vector_items])
-        head_in = collab.head_states([vector_items], states)   # with the head's extra states, where it reads some
-        embeds = collab.embed(rec.model, torch.tensor([ids]), collab.prompt_states([vector_items], states))
+        head_in = collab.head_states([vector_items], states)   # the prompt's and the head's input
+        embeds = collab.embed(rec.model, torch.tensor([ids]), head_in)
         hidden = rec.model.model(inputs_embeds=embeds).last_hidden_state[0]
         probs = teacher.probabilities([vector_items], {"sasrec": states})[0][-1:]   # after the whole history
         for pos, k, level, item in points:

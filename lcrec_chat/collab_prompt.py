@@ -26,7 +26,7 @@ a level's shared code tokens differently under each prefix (decoding feeds it ea
 after the same items (`head_sources`, e.g. GRU4Rec's: the distillation teacher mixes it in, and SASRec's state alone
 cannot say what it adds). With `train.prompt_reads_head_sources` the prompt's tokens read them too: each [si] is then
 the mapped state of every sequential model after items 1..i, so the LLM itself reads what its teacher, their mixture,
-reads (`prompt_states`).
+reads. The prompt and the head take the same vectors (`head_states`), computed once.
 
 Token ids are assembled piece by piece: the item codes are added special tokens and ", " tokenises alone, so the
 ids are those of the joined text.
@@ -65,9 +65,6 @@ class CollabDensePrompts:
         if mapper is not None and mapper.head_extra_dim != extra:
             raise ValueError(f"the mapper's head reads {mapper.head_extra_dim} extra state dimensions, the head sources "
                              f"{sorted(self.head_sources)} give {extra}")
-        if mapper is not None and mapper.prompt_extra_dim not in (0, extra):
-            raise ValueError(f"the mapper's prompt reads {mapper.prompt_extra_dim} extra state dimensions, the head "
-                             f"sources {sorted(self.head_sources)} give {extra}")
         self.placeholder = placeholder_id(tokenizer)[1] if mapper is not None else None
         self.context_text = chat_prompt(tokenizer, builder.prompts.dense)
         self.context = self._ids(self.context_text)
@@ -117,10 +114,9 @@ class CollabDensePrompts:
             raise ValueError(f"the prompt can read the head's extra states only where the head has some: {path} has "
                              "none (train.prompt_reads_head_sources needs train.head_refit_sources, refitted before)")
         sasrec, extra = Path(run) / "sasrec.pt", load_sequential(run, names)
-        extra_dim = sum(s.dim for s in extra.values())
         mapper = CollabMapper(saved["collab_dim"], saved["token_dim"], 1.0, saved["hidden"], **levels,
-                              prefix_tokens=tokens, head_extra_dim=extra_dim,
-                              prompt_extra_dim=extra_dim if prompt_extra else 0)
+                              prefix_tokens=tokens, head_extra_dim=sum(s.dim for s in extra.values()),
+                              prompt_reads_extra=prompt_extra)
         missing, unexpected = mapper.load_state_dict(saved["state"], strict=False)
         if unexpected or any(not key.startswith(("on_codes_", "on_logits_", "prompt_extra_")) for key in missing):
             raise ValueError(f"{path} does not fit a collaborative mapper: missing {missing}, unexpected {unexpected}")
@@ -134,7 +130,7 @@ class CollabDensePrompts:
         torch.save({"state": m.state_dict(), "collab_dim": m.collab_dim, "token_dim": m.token_dim,
                     "hidden": m.hidden, "code_levels": m.code_levels, "logit_levels": m.logit_levels,
                     "prefix_width": m.prefix_width, "head_sources": list(self.head_sources),
-                    "prompt_extra": bool(m.prompt_extra_dim),
+                    "prompt_extra": m.prompt_reads_extra,
                     "source": self.source.kind},
                    Path(adapter_dir) / MAPPER_FILE)
 
@@ -203,8 +199,8 @@ class CollabDensePrompts:
         return self.context_text + self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _mapped(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(placeholder vectors [P, hidden], code additions [P, levels, hidden] or None) of P prompt states
-        (`prompt_states`)."""
+        """(placeholder vectors [P, hidden], code additions [P, levels, hidden] or None) of P input vectors
+        (`head_states`)."""
         return self.mapper(states), (self.mapper.code_vectors(states) if self.mapper.code_levels else None)
 
     def inputs(self, histories: Sequence[Sequence[int]]) -> tuple[
@@ -219,7 +215,7 @@ class CollabDensePrompts:
         states = self.states(histories)
         sizes = [len(s) for s in states]
         full = self.head_states(histories, states)
-        vectors, additions = self._mapped(torch.cat(full if self.mapper.prompt_extra_dim else states))
+        vectors, additions = self._mapped(torch.cat(full))
         last = torch.stack([s[-1] for s in full])
         heads = list(self.mapper.logit_vectors(last)) if self.mapper.logit_levels else None
         return (list(vectors.split(sizes)), (None if additions is None else list(additions.split(sizes))), heads,
@@ -248,18 +244,14 @@ class CollabDensePrompts:
         return self.source.states_after_each([list(h)[-self.builder.max_history:] for h in histories])
 
     def head_states(self, histories: Sequence[Sequence[int]], states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The head's input after each item: `states` (this class's `states` of `histories`), with each head
-        source's state after the same items appended ([n, collab_dim + head_extra_dim]); `states` without them."""
+        """The mapper's input after each item, for the prompt's tokens and the head alike: `states` (this class's
+        `states` of `histories`), with each head source's state after the same items appended ([n, collab_dim +
+        head_extra_dim]); `states` without them."""
         if not self.head_sources:
             return list(states)
         windows = [list(h)[-self.builder.max_history:] for h in histories]
         extra = [source.states_after_each(windows) for source in self.head_sources.values()]
         return [torch.cat([own, *(e[row] for e in extra)], 1) for row, own in enumerate(states)]
-
-    def prompt_states(self, histories: Sequence[Sequence[int]], states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """What the prompt's tokens read after each item: `states` (this class's `states` of `histories`), with the
-        head sources' states appended where the prompt reads them too (`head_states`)."""
-        return self.head_states(histories, states) if self.mapper.prompt_extra_dim else list(states)
 
     def inference_vectors(self, histories: Sequence[Sequence[int]]) -> CollabInputs:
         """What decoding puts into the model for prompts of these histories (decoding.generate_items)."""
@@ -268,7 +260,8 @@ class CollabDensePrompts:
         return CollabInputs(self.placeholder, vectors, additions, heads, prefix)
 
     def embed(self, causal_lm, input_ids: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Input embeddings of a training batch; `states[r]` = `self.prompt_states` of row r's placeholder items."""
+        """Input embeddings of a training batch; `states[r]` = `self.head_states` of row r's placeholder items (the
+        prompt's own states alone where no head source is read)."""
         if self.mapper is None:
             return causal_lm.get_input_embeddings()(input_ids)
         return embed_with_collab(causal_lm, input_ids, self.placeholder, *self._mapped(torch.cat(list(states))))

@@ -97,14 +97,14 @@ class HeadRefit:
             if "distill" not in batch:
                 continue
             states = collab.states(batch["vector_items"])
-            prompt = collab.prompt_states(batch["vector_items"], states)
-            hidden = lm.model(inputs_embeds=collab.embed(lm, batch["input_ids"], prompt),
+            inputs = collab.head_states(batch["vector_items"], states)   # the prompt's and the head's
+            hidden = lm.model(inputs_embeds=collab.embed(lm, batch["input_ids"], inputs),
                               attention_mask=batch["attention_mask"]).last_hidden_state
             points = batch["distill"]
             levels, items = points["level"], points["item"]
             # the logits that predict the code at a position come from the position before it
             h = hidden[points["row"].to(device), points["position"].to(device) - 1].float().cpu()
-            state = torch.cat(collab.head_states(batch["vector_items"], states))[points["vector"]].float()
+            state = torch.cat(inputs)[points["vector"]].float()
             # the rest of the vocabulary as decoding sees it with the head the phases trained (exact at the start)
             logits = (h + collab.head_vectors(state, levels, items)) @ self.output.T
             own = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, self.codes.level_tokens[levels], True)

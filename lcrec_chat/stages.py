@@ -152,8 +152,9 @@ def train(cfg: Config, force: bool = False) -> dict:
 # the head refit runs after the phases on their adapter: its settings are its own stage's, not the phases'
 REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_refit_sources", "head_refit_teachers",
               "head_refit_after")
-# in the fingerprint only when set
+# settings added later enter a fingerprint only when set, so stages recorded before they existed stay up to date
 ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers", "head_refit_after")
+ADDED_TRAIN_KEYS = ("prompt_reads_head_sources",)
 REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
 
 
@@ -173,7 +174,6 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | N
     suffix = "" if phase is None else f".phase{phase}"
     record, adapter, stage = StageRecord(run), run / f"adapter{suffix}", f"head_refit{suffix}"
     out = (run if phase is None else adapter) / "head_refit.json"
-    # keys added later enter only when set, so refits recorded before they existed stay up to date
     keys = {k: getattr(tc, k) for k in REFIT_KEYS if k not in ADDED_REFIT_KEYS or getattr(tc, k)}
     fp = _fingerprint(record.data.get(f"train{suffix}", ""), keys, tc.distill_weight, tc.distill_teachers)
     if not force and record.fresh(stage, fp) and out.exists():
@@ -317,9 +317,7 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     # phases list (always empty here: train() runs them one by one), so runs from before phases keep their prints
     # (and a soup's seeds: each member is trained with its own seed and none)
     skipped = ("max_minutes", "phases", "soup_seeds") + REFIT_KEYS
-    # settings added later enter only when set, so runs trained before they existed keep their prints
-    added = ("prompt_reads_head_sources",)
-    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in skipped and (k not in added or v)}
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in skipped and (k not in ADDED_TRAIN_KEYS or v)}
     collab_on = cfg.train.collab_tokens != "none"
     if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
         baselines(cfg)

@@ -124,13 +124,14 @@ class SupervisedLoss(torch.nn.Module):
         states = None
         if self.collab is not None and vector_items is not None:
             states = self.collab.states(vector_items)
-            embeds = self.collab.embed(causal_lm, input_ids, self.collab.prompt_states(vector_items, states))
+            inputs = self.collab.head_states(vector_items, states)   # the prompt's and the head's
+            embeds = self.collab.embed(causal_lm, input_ids, inputs)
             hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.mapper is not None and self.mapper.logit_levels and distill is not None and states is not None:
             # train.collab_head: the state's vector for each level, on the hidden state that writes that code
-            head_in = torch.cat(self.collab.head_states(vector_items, states))[distill["vector"]]
+            head_in = torch.cat(inputs)[distill["vector"]]
             heads = self.collab.head_vectors(head_in, distill["level"], distill["item"])
             at = (distill["row"].to(hidden.device), distill["position"].to(hidden.device) - 1)
             hidden = hidden.index_put(at, heads.to(hidden.dtype), accumulate=True)

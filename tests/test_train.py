@@ -401,7 +401,7 @@ def test_the_prompt_can_read_the_heads_extra_states(tiny_run, tmp_path):
     history = [[0, 1, 2, 3]]
     before = rec.collab.inputs(history)
     reading = CollabDensePrompts.for_run(rec.tokenizer, rec.builder, run, start, prompt_extra=True)
-    assert reading.mapper.prompt_extra_dim == reading.head_sources["gru4rec"].dim
+    assert reading.mapper.prompt_reads_extra and reading.mapper.head_extra_dim == reading.head_sources["gru4rec"].dim
     after = reading.inputs(history)
     for a, b in zip(before[:3], after[:3]):                  # the prompt's vectors, the code additions, the head
         assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -419,7 +419,7 @@ def test_the_prompt_can_read_the_heads_extra_states(tiny_run, tmp_path):
     assert saved["prompt_extra"] is True and saved["head_sources"] == ["gru4rec"]
     assert saved["state"]["prompt_extra_in"].abs().sum() > 0          # zero at the start, trained
     served = Recommender.from_run(cfg, tmp_path / "second")
-    assert served.collab.mapper.prompt_extra_dim > 0
+    assert served.collab.mapper.prompt_reads_extra
     vectors = served.collab.inputs(history)[0][0]
     with torch.no_grad():                                # another GRU4Rec state, another prompt
         served.collab.head_sources["gru4rec"].model.net.item_emb.weight.mul_(-1.0)

@@ -88,17 +88,19 @@ class CollabMapper(nn.Module):
     states: `logit_vectors` and `prefix_vectors` then take vectors of width collab_dim + head_extra_dim, the prompt's
     state first, and add a linear map of the rest (its own LayerNorm) to each; zero at the start.
 
-    With `prompt_extra_dim` > 0 (train.prompt_reads_head_sources) the prompt's tokens read the same extra states:
-    `forward` then takes vectors of width collab_dim + prompt_extra_dim and adds a linear map of the rest (its own
-    LayerNorm) to the first layer's output, before the GELU; zero at the start, so a mapper continued with it maps
-    as the one it came from. The additions on the code tokens still read the prompt's own state."""
+    Every method takes the head's input layout (width collab_dim + head_extra_dim, the prompt's state first), so one
+    pass of the sequential models serves the prompt and the head. `forward` and `code_vectors` read only the
+    prompt's own state, unless `prompt_reads_extra` (train.prompt_reads_head_sources): then `forward` adds a linear
+    map of the extra states (its own LayerNorm) to the first layer's output, before the GELU; zero at the start, so
+    a mapper continued with it maps as the one it came from."""
 
     def __init__(self, collab_dim: int, token_dim: int, token_norm: float, hidden: int = 256,
                  code_levels: int = 0, logit_levels: int = 0, prefix_tokens: Sequence[int] = (),
-                 prefix_width: int = 0, head_extra_dim: int = 0, prompt_extra_dim: int = 0) -> None:
+                 prefix_width: int = 0, head_extra_dim: int = 0, prompt_reads_extra: bool = False) -> None:
         super().__init__()
         self.collab_dim, self.token_dim, self.hidden, self.code_levels = collab_dim, token_dim, hidden, code_levels
-        self.logit_levels, self.head_extra_dim, self.prompt_extra_dim = logit_levels, head_extra_dim, prompt_extra_dim
+        self.logit_levels, self.head_extra_dim = logit_levels, head_extra_dim
+        self.prompt_reads_extra = prompt_reads_extra
         self.net = nn.Sequential(nn.LayerNorm(collab_dim), nn.Linear(collab_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, token_dim))
         self.register_buffer("token_norm", torch.tensor(float(token_norm)))
@@ -132,46 +134,47 @@ class CollabMapper(nn.Module):
             self.on_logits_extra_weight = nn.Parameter(torch.zeros(logit_levels * token_dim, head_extra_dim))
             if prefix_width:
                 self.on_logits_prefix_extra_in = nn.Parameter(torch.zeros(logit_levels, prefix_width, head_extra_dim))
-        if prompt_extra_dim:   # trains with the mapper's own weights (train.mapper_lr), not with the head
-            self.prompt_extra_norm = nn.LayerNorm(prompt_extra_dim)
-            self.prompt_extra_in = nn.Parameter(torch.zeros(hidden, prompt_extra_dim))
+        if prompt_reads_extra:   # trains with the mapper's own weights (train.mapper_lr), not with the head
+            if not head_extra_dim:
+                raise CollabError("the prompt can read extra states only where the head has some (head_extra_dim)")
+            self.prompt_extra_norm = nn.LayerNorm(head_extra_dim)
+            self.prompt_extra_in = nn.Parameter(torch.zeros(hidden, head_extra_dim))
 
     def _on_device(self, vectors: torch.Tensor) -> torch.Tensor:
         """`vectors` in fp32 on the mapper's device (the sequential models give CPU states; a trained mapper may
         sit on the GPU beside the LoRA)."""
         return vectors.to(self.token_norm.device, torch.float32)
 
-    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        """[P, token_dim]: the placeholders' input embeddings of P states (width collab_dim + prompt_extra_dim)."""
-        width = self.collab_dim + self.prompt_extra_dim
+    def _split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the prompt's own states, the extra states or None) of input vectors, in fp32 on the mapper's device."""
+        width = self.collab_dim + self.head_extra_dim
         if vectors.shape[-1] != width:
-            raise CollabError(f"the prompt's tokens read vectors of width {width} (collab_dim {self.collab_dim} + "
-                              f"extra states {self.prompt_extra_dim}), not {vectors.shape[-1]}")
+            raise CollabError(f"the mapper reads vectors of width {width} (collab_dim {self.collab_dim} + the head's "
+                              f"extra states {self.head_extra_dim}), not {vectors.shape[-1]}")
         vectors = self._on_device(vectors)
-        first = self.net[1](self.net[0](vectors[..., :self.collab_dim]))
-        if self.prompt_extra_dim:
-            first = first + F.linear(self.prompt_extra_norm(vectors[..., self.collab_dim:]), self.prompt_extra_in)
+        return vectors[..., :self.collab_dim], (vectors[..., self.collab_dim:] if self.head_extra_dim else None)
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[P, token_dim]: the placeholders' input embeddings of P input vectors."""
+        own, extra = self._split(vectors)
+        first = self.net[1](self.net[0](own))
+        if self.prompt_reads_extra:
+            first = first + F.linear(self.prompt_extra_norm(extra), self.prompt_extra_in)
         out = self.net[3](self.net[2](first))
         return F.normalize(out, dim=-1, eps=1e-8) * self.token_norm
 
     def code_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """[P, code_levels, token_dim]: what each of the code tokens after a vector's placeholder adds (from the
-        prompt's own state, the first collab_dim columns)."""
+        prompt's own state)."""
         if not self.code_levels:
             raise CollabError("this mapper was built without code_levels")
-        own = self._on_device(vectors[:, :self.collab_dim])
-        out = F.linear(self.net[0](own), self.on_codes_weight, self.on_codes_bias)
+        out = F.linear(self.net[0](self._split(vectors)[0]), self.on_codes_weight, self.on_codes_bias)
         return out.view(len(vectors), self.code_levels, self.token_dim)
 
     def _head_inputs(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the normalised prompt state, the normalised extra states or None) of the head's input vectors."""
-        width = self.collab_dim + self.head_extra_dim
-        if vectors.shape[-1] != width:
-            raise CollabError(f"the head reads vectors of width {width} (collab_dim {self.collab_dim} + extra states "
-                              f"{self.head_extra_dim}), not {vectors.shape[-1]}")
-        vectors = self._on_device(vectors)
-        own = self.net[0](vectors[:, :self.collab_dim])
-        return own, (self.on_logits_extra_norm(vectors[:, self.collab_dim:]) if self.head_extra_dim else None)
+        own, extra = self._split(vectors)
+        return self.net[0](own), (None if extra is None else self.on_logits_extra_norm(extra))
 
     def logit_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """[P, logit_levels, token_dim]: what the last hidden state gets where each level's code is written after
