@@ -4,6 +4,8 @@ rows, over an hour more on 2 cores.
 
     python bench/lever_rows.py --run-dir RUN [--stages valid,test] [--dtype fp32] [--max-users N] [--drop-head prefix]
 
+`--stages select,valid,test` adds the select stage (split.py): for arms trained with train.hold_out_last 2 it is the
+stage arms are chosen on, its history ending with an item the LLM never read, as test's does.
 Writes RUN/lever_rows.json (a stage already there is kept unless listed) and prints a markdown table.
 `--drop-head prefix|all` decodes with the collaborative head's prefix MLP (or the whole head) switched off: how
 much of a trained model's ranking comes through it (rows stored as "STAGE without ..."). In the

@@ -167,6 +167,10 @@ class TrainConfig:
     # SASRec); empty = distill_teachers. Every seed's models mixed are a stronger teacher than the phases' pair, and
     # only the refit reruns when it changes
     head_refit_teachers: dict[str, float] = field(default_factory=dict)
+    # the weight of the teacher's term in the refit's loss; 0 = distill_weight. On the training windows the tuned
+    # LLM's features predict the codes better than the teacher does (it has read them), so a head fitted there leans
+    # on them; a larger teacher term leans it back (model card: weights 1 / 3 / 10)
+    head_refit_distill_weight: float = 0.0
     # in a phase of train.phases other than the last: the collaborative head is refitted (the head_refit_* settings)
     # on this phase's adapter before the next phase continues it, so the next phase's LoRA learns beside the
     # refitted head (on ML-100K a 300-step phase after the refit, with its own refit: valid NDCG@10 +5%)
@@ -180,6 +184,11 @@ class TrainConfig:
     # run with `seed`. On ML-100K two and three seeds of the last phase averaged stayed at the seeds' mean level on
     # valid (model card), so the recipe trains one
     soup_seeds: list[int] = field(default_factory=list)
+    # > 0: every LLM training task and the head refit leave out each user's last N training items (Split.held_back;
+    # the baselines and the collaborative models still train on them). With 2, the `select` stage (predict the last
+    # training item from those before it) asks what test asks, a history that ends with an item the LLM never read
+    # and a target it never wrote, so arms are chosen on it rather than on valid, whose history it has memorised
+    hold_out_last: int = 0
     # continue from an adapter instead of a fresh LoRA (a run folder's adapter/, same base and index tokens):
     # a second phase on top of a finished run, e.g. adding collaborative tokens to a tuned model
     init_adapter: str = ""

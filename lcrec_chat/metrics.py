@@ -21,9 +21,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from lcrec_chat.data.split import Split, UserSplit
+from lcrec_chat.data.split import EVAL_STAGES, STAGES as ANY_STAGE, Split, UserSplit, past_items, target_item
 
-STAGES = ("valid", "test")   # the evaluated stages (lcrec_chat.data.split.EVAL_STAGES); the pipeline's are cli.COMMANDS
+STAGES = EVAL_STAGES   # the stages every method is scored on; `stage_inputs` also takes "select" (split.py)
 
 
 def rank_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int],
@@ -115,9 +115,8 @@ def topk_from_scores(scores: torch.Tensor, exclude: Sequence[Sequence[int]], k: 
 def known_items(user_split: UserSplit, stage: str) -> list[int]:
     """Everything the user interacted with before this stage's target (the exclusion set, see top)."""
     _check_stage(stage)
-    past = list(user_split.train) if stage == "valid" else [*user_split.train, user_split.valid]
-    target = user_split.valid if stage == "valid" else user_split.test
-    return [i for i in dict.fromkeys(past) if i != target]
+    target = target_item(user_split, stage)
+    return [i for i in dict.fromkeys(past_items(user_split, stage)) if i != target]
 
 
 def stage_inputs(split: Split, stage: str, max_users: int = 0
@@ -140,5 +139,5 @@ def stage_inputs(split: Split, stage: str, max_users: int = 0
 
 
 def _check_stage(stage: str) -> None:
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage not in ANY_STAGE:
+        raise ValueError(f"stage must be one of {ANY_STAGE}, got {stage!r}")

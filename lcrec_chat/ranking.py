@@ -56,7 +56,7 @@ class Ranker:
 
 def evaluate_ranker(model: Ranker, split: Split, stage: str, ks: Sequence[int] = (1, 5, 10),
                     max_users: int = 0) -> dict[str, float | int]:
-    """HR/NDCG at `ks` for one stage ("valid" or "test"), through `metrics.stage_inputs`, plus the
+    """HR/NDCG at `ks` for one stage ("valid", "test" or "select"), through `metrics.stage_inputs`, plus the
     catalogue coverage and popular-item share of the top-10 lists (`metrics.list_metrics`)."""
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     ranked = model.recommend(histories, exclude, max(max(ks), 10), users=list(range(len(histories))))

@@ -151,10 +151,10 @@ def train(cfg: Config, force: bool = False) -> dict:
 
 # the head refit runs after the phases on their adapter: its settings are its own stage's, not the phases'
 REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_refit_sources", "head_refit_teachers",
-              "head_refit_after")
+              "head_refit_after", "head_refit_distill_weight")
 # settings added later enter a fingerprint only when set, so stages recorded before they existed stay up to date
-ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers", "head_refit_after")
-ADDED_TRAIN_KEYS = ("prompt_reads_head_sources",)
+ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers", "head_refit_after", "head_refit_distill_weight")
+ADDED_TRAIN_KEYS = ("prompt_reads_head_sources", "hold_out_last")
 REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
 
 
@@ -195,19 +195,27 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | N
                                                 head_sources=tc.head_refit_sources)
     teacher = SequentialTeacher.from_run(run, tc.head_refit_teachers or tc.distill_teachers,
                                          loaded={"sasrec": rec.collab.source, **rec.collab.head_sources})
-    refit = HeadRefit(rec.model, rec.collab, teacher, tc.distill_weight)
+    refit = HeadRefit(rec.model, rec.collab, teacher, tc.head_refit_distill_weight or tc.distill_weight)
     split = load_split(run)
     builder = rec.builder
-    windows = training_windows(split.train_sequences(), cfg.data.max_history + 1)
-    valid_users = [u for u in split.users if u.valid >= 0]
+    # the windows the LLM was tuned on, each training position once
+    windows = training_windows(split.held_back(tc.hold_out_last).train_sequences(), cfg.data.max_history + 1)
+
+    def held_out(stage: str):
+        users = [u for u in split.users if u.valid >= 0 and (stage != "select" or len(u.train) >= 2)]
+        samples = builder.heldout([split.history(u, stage) for u in users], [split.target(u, stage) for u in users],
+                                  "seqrec_dense", tc.seed)
+        return refit.features(encode(rec.tokenizer, samples, tc.max_length, rec.collab), cfg.eval.batch_size,
+                              f"head refit: {stage} users")
+
     # encoded as training encodes them (train.encode), so the head sees the prompts it was trained on
     train_f = refit.features(encode(rec.tokenizer, [builder.seqrec_dense(w[:-1], w[-1], None) for w in windows],
                                     tc.max_length, rec.collab), cfg.eval.batch_size, "head refit: training windows")
-    valid_f = refit.features(encode(rec.tokenizer, builder.heldout([split.history(u, "valid") for u in valid_users],
-                                                                   [split.target(u, "valid") for u in valid_users],
-                                                                   "seqrec_dense", tc.seed),
-                                    tc.max_length, rec.collab), cfg.eval.batch_size, "head refit: valid users")
+    valid_f = held_out("valid")
+    # with the last two training items held out of the LLM's windows, the select stage is the test-like held-out set
+    select_f = held_out("select") if tc.hold_out_last >= 2 else None
     before = refit.held_out(valid_f)
+    select_before = refit.held_out(select_f) if select_f is not None else None
     fits = refit.fit_averaged(train_f, valid_f, tc.head_refit_epochs, tc.head_refit_lr, tc.head_refit_seeds,
                               first_seed=tc.seed)
     rec.collab.save_mapper(adapter)
@@ -218,6 +226,10 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | N
               # not on valid has learnt the windows rather than the teacher
               "train_after": refit.held_out(train_f),
               "train_teacher_nll_per_item": refit.teacher_nll(train_f)["nll_per_item"],
+              **({"select_before": select_before, "select_after": refit.held_out(select_f),
+                  "select_teacher_nll_per_item": refit.teacher_nll(select_f)["nll_per_item"]}
+                 if select_f is not None else {}),
+              "distill_weight": refit.distill_weight,
               "teacher": teacher.weights,
               "head_sources": list(rec.collab.head_sources), "fits": fits,
               "seconds": round(time.time() - started, 1)}
@@ -332,8 +344,9 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     record.data.pop(stage, None)          # until this run completes, the stage is not done
     record.done(f"{stage}_started", fp)
     split = load_split(run)
-    builder, codes = task_builder(run, cfg, split)
-    samples = builder.build(split.train_sequences(), cfg.train.task_budget, cfg.train.seed)
+    learnt = split.held_back(cfg.train.hold_out_last)   # what the LLM is tuned on
+    builder, codes = task_builder(run, cfg, learnt)
+    samples = builder.build(learnt.train_sequences(), cfg.train.task_budget, cfg.train.seed)
     valid = validation_samples(builder, split, cfg)
     log.info("train: %d samples, %d validation samples", len(samples), len(valid))
 

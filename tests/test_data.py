@@ -344,6 +344,27 @@ def test_leave_one_out_targets_and_capped_history():
         split.history(long, "train")
 
 
+def test_held_back_split_and_the_select_stage():
+    """train.hold_out_last: the held-back split's training parts lack each user's last n training items (train-only
+    sequences too), targets unchanged; the select stage predicts the last training item from those before it, so
+    with n = 2 its history ends with an item the held-back training never had, and its target is one too."""
+    split = leave_one_out(toy_dataset(), max_history=20)
+    long, three = split.users
+    held = split.held_back(2)
+    assert [u.train for u in held.users] == [list(range(26)), []]
+    assert [(u.valid, u.test) for u in held.users] == [(28, 29), (31, 32)]
+    assert held.train_only == {"two": []} and held.train_sequences() == [list(range(26))]
+    assert split.held_back(0) is split
+    assert split.users[0].train == list(range(28))            # the split itself is untouched
+    with pytest.raises(ValueError, match=">= 0"):
+        split.held_back(-1)
+    assert split.target(long, "select") == 27 and split.history(long, "select") == list(range(7, 27))
+    learnt = {i for seq in held.train_sequences() for i in seq}
+    assert split.target(long, "select") not in learnt and split.history(long, "select")[-1] not in learnt
+    with pytest.raises(ValueError, match="select stage needs 2 training items"):
+        split.target(three, "select")                          # one training item: nothing to predict it from
+
+
 def test_split_follows_stable_tie_order_from_the_loader(tmp_path):
     # u1's last two ratings share a timestamp: file order decides which one is the test target
     inter = ML_INTER[:1] + ["1\tu1\t40\t4", "5\tu1\t10\t4", "9\tu1\t30\t4", "9\tu1\t20\t4"]

@@ -71,6 +71,9 @@ def test_exclusion_covers_the_whole_past_not_only_the_window():
     # repeats: the past is de-duplicated, and the target itself is never excluded (a sure miss)
     again = UserSplit("r", [4, 2, 4], 2, 4)
     assert known_items(again, "valid") == [4] and known_items(again, "test") == [2]
+    # the select stage (split.py): the last training item from those before it, all of them excluded
+    assert known_items(user, "select") == [0, 1, 2]
+    assert stage_inputs(split, "select") == ([[1, 2]], [[0, 1, 2]], [3])
 
 
 # ---------------------------------------------------------------------------------- baselines

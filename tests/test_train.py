@@ -667,3 +667,35 @@ def test_head_refit_fits_the_head_alone_from_the_phases_head(tiny_run, tmp_path)
     assert list(served.collab.head_sources) == ["gru4rec"]
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         stages.head_refit(cfg, dataclasses.replace(cfg.train, head_refit_sources=["nope"]), force=True)
+
+
+def test_hold_out_last_keeps_each_users_last_items_out_of_the_llms_training(tiny_run, tmp_path):
+    """train.hold_out_last 2: the phases and the head refit learn from the held-back split (fewer training windows
+    and points than the same run without it, none of them writing a held-out item), the refit also reports the
+    select stage, whose held-out points are the users' last training items, and the setting is part of the training
+    fingerprint (changing it retrains) while a run without it keeps its fingerprint."""
+    import shutil
+
+    from lcrec_chat.head_refit import training_windows
+    from lcrec_chat.run_folder import load_split
+    run = tmp_path / "held"
+    shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl"))
+    flags = [f"run_dir={run}", "train.collab_tokens=sasrec", "train.max_steps=2", "train.distill_weight=1.0",
+             "train.collab_head=true", "train.collab_head_width=16",
+             "train.task_budget={seqrec_dense: 12, item2index: 4}", "train.head_refit_epochs=1"]
+    plain = stages.train(load_config("configs/tiny.yaml", flags))["head_refit"]
+    plain_fp = json.loads((run / "stages.json").read_text())["train"]
+    cfg = load_config("configs/tiny.yaml", flags + ["train.hold_out_last=2"])
+    held = stages.train(cfg)["head_refit"]
+    assert json.loads((run / "stages.json").read_text())["train"] != plain_fp     # retrained
+
+    split = load_split(run)
+    windows = training_windows(split.held_back(2).train_sequences(), cfg.data.max_history + 1)
+    assert held["windows"] == len(windows) and 0 < held["train_points"] < plain["train_points"]
+    held_out = {(u.user, i) for u in split.users for i in u.train[-2:]}
+    learnt = {(u.user, i) for u in split.held_back(2).users for i in u.train}
+    assert held_out and not held_out & learnt
+    assert held["select_after"]["nll_per_item"] > 0 and held["select_teacher_nll_per_item"] > 0
+    assert held["select_before"]["nll_per_item"] > 0 and "select_after" not in plain
+    assert held["valid_points"] == plain["valid_points"]      # valid is reported on the whole split as before
+    assert stages.train(load_config("configs/tiny.yaml", flags))["head_refit"]["train_points"] == plain["train_points"]

@@ -5,6 +5,12 @@ target, the second-to-last the validation target, the rest is training. A model 
 `max_history` items: the end of `train` when predicting `valid`, the end of `train + [valid]`
 when predicting `test`.
 
+A third stage, `select`, predicts each user's last training item from the training items before it. It is
+for choosing between LLM arms whose training held back each user's last two training items (`held_back(2)`,
+train.hold_out_last): then its history ends with an item the LLM never read and its target is one it never
+wrote, as on test; valid's history is the whole training sequence, which a model tuned on windows of it has
+memorised (the model card's "The student learns its windows").
+
 Users with fewer than 3 interactions cannot give a train item, a valid and a test target.
 They are kept out of `users` (so every `UserSplit` has real targets), and their whole sequence
 is kept in `train_only`, which feeds training and popularity but no evaluation. Loaders used
@@ -18,7 +24,9 @@ from pathlib import Path
 
 from .dataset import DataError, Dataset
 
-EVAL_STAGES = ("valid", "test")
+EVAL_STAGES = ("valid", "test")          # the protocol's reported stages, every method on both
+SELECT_STAGE = "select"                   # for choosing between LLM arms trained with held_back(2)
+STAGES = (SELECT_STAGE, *EVAL_STAGES)
 MIN_LENGTH = 3
 FORMAT_VERSION = 1
 
@@ -39,11 +47,20 @@ class Split:
 
     def history(self, u: UserSplit, stage: str) -> list[int]:
         """The items a model sees before predicting `target(u, stage)`, oldest first."""
-        seen = u.train if _check(stage) == "valid" else u.train + [u.valid]
-        return seen[-self.max_history:]
+        return past_items(u, stage)[-self.max_history:]
 
     def target(self, u: UserSplit, stage: str) -> int:
-        return u.valid if _check(stage) == "valid" else u.test
+        return target_item(u, stage)
+
+    def held_back(self, n: int) -> Split:
+        """The split with each user's last `n` training items (and the last `n` of a train-only sequence) left out of
+        its training part: what a model trained with train.hold_out_last = n learns from. Targets are unchanged."""
+        if n < 0:
+            raise ValueError(f"held_back: n must be >= 0, got {n}")
+        if n == 0:
+            return self
+        users = [UserSplit(u.user, u.train[:-n], u.valid, u.test) for u in self.users]
+        return Split(users, self.max_history, {k: s[:-n] for k, s in self.train_only.items()})
 
     def train_sequences(self) -> list[list[int]]:
         """Every non-empty training sequence: users' train parts, then the train-only users."""
@@ -111,7 +128,25 @@ def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
     return Split(users, max_history, train_only)
 
 
+def target_item(u: UserSplit, stage: str) -> int:
+    """The item `stage` asks the model to predict for user `u`."""
+    stage = _check(stage)
+    if stage == SELECT_STAGE:
+        if len(u.train) < 2:
+            raise ValueError(f"user {u.user}: the select stage needs 2 training items, the user has {len(u.train)}")
+        return u.train[-1]
+    return u.valid if stage == "valid" else u.test
+
+
+def past_items(u: UserSplit, stage: str) -> list[int]:
+    """Everything the user interacted with before `stage`'s target, oldest first."""
+    stage = _check(stage)
+    if stage == SELECT_STAGE:
+        return u.train[:-1]
+    return list(u.train) if stage == "valid" else [*u.train, u.valid]
+
+
 def _check(stage: str) -> str:
-    if stage not in EVAL_STAGES:
-        raise ValueError(f"stage must be one of {EVAL_STAGES}, got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     return stage
