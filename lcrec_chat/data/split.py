@@ -56,7 +56,7 @@ class Split:
         """The split with each user's last `n` training items (and the last `n` of a train-only sequence) left out of
         its training part: what a model trained with train.hold_out_last = n learns from. Targets are unchanged."""
         if n < 0:
-            raise ValueError(f"held_back: n must be >= 0, got {n}")
+            raise ValueError(f"cannot hold back {n} training items per user (train.hold_out_last must be >= 0)")
         if n == 0:
             return self
         users = [UserSplit(u.user, u.train[:-n], u.valid, u.test) for u in self.users]
