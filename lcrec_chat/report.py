@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-STAGE_ORDER = ("valid", "test")
+STAGE_ORDER = ("select", "valid", "test")   # select: LC-Rec arms trained with train.hold_out_last (split.py)
 
 
 def markdown_table(results: dict[str, dict[str, dict]], ks: Sequence[int] = (1, 5, 10),

@@ -558,7 +558,8 @@ def _mapper_stamp(adapter: Path) -> list[str]:
 
 
 def evaluate(cfg: Config, force: bool = False) -> dict:
-    """metrics.json and report.md: every method on valid and test under one protocol (metrics.py).
+    """metrics.json and report.md: every method on valid and test under one protocol (metrics.py); LC-Rec trained
+    with train.hold_out_last >= 2 also on the select stage (split.py).
 
     LC-Rec per prompt style, itemsearch beside its two baselines and the template spread; then the classic
     baselines (the `baselines` stage, reused when fresh); then the hybrid (SASRec's prior), its weight chosen on
@@ -602,11 +603,13 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         codes += ", SASRec tokens"   # one collaborative token after each history item (train.collab_tokens)
     table: dict[str, dict] = {}
     metrics: dict = {"methods": table, "precision": dtype, "machine": describe(), "num_beams": cfg.eval.num_beams}
+    # a model trained without each user's last two training items is also scored on the stage arms are chosen on
+    llm_stages = ("select", "valid", "test") if cfg.train.hold_out_last >= 2 else ("valid", "test")
     for style in cfg.eval.styles:
         table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}, {codes})"] = {
             stage: cache.get(f"{style} {stage}", lambda: evaluate_sequential(rec, split, stage, style, 0,
                                                                               cfg.eval.max_users, ks))
-            for stage in ("valid", "test")}
+            for stage in llm_stages}
     if cfg.eval.itemsearch:
         # test only: nothing is chosen on valid for itemsearch, and a pass costs as much as a recommendation pass
         search = {"LC-Rec": {"test": cache.get("itemsearch test", lambda: evaluate_itemsearch(

@@ -698,4 +698,11 @@ def test_hold_out_last_keeps_each_users_last_items_out_of_the_llms_training(tiny
     assert held["select_after"]["nll_per_item"] > 0 and held["select_teacher_nll_per_item"] > 0
     assert held["select_before"]["nll_per_item"] > 0 and "select_after" not in plain
     assert held["valid_points"] == plain["valid_points"]      # valid is reported on the whole split as before
+    # the evaluate stage scores such a model on select too, in metrics.json and in the report
+    metrics = stages.evaluate(load_config("configs/tiny.yaml", flags + ["train.hold_out_last=2", "eval.max_users=4",
+                                                                         "eval.itemsearch=false"]))
+    rows = {k: list(v) for k, v in metrics["methods"].items() if k.startswith("LC-Rec (")}
+    row = metrics["methods"]["LC-Rec (dense prompt, text+collaborative codes, SASRec tokens)"]
+    assert list(row) == ["select", "valid", "test"] and row["select"]["users"] == 4, rows
+    assert "| select | 4 |" in (run / "report.md").read_text()
     assert stages.train(load_config("configs/tiny.yaml", flags))["head_refit"]["train_points"] == plain["train_points"]
