@@ -28,8 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcrec_chat.config import EvalConfig
-from lcrec_chat.data.split import Split
-from lcrec_chat.metrics import STAGES, rank_metrics, stage_inputs
+from lcrec_chat.data.split import EVAL_STAGES, Split
+from lcrec_chat.metrics import rank_metrics, stage_inputs
 from lcrec_chat.ranking import Ranker, evaluate_ranker
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class GRU4Rec(SequentialRecommender):
 def _mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of every metric over seeds, with the NDCG@10 of each seed and its standard deviation."""
     out: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in EVAL_STAGES:
         rows = [r[stage] for r in runs]
         out[stage] = {key: (float(np.mean([r[key] for r in rows])) if key != "users" else rows[0][key])
                       for key in rows[0]}
@@ -403,7 +403,7 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
         start = time.perf_counter()
         model.fit(split, num_items)
         entry: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - start, 2)}
-        for stage in STAGES:
+        for stage in EVAL_STAGES:
             entry[stage] = evaluate_ranker(model, split, stage, cfg.cutoffs, cfg.max_users)
         results[model.name] = entry
     for name, cls in SEQUENTIAL.items():
@@ -413,7 +413,7 @@ def run_baselines(split: Split, num_items: int, item_emb: np.ndarray | None, cfg
                         seed=seed, stride=cfg.baseline_stride, num_threads=num_threads, progress=progress).fit(split, num_items)
             run: dict[str, Any] = {"fit_seconds": round(model.fit_seconds, 2), "best_epoch": model.best_epoch,
                                    "epochs_run": len(model.epochs_log)}
-            for stage in STAGES:
+            for stage in EVAL_STAGES:
                 run[stage] = evaluate_ranker(model, split, stage, cfg.cutoffs, cfg.max_users)
             runs.append(run)
             if save_dir is not None:

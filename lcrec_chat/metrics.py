@@ -21,9 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from lcrec_chat.data.split import EVAL_STAGES, STAGES as ANY_STAGE, Split, UserSplit, past_items, target_item
-
-STAGES = EVAL_STAGES   # the stages every method is scored on; `stage_inputs` also takes "select" (split.py)
+from lcrec_chat.data.split import STAGES, Split, UserSplit, past_items, target_item
 
 
 def rank_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int],
@@ -139,5 +137,5 @@ def stage_inputs(split: Split, stage: str, max_users: int = 0
 
 
 def _check_stage(stage: str) -> None:
-    if stage not in ANY_STAGE:
-        raise ValueError(f"stage must be one of {ANY_STAGE}, got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")

@@ -669,15 +669,31 @@ def test_head_refit_fits_the_head_alone_from_the_phases_head(tiny_run, tmp_path)
         stages.head_refit(cfg, dataclasses.replace(cfg.train, head_refit_sources=["nope"]), force=True)
 
 
-def test_hold_out_last_keeps_each_users_last_items_out_of_the_llms_training(tiny_run, tmp_path):
+def test_hold_out_last_keeps_each_users_last_items_out_of_the_llms_training(tiny_run, tmp_path, monkeypatch):
     """train.hold_out_last 2: the phases and the head refit learn from the held-back split (fewer training windows
     and points than the same run without it, none of them writing a held-out item), the refit also reports the
     select stage, whose held-out points are the users' last training items, and the setting is part of the training
     fingerprint (changing it retrains) while a run without it keeps its fingerprint."""
     import shutil
 
-    from lcrec_chat.head_refit import training_windows
+    from lcrec_chat import head_refit
     from lcrec_chat.run_folder import load_split
+    from lcrec_chat.tasks import TaskBuilder
+    # record the sequences the phases' task builder and the refit's windows are actually built from (the real
+    # functions still run)
+    learnt_from: dict[str, list[list[int]]] = {}
+    build, windows_of = TaskBuilder.build, head_refit.training_windows
+
+    def recording_build(self, sequences, *args, **kwargs):
+        learnt_from["tasks"] = [list(s) for s in sequences]
+        return build(self, sequences, *args, **kwargs)
+
+    def recording_windows(sequences, size):
+        learnt_from["refit"] = [list(s) for s in sequences]
+        return windows_of(sequences, size)
+
+    monkeypatch.setattr(TaskBuilder, "build", recording_build)
+    monkeypatch.setattr(head_refit, "training_windows", recording_windows)
     run = tmp_path / "held"
     shutil.copytree(tiny_run.run_path, run, ignore=shutil.ignore_patterns("checkpoint", "train_log.jsonl"))
     flags = [f"run_dir={run}", "train.collab_tokens=sasrec", "train.max_steps=2", "train.distill_weight=1.0",
@@ -690,11 +706,15 @@ def test_hold_out_last_keeps_each_users_last_items_out_of_the_llms_training(tiny
     assert json.loads((run / "stages.json").read_text())["train"] != plain_fp     # retrained
 
     split = load_split(run)
-    windows = training_windows(split.held_back(2).train_sequences(), cfg.data.max_history + 1)
-    assert held["windows"] == len(windows) and 0 < held["train_points"] < plain["train_points"]
-    held_out = {(u.user, i) for u in split.users for i in u.train[-2:]}
-    learnt = {(u.user, i) for u in split.held_back(2).users for i in u.train}
-    assert held_out and not held_out & learnt
+    assert held["windows"] == len(windows_of(learnt_from["refit"], cfg.data.max_history + 1))
+    assert 0 < held["train_points"] < plain["train_points"]
+    # what both learnt from: each user's training items but the last two, in order (one user per sequence, as
+    # Split.train_sequences orders them); no held-out item anywhere in that user's sequence
+    users = [u for u in split.users if len(u.train) > 2]
+    for part in ("tasks", "refit"):
+        sequences = learnt_from[part][:len(users)]
+        assert sequences == [u.train[:-2] for u in users], part
+        assert not any(set(u.train[-2:]) & set(s) for u, s in zip(users, sequences)), part
     assert held["select_after"]["nll_per_item"] > 0 and held["select_teacher_nll_per_item"] > 0
     assert held["select_before"]["nll_per_item"] > 0 and "select_after" not in plain
     assert held["valid_points"] == plain["valid_points"]      # valid is reported on the whole split as before

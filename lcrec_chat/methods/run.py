@@ -19,8 +19,7 @@ from typing import Any
 
 from ..config import Config
 from ..locks import file_lock, process_alive
-from ..data.split import Split
-from ..metrics import STAGES
+from ..data.split import EVAL_STAGES, Split
 from ..ranking import evaluate_ranker
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def run_cllm4rec(cfg: Config, run: Path, split: Split, items: list[dict], finger
         model.save(folder)
         _mark_trained(folder, fingerprint, train_seconds)
     entry: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "fit": model.fit_summary}
-    for stage in STAGES:
+    for stage in EVAL_STAGES:
         scored = time.perf_counter()
         entry[stage] = evaluate_ranker(model, split, stage, cfg.eval.cutoffs, cfg.eval.max_users)
         entry[stage]["seconds"] = round(time.perf_counter() - scored, 1)
@@ -185,7 +184,7 @@ def run_collm(cfg: Config, run: Path, split: Split, items: list[dict], fingerpri
     c = cfg.methods.collm
     model, source, train_seconds = _load_or_fit_collm(cfg, run, split, items, fingerprint)
     pieces = score_collm_pieces(cfg, run, split, model, source, fingerprint)
-    auc = {stage: pieces[f"auc/{stage}"] for stage in STAGES}
+    auc = {stage: pieces[f"auc/{stage}"] for stage in EVAL_STAGES}
     auc["test"]["text only (stage 1, TALLRec-style)"] = pieces["text_only_auc/test"]
     entry: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "fit": model.fit_summary,
                              "collab": c.collab, "auc": auc,
