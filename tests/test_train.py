@@ -711,6 +711,7 @@ def test_hold_out_last_keeps_each_users_last_items_out_of_the_llms_training(tiny
     # what both learnt from: each user's training items but the last two, in order (one user per sequence, as
     # Split.train_sequences orders them); no held-out item anywhere in that user's sequence
     users = [u for u in split.users if len(u.train) > 2]
+    assert users and all(u.train[-2:] for u in users)     # there are held-out items to keep out
     for part in ("tasks", "refit"):
         sequences = learnt_from[part][:len(users)]
         assert sequences == [u.train[:-2] for u in users], part
