@@ -312,6 +312,23 @@ def _train_phase_or_soup(cfg: Config, stage: str, force: bool, keep_as: Path | N
     return summary
 
 
+def phase_fingerprint(cfg: Config, after: str | None = None) -> str:
+    """What one training run (or phase) depends on: the model, its train settings, the codes and SASRec it reads and,
+    for a later phase, `after`, the fingerprints of the phase before and its refit.
+
+    Left out: max_minutes (a run stopped by the clock resumes when started again with more time), the phases list
+    (always empty here: train() runs them one by one, so runs from before phases keep their prints), a soup's seeds
+    (each member is trained with its own seed and none) and the refit's keys (their own stage). A later phase's
+    init_adapter is left out too: it is the phase before's folder, which `after` already stands for, and its path
+    would make a run copied elsewhere (an arm branched from another run's phases) retrain every later phase."""
+    run = cfg.run_path
+    skipped = ("max_minutes", "phases", "soup_seeds") + REFIT_KEYS + (("init_adapter",) if after is not None else ())
+    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in skipped and (k not in ADDED_TRAIN_KEYS or v)}
+    collab_on = cfg.train.collab_tokens != "none"
+    return _fingerprint(cfg.model, train_cfg, _file_stamp(run / "codes.json"),
+                        _file_stamp(run / "sasrec.pt") if collab_on else "", *([after] if after is not None else []))
+
+
 def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = None,
                  after: str | None = None) -> dict:
     """One training run from cfg.train into the run's adapter/; with keep_as, the finished adapter is moved there
@@ -325,16 +342,10 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     from .train import train as run_training
     run = cfg.run_path
     record = StageRecord(run)
-    # max_minutes is left out: a run stopped by the clock resumes when started again with more time; so is the
-    # phases list (always empty here: train() runs them one by one), so runs from before phases keep their prints
-    # (and a soup's seeds: each member is trained with its own seed and none)
-    skipped = ("max_minutes", "phases", "soup_seeds") + REFIT_KEYS
-    train_cfg = {k: v for k, v in cfg.train.__dict__.items() if k not in skipped and (k not in ADDED_TRAIN_KEYS or v)}
     collab_on = cfg.train.collab_tokens != "none"
     if collab_on:   # SASRec's states enter the prompt: the baselines stage (which trains it) comes first
         baselines(cfg)
-    fp = _fingerprint(cfg.model, train_cfg, _file_stamp(run / "codes.json"),
-                      _file_stamp(run / "sasrec.pt") if collab_on else "", *([after] if after is not None else []))
+    fp = phase_fingerprint(cfg, after)
     if not force and record.fresh(stage, fp) and (keep_as or run / "adapter").exists():
         log.info("%s: up to date (use --force to rerun)", stage)
         return json.loads(((keep_as or run) / "train_summary.json").read_text())

@@ -320,6 +320,14 @@ def test_phases_train_the_same_model_as_a_chain_of_continued_runs(tiny_run, tmp_
     mtime = (folders["phased"] / "adapter" / "adapter_model.safetensors").stat().st_mtime
     assert stages.train(phased)["steps"] == 2                               # up to date: nothing retrained
     assert (folders["phased"] / "adapter" / "adapter_model.safetensors").stat().st_mtime == mtime
+    # copied to another folder (an arm branched from a run's phases), it is still up to date: a later phase's print
+    # stands for the phase before by that phase's print, not by its folder's path
+    moved = tmp_path / "moved"
+    shutil.copytree(folders["phased"], moved)
+    record = json.loads((moved / "stages.json").read_text())
+    stages.train(load_config("configs/tiny.yaml", [f"run_dir={moved}", *first, f"train.phases={json.dumps([later])}"]))
+    assert json.loads((moved / "stages.json").read_text()) == record
+    assert (moved / "adapter" / "adapter_model.safetensors").stat().st_mtime == mtime
 
 
 def test_a_phase_can_refit_its_head_before_the_next_phase_continues_it(tiny_run, tmp_path):
