@@ -153,6 +153,11 @@ class TrainConfig:
     # code conditionals along paths the users did not take (distill.teacher_paths). On ML-100K, 0.3 over a full
     # 630-step phase lost 3.6% valid NDCG@10 against the same phase without it (model card), so the recipe leaves it 0
     teacher_paths: float = 0.0
+    # each item of every dense window removed with this probability when the phase's samples are built
+    # (TaskBuilder.drop_window_items), so the phases do not pass over the very same windows again and again: the
+    # LLM learns the users' windows (its loss on them falls far under its teacher's) while test's history ends with
+    # an item it never read. Fair to read on the select stage: it does not learn from the sequential models
+    window_dropout: float = 0.0
     # > 0 (needs collab_head): after the last phase, the collaborative head alone is fitted for this many epochs on
     # the frozen model's features (head_refit.py: one pass of the model over the training windows, then epochs over
     # the cached hidden states), from head_refit_lr (cosine to 0), with the same loss and distill_weight, once per

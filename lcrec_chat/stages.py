@@ -154,7 +154,7 @@ REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_re
               "head_refit_after", "head_refit_distill_weight")
 # settings added later enter a fingerprint only when set, so stages recorded before they existed stay up to date
 ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers", "head_refit_after", "head_refit_distill_weight")
-ADDED_TRAIN_KEYS = ("prompt_reads_head_sources", "hold_out_last")
+ADDED_TRAIN_KEYS = ("prompt_reads_head_sources", "hold_out_last", "window_dropout")
 REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
 
 
@@ -358,6 +358,9 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     learnt = split.held_back(cfg.train.hold_out_last)   # what the LLM is tuned on
     builder, codes = task_builder(run, cfg, learnt)
     samples = builder.build(learnt.train_sequences(), cfg.train.task_budget, cfg.train.seed)
+    samples, dropped = builder.drop_window_items(samples, cfg.train.window_dropout, cfg.train.seed)
+    if dropped:
+        log.info("train: window dropout took %d items out of the dense windows", dropped)
     valid = validation_samples(builder, split, cfg)
     log.info("train: %d samples, %d validation samples", len(samples), len(valid))
 
@@ -409,6 +412,8 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     if os.environ.get("RANK", "0") != "0":   # torchrun: rank 0 writes the run folder
         return summary
     summary["task_samples"] = {t: sum(s.task == t for s in samples) for t in cfg.train.task_budget}
+    if cfg.train.window_dropout:
+        summary["window_dropped_items"] = dropped   # TaskBuilder.drop_window_items
     (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
     plot_training(run / "train_log.jsonl", run / "loss_curves.png")
     if summary["complete"]:

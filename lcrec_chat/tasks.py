@@ -444,6 +444,33 @@ class TaskBuilder:
         rng.shuffle(samples)
         return samples
 
+    def drop_window_items(self, samples: Sequence[Sample], share: float, seed: int) -> tuple[list[Sample], int]:
+        """The samples with each item of every dense window removed with probability `share` (a window left with
+        fewer than two items is kept whole; other tasks untouched); returns (samples, items removed).
+
+        Why (train.window_dropout): the phases pass over the same users' windows many times, and the LLM learns
+        them: its loss on training windows falls far under its teacher's while test, whose history ends with an
+        item it never read, stays above it (model card). A window with items taken out is a sequence the model
+        has not read, so it has to predict from what the items say rather than from where the window is.
+        The rewritten window is an ordinary dense sample: its collaborative states and soft targets are computed
+        on the items it keeps."""
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"train.window_dropout is a share of a window's items, in [0, 1): {share}")
+        out = list(samples)
+        if share == 0:
+            return out, 0
+        rng = random.Random(f"window_dropout:{seed}")   # not the stream `build` drew the windows with
+        removed = 0
+        for i, sample in enumerate(samples):
+            if sample.task != "seqrec_dense" or not sample.items:
+                continue
+            kept = [item for item in sample.items if rng.random() >= share]
+            if len(kept) < 2 or len(kept) == len(sample.items):
+                continue
+            out[i] = self.seqrec_dense(kept[:-1], kept[-1], rng)
+            removed += len(sample.items) - len(kept)
+        return out, removed
+
     def heldout(self, histories: Sequence[Sequence[int]], targets: Sequence[int], task: str,
                 seed: int) -> list[Sample]:
         """Samples whose answers are held-out targets (valid/test): for validation loss and itemsearch eval."""

@@ -95,3 +95,30 @@ def test_request_prompt_and_rendering_with_real_tokenizer(world):
     dense = builder.dense_continuation([0, 1, 2], 3)
     context, answer = render(tokenizer, dense)
     assert context.endswith(", ") and answer.startswith(builder.code_text[3])
+
+
+def test_window_dropout_takes_items_out_of_dense_windows_only(world):
+    """TaskBuilder.drop_window_items: about `share` of the dense windows' items are taken out, the rest keep their
+    order and the rewritten sample is the dense sample of the kept items (codes, target, items agree); other tasks
+    are the very same samples; the same seed gives the same samples, share 0 none, a share of 1 is refused."""
+    split, items, codes, builder = world
+    samples = builder.build(split.train_sequences()[:200], {"seqrec_dense": 150, "item2index": 20, "seqrec": 20}, 4)
+    dropped, removed = builder.drop_window_items(samples, 0.2, seed=9)
+    written = sum(len(s.items) for s in samples if s.task == "seqrec_dense")
+    taken = 0
+    for before, after in zip(samples, dropped):
+        if before.task != "seqrec_dense":
+            assert after is before
+            continue
+        it = iter(before.items)
+        assert all(item in it for item in after.items)           # a subsequence: the kept items in their order
+        assert 2 <= len(after.items) <= len(before.items)
+        assert after == builder.seqrec_dense(list(after.items[:-1]), after.items[-1], None)
+        assert after.response.split(", ") == builder.codes_of(after.items)
+        taken += len(before.items) - len(after.items)
+    assert taken == removed and 0.15 * written < removed < 0.25 * written
+    assert builder.drop_window_items(samples, 0.2, seed=9) == (dropped, removed)
+    assert builder.drop_window_items(samples, 0.2, seed=10)[0] != dropped
+    assert builder.drop_window_items(samples, 0.0, seed=9) == (list(samples), 0)
+    with pytest.raises(ValueError, match="window_dropout"):
+        builder.drop_window_items(samples, 1.0, seed=9)

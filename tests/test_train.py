@@ -163,10 +163,11 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
                                              "train.collab_on_codes=true", "train.on_codes_lr=0",
                                              "train.collab_head=true", "train.collab_head_width=16",
                                              "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
-                                             "train.teacher_paths=0.3",
+                                             "train.teacher_paths=0.3", "train.window_dropout=0.2",
                                              "train.task_budget={seqrec_dense: 12, item2index: 4}"])
     summary3 = stages.train(cfg3)
     assert summary3["complete"] and summary3["teacher_path_items"] > 0   # some windows held the teacher's draws
+    assert summary3["window_dropped_items"] > 0                          # and some lost items (window_dropout)
     from lcrec_chat.baselines import SequentialRecommender
     from lcrec_chat.distill import SequentialTeacher
     after_each = SequentialTeacher.from_run(third, {"sasrec": 1.0}).probabilities([[0, 1, 2], [4]])
