@@ -1,7 +1,7 @@
 """Coordination between processes that share a folder: an exclusive file lock, and whether a process still runs.
 
 Two processes may work on one cache or run folder at once (two `methods` processes sharing CoLLM's scoring, an
-`evaluate` waiting for a `baselines` stage, two loads converting the same base model); these are the two
+`evaluate` waiting for a `baselines` stage, two loads converting the same base model); these are the
 primitives they use.
 """
 from __future__ import annotations
@@ -28,6 +28,14 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path`'s contents with `text` in one step (a temporary file beside it, then a rename): a reader, or
+    a process stopped mid-write, sees the old file or the new one, never a part of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def process_alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lcrec_chat import stages
+from lcrec_chat.locks import write_atomic
 from lcrec_chat.serving import available_methods
 from lcrec_chat.ui import serve
 
@@ -113,6 +114,24 @@ def test_collm_scoring_resumes_by_piece_and_shares_pieces_between_processes(meth
     # a piece claimed by a live process is waited for, not scored twice
     monkeypatch.setattr(method_run, "WAIT_SECONDS", 0.05)
     scores.write_text(json.dumps({**saved, key: {"scoring_pid": os.getppid()}}))
-    threading.Timer(0.3, lambda: scores.write_text(json.dumps(saved))).start()
+    # the other process saves its piece as every scorer does, in one step (a plain write_text can be read half
+    # written: this test once failed on an empty file while the machine was busy)
+    threading.Timer(0.3, lambda: write_atomic(scores, json.dumps(saved))).start()
     waited = method_run.score_collm_pieces(cfg, run, split, None, None, train_fp, ("auc/valid",))
     assert waited["auc/valid"] == saved[key]
+
+
+def test_a_file_written_in_one_step_is_never_read_half_written(tmp_path):
+    """locks.write_atomic, how CoLLM's scoring pieces are saved: a reader polling the file while another thread
+    rewrites it always reads a whole JSON document, and no temporary file is left behind."""
+    path = tmp_path / "scores.json"
+    documents = [json.dumps({"piece": i, "pad": "x" * 200_000}) for i in range(30)]
+    write_atomic(path, documents[0])
+    writer = threading.Thread(target=lambda: [write_atomic(path, d) for d in documents])
+    writer.start()
+    read = []
+    while writer.is_alive():
+        read.append(json.loads(path.read_text())["piece"])   # raises on a partly written file
+    writer.join()
+    assert json.loads(path.read_text())["piece"] == 29 and read
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..locks import file_lock, process_alive
+from ..locks import file_lock, process_alive, write_atomic
 from ..data.split import EVAL_STAGES, Split
 from ..ranking import evaluate_ranker
 
@@ -144,7 +144,7 @@ def score_collm_pieces(cfg: Config, run: Path, split: Split, model, source, fing
         with file_lock(lock):
             pieces = saved()
             pieces.pop(key, None)
-            path.write_text(json.dumps({**pieces, **({key: value} if value is not None else {})}, indent=1))
+            write_atomic(path, json.dumps({**pieces, **({key: value} if value is not None else {})}, indent=1))
 
     def take(key: str) -> tuple[dict | None, bool]:
         """(the finished piece or None, whether this process now holds its claim), read and claimed as one step."""
@@ -156,7 +156,7 @@ def score_collm_pieces(cfg: Config, run: Path, split: Split, model, source, fing
                 return value, False
             if claim is not None and claim != os.getpid() and process_alive(claim):
                 return None, False   # another process is scoring it
-            path.write_text(json.dumps({**pieces, key: {"scoring_pid": os.getpid()}}, indent=1))
+            write_atomic(path, json.dumps({**pieces, key: {"scoring_pid": os.getpid()}}, indent=1))
             return None, True
 
     keys = {name: json.dumps([fingerprint, name, dataclasses.asdict(c), cfg.eval.cutoffs, cfg.eval.max_users])
