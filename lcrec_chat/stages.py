@@ -24,7 +24,7 @@ from .catalog import Catalog
 from .config import Config, TrainConfig, train_phases
 from .data import load_dataset
 from .data.split import Split, leave_one_out
-from .locks import process_alive
+from .locks import process_alive, write_atomic
 from .run_folder import load_items, load_prior, load_split, require, task_builder
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class StageRecord:
 
     def done(self, stage: str, fingerprint: str) -> None:
         self.data[stage] = fingerprint
-        self.path.write_text(json.dumps(self.data, indent=1))
+        # in one step: a run stopped while writing (the session's clock, a kill) must not lose every stage's record
+        write_atomic(self.path, json.dumps(self.data, indent=1))
 
 
 def prepare(cfg: Config, force: bool = False) -> dict:
