@@ -30,6 +30,11 @@ class DataConfig:
     max_history: int = 20          # items of history shown to every model
     min_interactions: int = 5      # k-core filter for raw Amazon data
     max_users: int = 0             # keep only the first N users (0 = all); for tests and quick runs
+    # > 0: each user's last N interactions are dropped before the leave-one-out split, so the whole pipeline
+    # (baselines, codes, the LLM, the evaluation) runs on a selection split whose valid and test come before the
+    # real ones: recipes are compared on its test, which asks what the real test asks, without looking at the real
+    # valid or test. Out of repr, so runs made before it existed keep their prepare fingerprint (stages.prepare)
+    drop_last: int = field(default=0, repr=False)
 
 
 @dataclass

@@ -59,13 +59,14 @@ def prepare(cfg: Config, force: bool = False) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(run / "config.yaml")
     record = StageRecord(run)
-    fp = _fingerprint(cfg.data)
+    # data.drop_last is out of DataConfig's repr and enters only when set: earlier runs keep their print
+    fp = _fingerprint(cfg.data, *([{"drop_last": cfg.data.drop_last}] if cfg.data.drop_last else []))
     if not force and record.fresh("prepare", fp) and (run / "catalog.sqlite").exists():
         log.info("prepare: up to date (use --force to rerun)")
         return json.loads((run / "stats.json").read_text())
     started = time.time()
     dataset = load_dataset(cfg.data)
-    split = leave_one_out(dataset, cfg.data.max_history)
+    split = leave_one_out(dataset, cfg.data.max_history, cfg.data.drop_last)
     split.save(run / "split.json")
     Catalog.build(run / "catalog.sqlite", dataset, split.item_popularity(len(dataset.items)))
     stats = {**dataset.stats(), **split.stats(), "seconds": round(time.time() - started, 1)}

@@ -365,6 +365,38 @@ def test_held_back_split_and_the_select_stage():
         split.target(three, "select")                          # one training item: nothing to predict it from
 
 
+def test_selection_split_drops_each_users_last_interactions(tmp_path):
+    """data.drop_last: the split of the sequences without their last n items; its test target is the real split's
+    last training item and nothing in it is a real valid or test target of that user; a user left with fewer than
+    3 items only trains. Through stages.prepare: the run's split.json follows the setting, and a run prepared
+    without it keeps its fingerprint (the setting is out of DataConfig's repr and enters only when set)."""
+    real = leave_one_out(toy_dataset(), max_history=20)
+    selection = leave_one_out(toy_dataset(), max_history=20, drop_last=2)
+    (long,) = selection.users                                  # "three" is left with one item: train only
+    assert (long.train, long.valid, long.test) == (list(range(26)), 26, 27)
+    assert long.test == real.users[0].train[-1] and long.valid == real.users[0].train[-2]
+    assert selection.train_only == {"three": [30]}                 # "two" has nothing left
+    assert leave_one_out(toy_dataset(), drop_last=0) == real
+    with pytest.raises(ValueError, match="drop_last"):
+        leave_one_out(toy_dataset(), drop_last=-1)
+
+    from lcrec_chat import stages
+    from lcrec_chat.config import load_config
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "data.max_users=5"])
+    assert "drop_last" not in str(cfg.data)
+    stages.prepare(cfg)
+    full = Split.load(cfg.run_path / "split.json")
+    record = json.loads((cfg.run_path / "stages.json").read_text())
+    assert record["prepare"] == stages._fingerprint(cfg.data)   # the print a run made before the setting has
+    dropped = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "data.max_users=5", "data.drop_last=2"])
+    stages.prepare(dropped)
+    shifted = Split.load(cfg.run_path / "split.json")
+    assert [u.test for u in shifted.users] == [u.train[-1] for u in full.users]
+    for real_user, sel_user in zip(full.users, shifted.users):   # ML-100K: a user rates an item once
+        assert real_user.user == sel_user.user
+        assert {real_user.valid, real_user.test}.isdisjoint({*sel_user.train, sel_user.valid, sel_user.test})
+
+
 def test_split_follows_stable_tie_order_from_the_loader(tmp_path):
     # u1's last two ratings share a timestamp: file order decides which one is the test target
     inter = ML_INTER[:1] + ["1\tu1\t40\t4", "5\tu1\t10\t4", "9\tu1\t30\t4", "9\tu1\t20\t4"]

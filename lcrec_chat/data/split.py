@@ -9,7 +9,10 @@ A third stage, `select`, predicts each user's last training item from the traini
 for choosing between LLM arms whose training held back each user's last two training items (`held_back(2)`,
 train.hold_out_last): then its history ends with an item the LLM never read and its target is one it never
 wrote, as on test; valid's history is the whole training sequence, which a model tuned on windows of it has
-memorised (the model card's "The student learns its windows").
+memorised (the model card's "The student learns its windows"). The select stage's caveat: only the LLM held
+those items back, the sequential models it reads were trained on them. `leave_one_out(..., drop_last=2)`
+(data.drop_last) is the clean form: every model of the run, baselines included, is trained and scored on a split
+that ends two items earlier, whose test is the real split's last training item.
 
 Users with fewer than 3 interactions cannot give a train item, a valid and a test target.
 They are kept out of `users` (so every `UserSplit` has real targets), and their whole sequence
@@ -112,12 +115,17 @@ class Split:
             raise DataError(f"{path}: malformed split ({type(e).__name__}: {e})") from e
 
 
-def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
-    """Split every user of `dataset`, in the dataset's user order (deterministic, no randomness)."""
+def leave_one_out(dataset: Dataset, max_history: int = 20, drop_last: int = 0) -> Split:
+    """Split every user of `dataset`, in the dataset's user order (deterministic, no randomness). With `drop_last`
+    N (data.drop_last), each user's last N interactions are left out first: a selection split, whose test target
+    is the real split's last training item and whose data never reach the real valid or test targets."""
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
+    if drop_last < 0:
+        raise ValueError(f"data.drop_last must be >= 0, got {drop_last}")
     users, train_only = [], {}
     for user, seq in dataset.sequences.items():
+        seq = seq[:len(seq) - drop_last]
         if len(seq) >= MIN_LENGTH:
             users.append(UserSplit(user, list(seq[:-2]), seq[-2], seq[-1]))
         elif seq:
