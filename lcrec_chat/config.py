@@ -163,7 +163,8 @@ class TrainConfig:
     # each item of every dense window removed with this probability when the phase's samples are built
     # (TaskBuilder.drop_window_items), so the phases do not pass over the very same windows again and again: the
     # LLM learns the users' windows (its loss on them falls far under its teacher's) while test's history ends with
-    # an item it never read. Fair to read on the select stage: it does not learn from the sequential models
+    # an item it never read. It learns nothing from the sequential models, yet a less memorising LLM leans more on
+    # the head that reads them, which select flatters a little: data.drop_last's split is the reading nothing flatters
     window_dropout: float = 0.0
     # > 0 (needs collab_head): after the last phase, the collaborative head alone is fitted for this many epochs on
     # the frozen model's features (head_refit.py: one pass of the model over the training windows, then epochs over
