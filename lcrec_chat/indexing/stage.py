@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import resource
 import time
 from dataclasses import asdict
@@ -20,6 +19,7 @@ import torch
 
 from ..config import Config, IndexConfig
 from ..embed import item_dict, texts_key, check_embeddings, embed_items, item_texts
+from ..locks import write_atomic
 from .collab import collaborative_vectors, sequences_key, vectors_key, with_collaborative
 from .fit import FitResult, fit_rqvae, torch_threads
 from .report import code_usage, neighbour_first_code_share, plot_code_usage
@@ -51,9 +51,7 @@ def _stage_key(cfg: IndexConfig, texts_hash: str, fingerprint: dict, sequences_h
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def _try_skip(run: Path, key: str) -> dict | None:
