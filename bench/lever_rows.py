@@ -6,7 +6,8 @@ rows, over an hour more on 2 cores.
 
 `--stages select,valid,test` adds the select stage (split.py): for arms trained with train.hold_out_last 2 it is the
 stage arms are chosen on, its history ending with an item the LLM never read, as test's does.
-Writes RUN/lever_rows.json (a stage already there is kept unless listed) and prints a markdown table.
+Writes RUN/lever_rows.json (a stage already there is kept unless listed) and prints a markdown table; each row
+keeps the users' target ranks, so two arms' rows can be compared user by user (bench/paired_rows.py).
 `--drop-head prefix|all` decodes with the collaborative head's prefix MLP (or the whole head) switched off: how
 much of a trained model's ranking comes through it (rows stored as "STAGE without ..."). In the
 evaluate stage's own precision (the default) and on all users, each row goes through the stage's row cache

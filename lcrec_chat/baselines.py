@@ -353,12 +353,15 @@ class GRU4Rec(SequentialRecommender):
 # ------------------------------------------------------------------------------ evaluation glue
 
 def _mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The mean of every metric over seeds, with the NDCG@10 of each seed and its standard deviation."""
+    """The mean of every metric over seeds, with the NDCG@10 of each seed and its standard deviation; the users'
+    target ranks per seed (a mean has no user-by-user outcome of its own)."""
     out: dict[str, Any] = {}
     for stage in EVAL_STAGES:
         rows = [r[stage] for r in runs]
         out[stage] = {key: (float(np.mean([r[key] for r in rows])) if key != "users" else rows[0][key])
-                      for key in rows[0]}
+                      for key in rows[0] if key != "target_ranks"}
+        if "target_ranks" in rows[0]:
+            out[stage]["target_ranks_per_seed"] = [r["target_ranks"] for r in rows]
         per_seed = [r["ndcg@10"] for r in rows]
         out[stage]["ndcg@10_per_seed"] = per_seed
         out[stage]["ndcg@10_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0

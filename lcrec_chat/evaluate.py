@@ -13,7 +13,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from .decoding import GenerationStats
-from .metrics import list_metrics, rank_metrics, stage_inputs
+from .metrics import ranked_row, stage_inputs
 from .ranking import Ranker, evaluate_ranker
 from .recommender import Recommender, Request
 from .tasks import intention_queries
@@ -76,7 +76,7 @@ def evaluate_itemsearch(rec: Recommender, split, stage: str, max_users: int = 0,
 
     def run() -> dict:
         ranked = generate_ranked(rec, requests, max(max(ks), 10), ranker.desc, 0.0, ranker.stats)
-        return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, rec.num_items)}
+        return ranked_row(ranked, targets, ks, split, rec.num_items)
     return {**_with_generation_facts(ranker, run), "example_queries": queries[:5]}
 
 
@@ -131,12 +131,12 @@ def itemsearch_baselines(split, catalog, encoder, item_emb, stage: str, max_user
     depth = max(max(ks), 10)
     out = {}
     ranked = topk_from_scores(scores, exclude, depth)
-    out["filter + popularity"] = {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, num_items)}
+    out["filter + popularity"] = ranked_row(ranked, targets, ks, split, num_items)
     query_emb = np.asarray(encoder.encode(queries, convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
     unit = torch.nn.functional.normalize(torch.as_tensor(np.asarray(item_emb, dtype=np.float32)), dim=1)
     cosine = torch.nn.functional.normalize(torch.as_tensor(query_emb), dim=1) @ unit.T
     ranked = topk_from_scores(cosine, exclude, depth)
-    out["query text kNN"] = {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, num_items)}
+    out["query text kNN"] = ranked_row(ranked, targets, ks, split, num_items)
     return out
 
 

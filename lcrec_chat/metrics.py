@@ -71,6 +71,48 @@ def list_metrics(ranked: Sequence[Sequence[int]], split: Split, num_items: int, 
             f"top{popular}_share@{depth}": sum(i in top for items in lists for i in items) / max(1, slots)}
 
 
+def ranked_row(ranked: Sequence[Sequence[int]], targets: Sequence[int], ks: Sequence[int], split: Split,
+               num_items: int) -> dict[str, float | int | str]:
+    """One method's row on one stage: HR/NDCG at `ks` (`rank_metrics`), what its top-10 lists look like as a whole
+    (`list_metrics`) and each user's rank of the target (`target_ranks`), on which two rows are compared user by
+    user (bench/paired_rows.py)."""
+    return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, num_items),
+            "target_ranks": target_ranks(ranked, targets, max(ks))}
+
+
+def target_ranks(ranked: Sequence[Sequence[int]], targets: Sequence[int], depth: int) -> str:
+    """Each user's 0-based rank of the target in the first `depth` entries ("-" where absent), comma-joined: the
+    per-user outcome two methods are compared on user by user (`paired_difference`), one short string per row so
+    a row stays one line in the JSON files it is kept in."""
+    ranks = (_rank_of(items, target, depth) for items, target in zip(ranked, targets))
+    return ",".join("-" if r is None else str(r) for r in ranks)
+
+
+def parse_target_ranks(text: str) -> list[int | None]:
+    """The inverse of `target_ranks`."""
+    return [None if r == "-" else int(r) for r in text.split(",")] if text else []
+
+
+def paired_difference(ranks_a: Sequence[int | None], ranks_b: Sequence[int | None], k: int = 10,
+                      samples: int = 10_000, seed: int = 0) -> dict[str, float | int]:
+    """NDCG@k of B minus A on the same users, with a 95% paired bootstrap interval (users resampled, the pairs kept
+    together): how far a difference between two rows could come from which users happen to be in the sample. It
+    says nothing about a method's own run-to-run spread (seeds), which has to be measured by running it again."""
+    import numpy as np
+    if len(ranks_a) != len(ranks_b) or not ranks_a:
+        raise ValueError(f"paired rows need the same users: {len(ranks_a)} against {len(ranks_b)}")
+
+    def gains(ranks: Sequence[int | None]) -> np.ndarray:
+        return np.array([1.0 / math.log2(r + 2) if r is not None and r < k else 0.0 for r in ranks])
+    a, b = gains(ranks_a), gains(ranks_b)
+    diff = b - a
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), (samples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {f"ndcg@{k}_a": float(a.mean()), f"ndcg@{k}_b": float(b.mean()), "difference": float(diff.mean()),
+            "ci95_low": float(low), "ci95_high": float(high), "users": len(diff),
+            "users_b_better": int((diff > 0).sum()), "users_a_better": int((diff < 0).sum())}
+
+
 def _rank_of(items: Sequence[int], target: int, depth: int) -> int | None:
     """0-based position of `target` in the first `depth` entries, None if absent."""
     for i, item in enumerate(items[:depth]):

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from lcrec_chat.data.split import Split
-from lcrec_chat.metrics import list_metrics, rank_metrics, stage_inputs, topk_from_scores
+from lcrec_chat.metrics import ranked_row, stage_inputs, topk_from_scores
 
 
 class Ranker:
@@ -55,9 +55,10 @@ class Ranker:
 
 
 def evaluate_ranker(model: Ranker, split: Split, stage: str, ks: Sequence[int] = (1, 5, 10),
-                    max_users: int = 0) -> dict[str, float | int]:
+                    max_users: int = 0) -> dict[str, float | int | str]:
     """HR/NDCG at `ks` for one stage ("valid", "test" or "select"), through `metrics.stage_inputs`, plus the
-    catalogue coverage and popular-item share of the top-10 lists (`metrics.list_metrics`)."""
+    catalogue coverage and popular-item share of the top-10 lists and each user's rank of the target
+    (`metrics.ranked_row`)."""
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     ranked = model.recommend(histories, exclude, max(max(ks), 10), users=list(range(len(histories))))
-    return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, model.num_items)}
+    return ranked_row(ranked, targets, ks, split, model.num_items)

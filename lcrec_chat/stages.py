@@ -556,7 +556,8 @@ class RowCache:
     def get(self, key: str, compute):
         if key not in self.rows:
             self.rows[key] = compute()
-            self.path.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
+            # in one step: an evaluation stopped mid-write must keep every row it had finished
+            write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
         return self.rows[key]
 
 

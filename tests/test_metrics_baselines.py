@@ -14,7 +14,8 @@ from lcrec_chat.config import EvalConfig
 from lcrec_chat.data.dataset import Dataset, Item
 from lcrec_chat.data.movielens import load_ml100k
 from lcrec_chat.data.split import Split, UserSplit, leave_one_out
-from lcrec_chat.metrics import list_metrics, known_items, rank_metrics, stage_inputs, topk_from_scores
+from lcrec_chat.metrics import (list_metrics, known_items, paired_difference, parse_target_ranks, rank_metrics,
+                                stage_inputs, target_ranks, topk_from_scores)
 
 
 def make_split(sequences: list[list[int]], max_history: int = 20, num_items: int = 0) -> Split:
@@ -85,10 +86,34 @@ def test_popularity_order_and_exclusion():
     assert pop.recommend([[], [3]], [[], [3]], 3) == [[3, 1, 0], [1, 0, 2]]
     # valid: each user's own past is skipped, so targets 7, 9, 5 sit at ranks 4, 7, 4
     m = evaluate_ranker(pop, split, "valid", ks=(1, 5))
+    assert m.pop("target_ranks") == "4,-,4"   # each user's rank in the top max(ks) = 5, "-" past it
     assert m == pytest.approx({"hr@1": 0.0, "hr@5": 2 / 3, "ndcg@1": 0.0,
                                "ndcg@5": 2 / math.log2(6) / 3, "users": 3,
                                # lists: 7, 8 and 9 items once the past is excluded; every item but 3 appears
                                "coverage@10": 0.9, "top50_share@10": 1.0})
+
+
+def test_target_ranks_round_trip_and_the_paired_difference_by_hand():
+    ranked, targets = [[5, 1, 2], [7, 8], [3, 9, 4]], [2, 6, 3]
+    text = target_ranks(ranked, targets, depth=3)
+    assert text == "2,-,0" and parse_target_ranks(text) == [2, None, 0] and parse_target_ranks("") == []
+    assert target_ranks(ranked, targets, depth=2) == "-,-,0"
+    # B finds user 1's target at rank 0 where A missed it; user 0 worse (rank 2 -> miss); user 2 alike
+    a, b = [2, None, 0], [None, 0, 0]
+    out = paired_difference(a, b, k=10, samples=2000, seed=1)
+    assert out["ndcg@10_a"] == pytest.approx((1 / math.log2(4) + 1) / 3)
+    assert out["ndcg@10_b"] == pytest.approx(2 / 3)
+    assert out["difference"] == pytest.approx(out["ndcg@10_b"] - out["ndcg@10_a"])
+    assert (out["users_b_better"], out["users_a_better"], out["users"]) == (1, 1, 3)
+    assert out["ci95_low"] < out["difference"] < out["ci95_high"]
+    # the same outcomes on both sides: no difference and no interval; a cut-off past a rank drops it
+    same = paired_difference(a, a)
+    assert same["difference"] == same["ci95_low"] == same["ci95_high"] == 0.0
+    assert paired_difference([2], [None], k=2)["difference"] == 0.0
+    # B better for every one of 200 users: the interval leaves 0 out
+    assert paired_difference([None] * 200, [0] * 100 + [3] * 100)["ci95_low"] > 0.5
+    with pytest.raises(ValueError, match="same users"):
+        paired_difference([0, 1], [0])
 
 
 def test_list_metrics_by_hand():
@@ -195,6 +220,9 @@ def test_run_baselines_reports_every_method_and_stage(tmp_path):
     ranked = second.recommend(histories, exclude, 10)
     second_ndcg = two["sasrec"]["test"]["ndcg@10_per_seed"][1]
     assert rank_metrics(ranked, targets, (10,))["ndcg@10"] == pytest.approx(second_ndcg)
+    # the users' outcomes are kept per seed, not averaged: the second seed's are its own model's
+    assert two["sasrec"]["test"]["target_ranks_per_seed"][1] == target_ranks(ranked, targets, 10)
+    assert "target_ranks" not in two["sasrec"]["test"]
     assert "text_knn" not in run_baselines(split, 30, None, cfg, num_threads=1, progress=False)
 
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from lcrec_chat import backbone
 from lcrec_chat.config import CLLM4RecConfig, ModelConfig
 from lcrec_chat.data.split import Split
-from lcrec_chat.metrics import list_metrics, rank_metrics, stage_inputs, topk_from_scores
+from lcrec_chat.metrics import ranked_row, stage_inputs, topk_from_scores
 from lcrec_chat.ranking import Ranker
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ def evaluate_with_users(model: CLLM4Rec, split: Split, stage: str, ks: Sequence[
     """`ranking.evaluate_ranker` with each user's token in the prompt (it passes histories only)."""
     histories, exclude, targets = stage_inputs(split, stage, max_users)
     ranked = model.recommend(histories, exclude, max(max(ks), 10), users=list(range(len(histories))))
-    return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, model.num_items)}
+    return ranked_row(ranked, targets, ks, split, model.num_items)
 
 
 def _item_text(item) -> dict:
