@@ -157,8 +157,9 @@ class TrainConfig:
     # (after each window's first) is replaced by the teacher's own draw, so the student also learns the teacher's
     # code conditionals along paths the users did not take (distill.teacher_paths). On ML-100K, 0.3 over a full
     # 630-step phase lost 3.6% valid NDCG@10 against the same phase without it, while 0.3 with distill_weight 3 in
-    # the hold-out control's fifth phase gained on select, valid and test (+3.0% / +1.5% / +5.8%, one seed; model
-    # card); the shipped recipe leaves it 0 until a selection reading neither stage flatters confirms it
+    # the hold-out control's fifth phase gained on select, valid and test (+3.0% / +1.5% / +5.8%, one seed), and in the
+    # eighth release's seventh phase it was level on valid, +2.7% on test (model card); the shipped recipe leaves it 0
+    # until a selection reading neither stage flatters confirms it
     teacher_paths: float = 0.0
     # each item of every dense window removed with this probability when the phase's samples are built
     # (TaskBuilder.drop_window_items), so the phases do not pass over the very same windows again and again: the
