@@ -2,7 +2,7 @@
 
     python bench/paired_rows.py RUN_A RUN_B [--stages valid,test] [--k 10] [--samples 10000]
 
-Each RUN is a run folder whose `bench/lever_rows.py` (or `evaluate`) rows carry the users' target ranks
+Each RUN is a run folder whose `bench/lever_rows.py` rows carry the users' target ranks
 (`metrics.target_ranks`); rows computed before they were kept say so. The interval is the sampling part of the
 noise only (which users happen to be in the sample): a method's run-to-run spread (seeds, the CPU it was trained on)
 comes on top and is measured by training it again. Writes RUN_B/paired_rows.json and prints a markdown table.
@@ -19,14 +19,12 @@ from lcrec_chat.metrics import paired_difference, parse_target_ranks  # noqa: E4
 
 
 def stage_row(run: Path, stage: str) -> dict:
-    """The run's LC-Rec dense row for `stage`: lever_rows.json first, then the evaluate stage's row cache."""
-    for name, key in (("lever_rows.json", stage), ("eval_rows.json", f"dense {stage}")):
-        path = run / name
-        if path.exists():
-            rows = json.loads(path.read_text())
-            rows = rows.get("rows", rows) if name == "eval_rows.json" else rows
-            if key in rows:
-                return rows[key]
+    """The run's LC-Rec dense row for `stage` from lever_rows.json (lever_rows.py reuses the evaluate stage's cached
+    row when it is current, so the row cache itself, which may hold rows of an older adapter, is not read here)."""
+    path = run / "lever_rows.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    if stage in rows:
+        return rows[stage]
     raise SystemExit(f"{run}: no {stage} row (run `python bench/lever_rows.py --run-dir {run} --stages {stage}`)")
 
 

@@ -43,7 +43,7 @@ def rank_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int],
         rank = _rank_of(items, target, ks[-1])
         if rank is None:
             continue
-        gain = 1.0 / math.log2(rank + 2)
+        gain = _ndcg_gain(rank)
         for k in ks:
             if rank < k:
                 hits[k] += 1.0
@@ -103,7 +103,7 @@ def paired_difference(ranks_a: Sequence[int | None], ranks_b: Sequence[int | Non
         raise ValueError(f"paired rows need the same users: {len(ranks_a)} against {len(ranks_b)}")
 
     def gains(ranks: Sequence[int | None]) -> np.ndarray:
-        return np.array([1.0 / math.log2(r + 2) if r is not None and r < k else 0.0 for r in ranks])
+        return np.array([_ndcg_gain(r) if r is not None and r < k else 0.0 for r in ranks])
     a, b = gains(ranks_a), gains(ranks_b)
     diff = b - a
     means = diff[np.random.default_rng(seed).integers(0, len(diff), (samples, len(diff)))].mean(axis=1)
@@ -111,6 +111,11 @@ def paired_difference(ranks_a: Sequence[int | None], ranks_b: Sequence[int | Non
     return {f"ndcg@{k}_a": float(a.mean()), f"ndcg@{k}_b": float(b.mean()), "difference": float(diff.mean()),
             "ci95_low": float(low), "ci95_high": float(high), "users": len(diff),
             "users_b_better": int((diff > 0).sum()), "users_a_better": int((diff < 0).sum())}
+
+
+def _ndcg_gain(rank: int) -> float:
+    """NDCG of a hit at 0-based `rank` with one relevant item (the ideal DCG is 1)."""
+    return 1.0 / math.log2(rank + 2)
 
 
 def _rank_of(items: Sequence[int], target: int, depth: int) -> int | None:
