@@ -74,3 +74,24 @@ def test_history_prompt_styles_recommend_real_unseen_items(tiny_run):
         assert all(r.item["title"] for r in recs)
     with pytest.raises(ValueError, match="unknown prompt style 'fancy'"):
         rec.recommend(history=history, style="fancy")
+
+
+def test_a_cached_row_without_the_users_ranks_is_computed_again(tmp_path):
+    """A row cached before rows kept each user's target rank must not be served where a paired reading needs them."""
+    path = tmp_path / "eval_rows.json"
+    stages.RowCache(path, "adapter A").get("dense valid", lambda: {"ndcg@10": 0.1})   # a row of the older format
+    computed = []
+
+    def ranked_row() -> dict:
+        computed.append(1)
+        return {"ndcg@10": 0.2, "target_ranks": "0,-"}
+
+    assert stages.RowCache(path, "adapter A").get("dense valid", ranked_row, stages.RANKED)["target_ranks"] == "0,-"
+    assert computed == [1]
+    # saved in place of the old one: read again, nothing is computed, with or without the need for ranks
+    never = lambda: pytest.fail("a current cached row was computed again")   # noqa: E731
+    assert stages.RowCache(path, "adapter A").get("dense valid", never, stages.RANKED)["ndcg@10"] == 0.2
+    assert stages.RowCache(path, "adapter A").get("dense valid", never)["ndcg@10"] == 0.2
+    # another adapter's cache starts empty
+    assert stages.RowCache(path, "adapter B").get("dense valid", ranked_row, stages.RANKED)["ndcg@10"] == 0.2
+    assert computed == [1, 1]
