@@ -42,7 +42,7 @@ def main() -> None:
         for run, row in zip((args.run_a, args.run_b), rows):
             if "target_ranks" not in row:
                 raise SystemExit(f"{run}: its {stage} row predates the users' target ranks; compute it again "
-                                 f"(remove it from lever_rows.json and eval_rows.json, then run bench/lever_rows.py)")
+                                 f"(`python bench/lever_rows.py --run-dir {run} --stages {stage}`)")
         results[stage] = paired_difference(*(parse_target_ranks(r["target_ranks"]) for r in rows),
                                            k=args.k, samples=args.samples)
     out = args.run_b / "paired_rows.json"
