@@ -29,7 +29,7 @@ from lcrec_chat.evaluate import evaluate_sequential  # noqa: E402
 from lcrec_chat.hardware import machine_record, resolve_dtype  # noqa: E402
 from lcrec_chat.recommender import Recommender  # noqa: E402
 from lcrec_chat.run_folder import load_split  # noqa: E402
-from lcrec_chat.stages import RANKED, lcrec_row_cache  # noqa: E402
+from lcrec_chat.stages import lcrec_row_cache  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     for stage in args.stages.split(","):
         def compute(stage=stage) -> dict:
             return evaluate_sequential(rec, split, stage, "dense", 0, args.max_users, cfg.eval.cutoffs)
-        row = cache.get(f"dense {stage}", compute, RANKED) if cache is not None else compute()
+        row = cache.get(f"dense {stage}", compute) if cache is not None else compute()
         key = f"{stage} without {DROPPED[args.drop_head]}" if args.drop_head else stage
         rows[key] = {**row, "dtype": dtype, "max_users": args.max_users, "machine": machine_record()}
         out.write_text(json.dumps(rows, indent=1))

@@ -158,7 +158,8 @@ class TrainConfig:
     # code conditionals along paths the users did not take (distill.teacher_paths). On ML-100K, 0.3 over a full
     # 630-step phase lost 3.6% valid NDCG@10 against the same phase without it, while 0.3 with distill_weight 3 in
     # the hold-out control's fifth phase gained on select, valid and test (+3.0% / +1.5% / +5.8%, one seed), and in the
-    # eighth release's seventh phase it was level on valid, +2.7% on test (model card); the shipped recipe leaves it 0
+    # eighth release's short seventh phase it moved nothing measurable (valid / test +0.0010 / +0.0015 NDCG@10 against
+    # the same recipe rebuilt on one machine, 95% paired intervals ~±0.005; model card); the shipped recipe leaves it 0
     # until a selection reading neither stage flatters confirms it
     teacher_paths: float = 0.0
     # each item of every dense window removed with this probability when the phase's samples are built

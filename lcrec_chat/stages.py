@@ -544,10 +544,6 @@ def _wait_for_baselines(run: Path) -> None:
         time.sleep(30)
 
 
-# the fields a ranked row must carry to be served from the cache (metrics.ranked_row): paired readings need them
-RANKED = ("target_ranks",)
-
-
 class RowCache:
     """eval_rows.json: each evaluated row under the fingerprint of what produced it, so an evaluation stopped
     part-way (a session's clock, a crash) resumes at the first row it had not finished."""
@@ -557,11 +553,11 @@ class RowCache:
         saved = json.loads(path.read_text()) if path.exists() else {}
         self.rows = saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
 
-    def get(self, key: str, compute, needs: tuple[str, ...] = ()):
-        """The row under `key`, computed and saved where it is missing or lacks a field of `needs`: a row cached
-        before that field existed (RANKED: the users' target ranks) would otherwise be served without it."""
+    def get(self, key: str, compute):
+        """The row under `key`, computed and saved where it is missing or is a ranked row (it has NDCG) cached
+        before rows kept each user's target rank (metrics.ranked_row), which paired readings need."""
         cached = self.rows.get(key)
-        if cached is None or any(name not in cached for name in needs):
+        if cached is None or ("ndcg@10" in cached and "target_ranks" not in cached):
             self.rows[key] = compute()
             # in one step: an evaluation stopped mid-write must keep every row it had finished
             write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
@@ -634,12 +630,12 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
     for style in cfg.eval.styles:
         table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}, {codes})"] = {
             stage: cache.get(f"{style} {stage}", lambda: evaluate_sequential(rec, split, stage, style, 0,
-                                                                              cfg.eval.max_users, ks), RANKED)
+                                                                              cfg.eval.max_users, ks))
             for stage in llm_stages}
     if cfg.eval.itemsearch:
         # test only: nothing is chosen on valid for itemsearch, and a pass costs as much as a recommendation pass
         search = {"LC-Rec": {"test": cache.get("itemsearch test", lambda: evaluate_itemsearch(
-            rec, split, "test", cfg.eval.max_users, ks=ks), RANKED)}}
+            rec, split, "test", cfg.eval.max_users, ks=ks))}}
         if item_emb is not None:
             from .embed import load_encoder
             encoder = load_encoder(cfg.index.embed_model)
@@ -663,7 +659,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={choice['weight']:g}"] = {
             "valid": choice["valid_at_weight"],
             "test": cache.get("hybrid test", lambda: evaluate_sequential(
-                rec, split, "test", style, 0, cfg.eval.max_users, ks, choice["weight"]), RANKED)}
+                rec, split, "test", style, 0, cfg.eval.max_users, ks, choice["weight"]))}
     for key, result in classic["methods"].items():
         table[BASELINE_NAMES.get(key, key)] = result
     _add_llm_methods(cfg, metrics)
@@ -686,13 +682,12 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         style = cfg.eval.styles[0]
         table[f"LC-Rec ({PROMPT_NAMES.get(style, style)}), served {served_recipe}"] = {"test": cache.get(
             f"served {served_recipe} {forward}{style} test", lambda: evaluate_sequential(served_rec(), split, "test", style, 0,
-                                                                         cfg.eval.max_users, ks), RANKED)}
+                                                                         cfg.eval.max_users, ks))}
         if cfg.chat.prior_weight > 0 and rec.prior_model is not None:
             table[f"Hybrid: LC-Rec ({PROMPT_NAMES.get(style, style)}) + SASRec prior, w={cfg.chat.prior_weight:g}, "
                   f"served {served_recipe}"] = {"test": cache.get(
                       f"served {served_recipe} {forward}hybrid {cfg.chat.prior_weight:g} test", lambda: evaluate_sequential(
-                          served_rec(), split, "test", style, 0, cfg.eval.max_users, ks, cfg.chat.prior_weight),
-                      RANKED)}
+                          served_rec(), split, "test", style, 0, cfg.eval.max_users, ks, cfg.chat.prior_weight))}
         metrics["served_precision"] = served_recipe
     index_report = run / "index_report.json"
     if index_report.exists():

@@ -86,12 +86,15 @@ def test_a_cached_row_without_the_users_ranks_is_computed_again(tmp_path):
         computed.append(1)
         return {"ndcg@10": 0.2, "target_ranks": "0,-"}
 
-    assert stages.RowCache(path, "adapter A").get("dense valid", ranked_row, stages.RANKED)["target_ranks"] == "0,-"
+    assert stages.RowCache(path, "adapter A").get("dense valid", ranked_row)["target_ranks"] == "0,-"
     assert computed == [1]
-    # saved in place of the old one: read again, nothing is computed, with or without the need for ranks
+    # saved in place of the old one: read again, nothing is computed
     never = lambda: pytest.fail("a current cached row was computed again")   # noqa: E731
-    assert stages.RowCache(path, "adapter A").get("dense valid", never, stages.RANKED)["ndcg@10"] == 0.2
     assert stages.RowCache(path, "adapter A").get("dense valid", never)["ndcg@10"] == 0.2
+    assert stages.RowCache(path, "adapter A").get("dense valid", never)["target_ranks"] == "0,-"
+    # a row that is not a ranked one (the hybrid weight's choice) is served as cached
+    stages.RowCache(path, "adapter A").get("hybrid weight", lambda: {"weight": 2.0})
+    assert stages.RowCache(path, "adapter A").get("hybrid weight", never) == {"weight": 2.0}
     # another adapter's cache starts empty
-    assert stages.RowCache(path, "adapter B").get("dense valid", ranked_row, stages.RANKED)["ndcg@10"] == 0.2
+    assert stages.RowCache(path, "adapter B").get("dense valid", ranked_row)["ndcg@10"] == 0.2
     assert computed == [1, 1]
