@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -245,10 +246,18 @@ class ChatEngine:
             session.name(idxs)
             seeded.append(Reply(notes))
         text = message if message and message.strip() else ""
-        if not text and not session.liked:
-            return Reply(self.help, kind="message").as_dict()
-        replies = list(self.respond(text, session)) if text else \
-            list(self._recommend(session, [], exclude_shown="none"))
+        if not text and not session.liked:   # nothing to go on: what was not found, then how to ask
+            notes = seeded[0].lines if seeded else []
+            return Reply(notes + self.help, kind="error" if notes else "message").as_dict()
+        if text:
+            replies = list(self.respond(text, session))
+        else:
+            try:
+                replies = list(self._recommend(session, [], exclude_shown="none"))
+            except Exception as e:   # as in respond: a model failure is an answer, not a server error
+                log.exception("chat: failed to recommend from a history of %d items", len(session.liked))
+                replies = [Reply([f"Sorry, something went wrong while answering ({type(e).__name__}); the server "
+                                  "log has the details."], kind="error")]
         final = replies[-1]
         if seeded and seeded[0].lines:
             final.lines = seeded[0].lines + final.lines
@@ -257,16 +266,21 @@ class ChatEngine:
     # ------------------------------------------------------------------------------------------ dispatch
     def _dispatch(self, text: str, session: Session) -> Iterator[Reply]:
         command = parse_command(text, self.vocab)
+        if command is not None and command.kind == "info" and command.refs:
+            # "#1 Fargo #2 Heat" is a ranked list of titles, not questions about cards
+            unnumbered = re.sub(r"#\s?\d{1,2}\b", ",", text)
+            if len(self.catalog.resolve_titles(unnumbered, max_pieces=MAX_RESOLVE_PIECES).matches) >= 2:
+                command, text = None, unnumbered
         if command is None:
             yield from self._request(text, session)
         elif command.kind == "help":
             yield Reply(self.help)
         elif command.kind == "thanks":
             yield Reply(["Glad to help. Say \"more\", refine the list, or \"start over\"."])
-        elif command.kind == "reset":
-            k = session.k
+        elif command.kind == "reset":   # the person's settings on the page (list length, recommender) stay
+            k, method = session.k, session.method
             session.__dict__.update(self.new_session().__dict__)
-            session.k = k
+            session.k, session.method = k, method
             if command.rest:
                 yield from self._dispatch(command.rest, session)
             else:
@@ -349,20 +363,36 @@ class ChatEngine:
 
     def _refine(self, change: FilterChange, session: Session, text: str) -> Iterator[Reply]:
         lines: list[str] = []
-        if not (session.liked or session.query or session.filters):   # nothing to refine: it is the wish
-            session.query = sanitize_query(text)
-            session.wishes = []
-            lines.append(f"Reading \"{session.query}\" as your wish.")
+        as_wish = not (session.liked or session.query or session.filters)   # nothing to refine: it is the wish
         years = [i["year"] for i in self.catalog.items(session.current or session.liked)]
         filters, note = change.apply(session.filters, years)
-        if note:
-            yield Reply(lines + [note], kind="error")
+        if note:   # nothing changes when the refinement cannot be applied
+            yield Reply([note], kind="error")
             return
+        reading = ""
+        if as_wish:
+            session.query = sanitize_query(text)
+            session.wishes = []
+            reading = f"Reading \"{session.query}\" as your wish"
+        titled = self._title_named_like(text)
+        if titled is not None:   # "Kids", "The War": a filter first, the title one message away
+            reading = (reading or f"Reading \"{text}\" as a filter") + \
+                f"; if you meant the {self.domain.kind} {_label(titled)}, say \"I liked {_label(titled)}\""
+        if reading:
+            lines.append(reading + ".")
         session.filters = filters
         session.wishes = _merge_wishes(session.wishes, change)
         what = filters.describe() or "no filters"
         # a refinement asks for something different: the cards already shown are not shown again
         yield from self._recommend(session, lines + [f"Filters now: {what}."], exclude_shown="all")
+
+    def _title_named_like(self, text: str) -> dict | None:
+        """The catalogue item whose title is exactly the whole message, if one is (a film called "Kids")."""
+        res = self.catalog.resolve_titles(text, max_pieces=1)
+        if len(res.matches) == 1 and not (res.unknown or res.ambiguous) and res.matches[0].confidence >= 1.0 \
+                and res.matches[0].query.strip().casefold() == text.strip().casefold():
+            return self.catalog.item(res.matches[0].idx)
+        return None
 
     # ------------------------------------------------------------------------------------------ requests
     def _request(self, text: str, session: Session) -> Iterator[Reply]:

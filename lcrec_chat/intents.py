@@ -110,7 +110,8 @@ _REF_PATTERNS = [
 
 _RESET = re.compile(r"^\W*(?:please\s+)?(?:let'?s\s+)?(?:start\s+(?:over|again|afresh)|restart|reset|"
                     r"new\s+(?:search|conversation|chat|session)|forget\s+(?:it|that|everything|all)|"
-                    r"begin\s+again|clear(?:\s+(?:all|everything|the\s+chat))?)\b[\s:,.!-]*", re.I)
+                    r"begin\s+again|clear(?:\s+(?:all|everything|the\s+chat))?(?=\W*$|\s*[:,.;!-]))"
+                    r"\b[\s:,.!-]*", re.I)   # "clear" alone, not "Clear and Present Danger"
 _REJECT_WORDS = (r"not|no|nope|never|without|skip|drop|remove|hide|exclude|hate|hated|dislike|disliked|don'?t|"
                  r"didn'?t|already|boring|meh")
 _LIKE = re.compile(r"\b(?:more\s+like|like|liked|love|loved|enjoy|enjoyed|similar|yes|good|great|nice|"
@@ -153,8 +154,15 @@ really very much too so thanks thank same kind sort type types kinds genre genre
 era eras time ones please stick keep keeping limit restrict filter filtered by only that's thats which
 """.split())
 
-# where a pasted history turns into a wish: split there so each side is read on its own
-_CLAUSE_SPLIT = re.compile(r"\s*(?:[.!?;\n]+|,?\s+\b(?:but|now|though|although|however|except)\b)\s*", re.I)
+# where a pasted history turns into a wish: split there so each side is read on its own. Not inside a title: a
+# full stop only ends a sentence before a space (or the end) and after neither an initial ("E.T.") nor a title
+# word ("Mrs. Doubtfire", "Dr. Strangelove"); "now" only after a comma or before more words, not an "and"
+# ("Apocalypse Now and Heat"); a list's numbering ("1. Toy Story") is taken off first (_LIST_MARKER).
+_ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "St", "Jr", "Sr", "Mt", "vs", "Vol", "No")
+_CLAUSE_SPLIT = re.compile(
+    r"\s*(?:" + "".join(rf"(?<!\b{a})" for a in _ABBREVIATIONS) + r"(?<!\b[a-z])\.+(?=\s|$)|[!?]+(?=\s|$)|[;\n]+|"
+    r",?\s+\b(?:but|though|although|however|except)\b|,\s*now\b|\s+now\s+(?!(?:and|or)\b)(?=\w))\s*", re.I)
+_LIST_MARKER = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*\u2022])\s+", re.M)
 
 
 def _words(words: Iterable[str]) -> str:
@@ -574,7 +582,10 @@ def parse_command(text: str, vocab: Vocabulary) -> Command | None:
     refs = _refs(stripped, patterns)
     focus = not refs and bool(patterns.focus_ref.search(stripped))
     if refs or focus:
-        if patterns.reject.search(stripped) and not re.search(r"\b(?:more\s+like|not\s+bad)\b", stripped, re.I):
+        # "seen #2" drops it, but "watched #2 and loved it" is praise: a past verb rejects only without a like word
+        rejects = {m.group(0).casefold() for m in patterns.reject.finditer(stripped)}
+        only_seen = rejects <= {v.casefold() for v in vocab.domain.past_verbs} and bool(_LIKE.search(stripped))
+        if rejects and not only_seen and not re.search(r"\b(?:more\s+like|not\s+bad)\b", stripped, re.I):
             return Command("reject", refs, focus)
         if _LIKE.search(stripped):
             return Command("like", refs, focus)
@@ -593,7 +604,7 @@ def split_request(text: str, vocab: Vocabulary) -> list[str]:
     """Clauses of a request, cut where a history turns into a wish ("I loved X, but now something
     scary") and after "something like" (so "movies like Toy Story" gives the title on its own)."""
     clauses = []
-    for clause in _CLAUSE_SPLIT.split(text):
+    for clause in _CLAUSE_SPLIT.split(_LIST_MARKER.sub("", text)):
         clause = vocab.patterns.like_preamble.sub(lambda m: m.group(1) + "; ", clause)
         clauses.extend(c.strip() for c in clause.split(";"))
     return [c for c in clauses if c]

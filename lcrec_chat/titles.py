@@ -83,6 +83,7 @@ def filler_prefix(domains: tuple[Domain, ...]) -> re.Pattern:
         # so an unknown title that starts with the word ("History of ...") is still reported whole
         rf"|(?:(?:my|our)\s+)?(?:(?:{qualifiers})\s+)?(?:history|list|{lists}|ratings?|log|diary)"
         r"(?:\s+(?:so\s+far|is|was|are|were|includes?))?(?=\s*[:\-–—])|here(?:'s|\s+is|\s+are)|these\s+are"
+        rf"|(?:(?:my|our)\s+)?top\s+(?:\d{{1,2}}|three|five|ten)(?:\s+(?:{nouns}))?(?=\s*[:\-–—])"   # "My top 3:"
         rf"|(?:{nouns}|things|stuff|something|anything)\s+(?:like|similar\s+to)|such\s+as|for\s+example"
         r"|e\.g\.|eg|(?:recommend|suggest|give|show|find|get)(?:\s+(?:me|us))?|similar\s+to|more\s+like"
         r"|based\s+on|because\s+of|please|something|anything"

@@ -169,10 +169,14 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
         history.append({"role": "user", "content": render_user(message)})
         for reply in engine.respond(message, session):
             shown = history + [{"role": "assistant", "content": render_reply(reply)}]
-            yield "", shown, session, shown, reply.as_dict()
+            # a message that could not be answered stays in the box, to be fixed rather than typed again
+            yield message if reply.kind == "error" else "", shown, session, shown, reply.as_dict()
 
-    def on_reset() -> tuple:
-        return [], engine.new_session(), [], {}
+    def on_reset(session: Session | None) -> tuple:
+        fresh = engine.new_session()
+        if isinstance(session, Session):   # the recommender picked on the page stays picked
+            fresh.method = session.method
+        return [], fresh, [], {}
 
     def on_method(method: str, session: Session | None) -> Session:
         session = session if isinstance(session, Session) else engine.new_session()
@@ -238,9 +242,10 @@ def build_app(engine: ChatEngine, cfg: Config, status: str) -> gr.Blocks:
 
         outputs = [box, chatbot, session_state, messages_state, data]
         inputs = [box, session_state, messages_state]
-        box.submit(on_message, inputs, outputs, api_name="chat")
-        send.click(on_message, inputs, outputs, api_visibility="private")
-        clear.click(on_reset, None, [chatbot, session_state, messages_state, data], api_name="reset")
+        # Enter and the Send button are one handler: one concurrency limit between them, not one each
+        box.submit(on_message, inputs, outputs, api_name="chat", concurrency_id="chat")
+        send.click(on_message, inputs, outputs, api_visibility="private", concurrency_id="chat")
+        clear.click(on_reset, [session_state], [chatbot, session_state, messages_state, data], api_name="reset")
         # outside gradio's queue: a queued call costs ~0.2 s of hand-offs on 2 cores (submit, queue loop, event
         # stream); the semaphore keeps the queue's limit of chat.concurrency requests on the model at once
         gr.api(recommend, api_name="recommend", queue=False)

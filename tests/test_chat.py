@@ -484,3 +484,67 @@ def test_older_or_newer_in_a_wish_compares_with_what_it_refers_to(engine, rec, c
     # compare with: said so, and the rest of the wish still holds
     assert "needs something to compare with" in alone.as_text() and alone.cards
     assert rec.calls[-1]["filters"] == {"genres": ["Horror"]}
+
+
+# ------------------------------------------------------------------------------------------- titles read whole
+
+@pytest.mark.parametrize("message, titles", [
+    ("I loved Mrs. Doubtfire, E.T. the Extra-Terrestrial and Apocalypse Now",
+     ["Mrs. Doubtfire", "E.T. the Extra-Terrestrial", "Apocalypse Now"]),
+    ("1. Toy Story\n2. Heat\n3) Fargo", ["Toy Story", "Heat", "Fargo"]),                 # a numbered list
+    ("My top 3: #1 Fargo #2 Heat #3 Toy Story", ["Fargo", "Heat", "Toy Story"]),          # a ranking, not cards
+    ("Clear and Present Danger", ["Clear and Present Danger"]),                           # not "clear" (reset)
+])
+def test_titles_with_full_stops_numbers_or_command_words_are_read_whole(engine, rec, catalog, message, titles):
+    s = engine.new_session()
+    final(engine, s, "a comedy from the 90s")                     # state a reset would wipe
+    reply = final(engine, s, message)
+    named = [idx_of(catalog, t) for t in titles]
+    assert [r["idx"] for r in reply.recognised] == named and reply.unknown == [], reply.as_text()
+    assert rec.calls[-1]["history"] == named and not {c.idx for c in reply.cards} & set(named)
+    assert "Starting over" not in reply.as_text()
+
+
+def test_a_sentence_after_a_title_with_a_full_stop_is_the_wish(engine, rec, catalog):
+    reply = final(engine, engine.new_session(), "I loved Dr. Strangelove. Now something scary")
+    assert [r["title"] for r in reply.recognised] == [
+        "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb"]
+    assert rec.calls[-1]["query"] == "something scary" and rec.calls[-1]["filters"] == {"genres": ["Horror"]}
+    after_number = final(engine, engine.new_session(), "Toy Story 2. Something funny")   # a number ends a sentence
+    assert rec.calls[-1]["query"] == "Something funny" and after_number.recognised
+
+
+def test_clear_alone_still_starts_over_and_keeps_the_page_settings(engine):
+    s = engine.new_session()
+    s.method, s.k = "sasrec", 7
+    final(engine, s, "I loved Toy Story")
+    reply = final(engine, s, "clear")
+    assert "Starting over" in reply.as_text() and s.liked == [] and s.named == []
+    assert (s.method, s.k) == ("sasrec", 7)                        # what the person set on the page stays
+
+
+def test_a_title_that_is_also_a_filter_word_says_how_to_name_the_title(engine, rec):
+    reply = final(engine, engine.new_session(), "Kids")
+    assert rec.calls[-1]["filters"] == {"genres": ["Children's"]}
+    assert 'if you meant the movie Kids (1995), say "I liked Kids (1995)"' in reply.as_text()
+    assert "meant the movie" not in final(engine, engine.new_session(), "only comedies").as_text()
+
+
+def test_watched_and_loved_is_praise_and_seen_alone_drops_it(vocab):
+    assert parse_command("I watched #2 and loved it", vocab).kind == "like"
+    assert parse_command("seen #2", vocab).kind == "reject"
+    assert parse_command("watched #2, hated it", vocab).kind == "reject"
+
+
+def test_a_refinement_that_cannot_apply_changes_nothing(engine, rec):
+    s = engine.new_session()
+    reply = final(engine, s, "something older and funny")         # older than what?
+    assert reply.kind == "error" and "compare with" in reply.as_text() and not rec.calls
+    assert (s.query, s.filters) == ("", Filters())
+    assert "More of what?" in final(engine, s, "more").as_text() and not rec.calls
+
+
+def test_stateless_answer_with_only_unknown_history_says_what_was_not_found(engine, rec):
+    out = engine.answer("", ["Blorpfest 3000"])
+    assert out["kind"] == "error" and "Blorpfest 3000" in out["text"] and "paste" in out["text"]
+    assert out["items"] == [] and not rec.calls

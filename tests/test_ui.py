@@ -298,6 +298,19 @@ def test_gibberish_is_not_read_as_a_wish(server):
     assert later["request"]["query"] == "" and "Still using" not in later["text"] and later["items"]
 
 
+
+def test_a_message_that_could_not_be_answered_stays_in_the_box(server):
+    _, url = server
+    c = client(url)
+    typo = "I loved Blorpfest 3000 and Zzyzx Qwerty"
+    box, _, data = c.predict(typo, api_name="/chat")
+    assert data["kind"] == "error" and box == typo                 # to be fixed, not typed again
+    box, _, data = c.predict("I loved Toy Story", api_name="/chat")
+    assert data["kind"] == "recommend" and box == ""                # answered: the box is cleared
+    c.predict(api_name="/reset")
+    _, after = chat(c, "what is #1?")
+    assert "no #1 on screen" in after["text"]                       # the reset forgot the list
+
 def test_a_compound_genre_means_all_of_its_genres(server):
     cfg, url = server
     _, data = chat(client(url), "recommend me a romantic comedy from the 90s")
