@@ -54,12 +54,18 @@ def main() -> None:
     split = load_split(args.run_dir)
     out = args.run_dir / "lever_rows.json"
     rows = json.loads(out.read_text()) if out.exists() else {}
+    if cache is not None:   # rows of an adapter trained since (another fingerprint) must not be read beside new ones
+        stale = [key for key, row in rows.items() if row.get("fingerprint") not in (None, cache.fingerprint)]
+        for key in stale:
+            print(f"dropping the {key} row of {out}: it scored another adapter or protocol")
+            del rows[key]
     for stage in args.stages.split(","):
         def compute(stage=stage) -> dict:
             return evaluate_sequential(rec, split, stage, "dense", 0, args.max_users, cfg.eval.cutoffs)
         row = cache.get(f"dense {stage}", compute) if cache is not None else compute()
         key = f"{stage} without {DROPPED[args.drop_head]}" if args.drop_head else stage
-        rows[key] = {**row, "dtype": dtype, "max_users": args.max_users, "machine": machine_record()}
+        rows[key] = {**row, "dtype": dtype, "max_users": args.max_users, "machine": machine_record(),
+                     "fingerprint": cache.fingerprint if cache is not None else None}
         out.write_text(json.dumps(rows, indent=1))
     print("| stage | NDCG@10 | HR@10 | coverage@10 | top-50 share |\n|---|---|---|---|---|")
     for stage, r in rows.items():

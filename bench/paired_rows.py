@@ -28,6 +28,11 @@ def stage_row(run: Path, stage: str) -> dict:
     raise SystemExit(f"{run}: no {stage} row (run `python bench/lever_rows.py --run-dir {run} --stages {stage}`)")
 
 
+def rank_depth(row: dict) -> int:
+    """How deep the row's target ranks go: its largest cutoff (metrics.ranked_row keeps ranks to max(ks))."""
+    return max(int(key.split("@")[1]) for key in row if key.startswith("ndcg@"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_a", type=Path)
@@ -43,6 +48,13 @@ def main() -> None:
             if "target_ranks" not in row:
                 raise SystemExit(f"{run}: its {stage} row predates the users' target ranks; compute it again "
                                  f"(`python bench/lever_rows.py --run-dir {run} --stages {stage}`)")
+            if args.k > rank_depth(row):   # ranks deeper than this were not kept: they would all read as misses
+                raise SystemExit(f"{run}: its {stage} row keeps the target's rank down to {rank_depth(row)} only; "
+                                 f"--k {args.k} cannot be read from it")
+        digests = {row.get("targets_digest") for row in rows}
+        if len(digests) > 1 and None not in digests:
+            raise SystemExit(f"the two {stage} rows score different targets (another split or stage): "
+                             "a user-by-user comparison needs the same users and targets")
         results[stage] = paired_difference(*(parse_target_ranks(r["target_ranks"]) for r in rows),
                                            k=args.k, samples=args.samples)
     out = args.run_b / "paired_rows.json"

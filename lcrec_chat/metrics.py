@@ -16,6 +16,7 @@ user-item pair appears once); excluding it would make that user a guaranteed mis
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Iterable, Sequence
 
@@ -77,7 +78,13 @@ def ranked_row(ranked: Sequence[Sequence[int]], targets: Sequence[int], ks: Sequ
     (`list_metrics`) and each user's rank of the target (`target_ranks`), on which two rows are compared user by
     user (bench/paired_rows.py)."""
     return {**rank_metrics(ranked, targets, ks), **list_metrics(ranked, split, num_items),
-            "target_ranks": target_ranks(ranked, targets, max(ks))}
+            "target_ranks": target_ranks(ranked, targets, max(ks)), "targets_digest": targets_digest(targets)}
+
+
+def targets_digest(targets: Sequence[int]) -> str:
+    """A short fingerprint of the users' targets in order: two rows are compared user by user only where it agrees
+    (the same users, the same split and stage), which equal lengths alone do not show."""
+    return hashlib.sha1(",".join(map(str, targets)).encode()).hexdigest()[:16]
 
 
 def target_ranks(ranked: Sequence[Sequence[int]], targets: Sequence[int], depth: int) -> str:

@@ -1,7 +1,11 @@
 """Metrics by hand, the shared exclusion rule, and the three baselines doing their real job."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +19,9 @@ from lcrec_chat.data.dataset import Dataset, Item
 from lcrec_chat.data.movielens import load_ml100k
 from lcrec_chat.data.split import Split, UserSplit, leave_one_out
 from lcrec_chat.metrics import (list_metrics, known_items, paired_difference, parse_target_ranks, rank_metrics,
-                                stage_inputs, target_ranks, topk_from_scores)
+                                stage_inputs, target_ranks, targets_digest, topk_from_scores)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_split(sequences: list[list[int]], max_history: int = 20, num_items: int = 0) -> Split:
@@ -87,6 +93,7 @@ def test_popularity_order_and_exclusion():
     # valid: each user's own past is skipped, so targets 7, 9, 5 sit at ranks 4, 7, 4
     m = evaluate_ranker(pop, split, "valid", ks=(1, 5))
     assert m.pop("target_ranks") == "4,-,4"   # each user's rank in the top max(ks) = 5, "-" past it
+    assert m.pop("targets_digest") == targets_digest([7, 9, 5])
     assert m == pytest.approx({"hr@1": 0.0, "hr@5": 2 / 3, "ndcg@1": 0.0,
                                "ndcg@5": 2 / math.log2(6) / 3, "users": 3,
                                # lists: 7, 8 and 9 items once the past is excluded; every item but 3 appears
@@ -115,6 +122,37 @@ def test_target_ranks_round_trip_and_the_paired_difference_by_hand():
     with pytest.raises(ValueError, match="same users"):
         paired_difference([0, 1], [0])
 
+
+
+def _paired_rows(tmp_path, row_a: dict, row_b: dict, *flags: str) -> subprocess.CompletedProcess:
+    """bench/paired_rows.py run as a person runs it, on two run folders holding one valid row each."""
+    runs = []
+    for name, row in (("a", row_a), ("b", row_b)):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "lever_rows.json").write_text(json.dumps({"valid": row}))
+        runs.append(str(tmp_path / name))
+    return subprocess.run([sys.executable, str(ROOT / "bench/paired_rows.py"), *runs, "--stages", "valid", *flags],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_paired_rows_refuses_rows_of_other_targets_and_ranks_it_did_not_keep(tmp_path):
+    ranked = [[5, 1, 2], [7, 8], [3, 9, 4]]
+    row_a = ranked_row_like(ranked, [2, 6, 3])
+    row_b = ranked_row_like([[2, 1, 5], [6, 8], [9, 3, 4]], [2, 6, 3])
+    done = _paired_rows(tmp_path / "same", row_a, row_b)
+    assert done.returncode == 0, done.stderr
+    assert "| valid |" in done.stdout and json.loads((tmp_path / "same/b/paired_rows.json").read_text())
+    other = ranked_row_like(ranked, [2, 7, 3])   # another split's targets, the same number of users
+    refused = _paired_rows(tmp_path / "other", row_a, other)
+    assert refused.returncode != 0 and "different targets" in refused.stderr
+    deep = _paired_rows(tmp_path / "deep", row_a, row_b, "--k", "20")   # ranks were kept down to 10 only
+    assert deep.returncode != 0 and "--k 20" in deep.stderr
+
+
+def ranked_row_like(ranked: list[list[int]], targets: list[int]) -> dict:
+    """The fields of a metrics.ranked_row that paired_rows.py reads, at the evaluator's cutoffs (1, 5, 10)."""
+    return {**rank_metrics(ranked, targets, (1, 5, 10)), "target_ranks": target_ranks(ranked, targets, 10),
+            "targets_digest": targets_digest(targets)}
 
 def test_list_metrics_by_hand():
     split = make_split([[3, 1, 0, 7, 8], [3, 1, 9, 8], [3, 5, 9]])   # train popularity: 3 > 1 > 0 > the rest
@@ -152,6 +190,25 @@ def test_sasrec_learns_a_sequential_pattern():
     assert test["hr@1"] > 0.8, test
     assert model.best_ndcg == max(e["valid_ndcg@10"] for e in model.epochs_log)
 
+
+
+def test_sasrec_with_recboles_block_learns_and_reloads_as_that_block(tmp_path):
+    split = successor_split()
+    model = SASRec(max_len=8, hidden=32, heads=2, dropout=0.1, lr=5e-3, batch_size=32, epochs=6, patience=6,
+                   seed=1, num_threads=1, progress=False, recbole_block=True).fit(split, 30)
+    assert evaluate_ranker(model, split, "test")["hr@1"] > 0.8
+    block = model.net.encoder.layers[0]
+    # RecBole's feed-forward drops out after its second linear layer only; the default also after the activation
+    assert isinstance(block.dropout, torch.nn.Identity) and not isinstance(block.dropout2, torch.nn.Identity)
+    default = SASRec(max_len=8, hidden=32, seed=1, progress=False)._make_net(30)
+    assert not isinstance(default.encoder.layers[0].dropout, torch.nn.Identity)
+    # its fused query/key/value projection starts from normal(0.02), as every other linear layer does
+    fresh = SASRec(max_len=8, hidden=64, recbole_block=True, progress=False)._make_net(1000)
+    assert abs(float(fresh.encoder.layers[0].self_attn.in_proj_weight.std()) - 0.02) < 0.002
+    model.save(tmp_path / "sasrec.pt")
+    again = SequentialRecommender.load(tmp_path / "sasrec.pt")
+    assert isinstance(again.net.encoder.layers[0].dropout, torch.nn.Identity)
+    assert torch.allclose(again.score([[1, 2, 3]]), model.score([[1, 2, 3]]))
 
 def test_gru4rec_learns_a_sequential_pattern_and_reloads(tmp_path):
     split = successor_split()
