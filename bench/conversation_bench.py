@@ -597,6 +597,26 @@ CONVERSATIONS = [
         T("start over: 80s comedies", cards(), history_is(), fits(all_of=("Comedy",), year_min=1980, year_max=1989),
           reset=True),
         T("more", cards(), fits(all_of=("Comedy",), year_min=1980, year_max=1989), fresh())]),
+    Conversation("full-stops-in-titles", "titles with full stops and 'Now', then a sentence that is a wish", [
+        T("I loved Mrs. Doubtfire, E.T. the Extra-Terrestrial and Apocalypse Now",
+          resolved("Mrs. Doubtfire (1993)", "E.T. the Extra-Terrestrial (1982)", "Apocalypse Now (1979)"),
+          nothing_unknown(), cards(),
+          names=("Mrs. Doubtfire (1993)", "E.T. the Extra-Terrestrial (1982)", "Apocalypse Now (1979)")),
+        T("Dr. Strangelove. Now something scary",
+          resolved("Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)"), cards(),
+          fits(all_of=("Horror",)),
+          names=("Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)",))]),
+    Conversation("numbered-lists", "a numbered list, then a ranking written with #", [
+        T("1. Toy Story\n2. Fargo\n3. Heat", resolved(TS, FARGO, "Heat (1995)"), nothing_unknown(), cards(),
+          names=(TS, FARGO, "Heat (1995)")),
+        T("My top 3: #1 Pulp Fiction #2 Reservoir Dogs #3 Star Wars",
+          resolved(PULP, "Reservoir Dogs (1992)", STAR_WARS), nothing_unknown(), cards(),
+          names=(PULP, "Reservoir Dogs (1992)", STAR_WARS))]),
+    Conversation("title-like-a-command", "'Clear and Present Danger' is a title, not a reset; 'Kids' a filter", [
+        T("I loved Heat", resolved("Heat (1995)"), cards(), names=("Heat (1995)",)),
+        T("Clear and Present Danger", resolved("Clear and Present Danger (1994)"), cards(),
+          history_is("Heat (1995)", "Clear and Present Danger (1994)"), names=("Clear and Present Danger (1994)",)),
+        T("Kids", cards(), fits(all_of=("Children's",)), says("if you meant the movie Kids (1995)"))]),
 ]
 
 
