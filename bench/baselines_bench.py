@@ -88,8 +88,9 @@ def main() -> None:
         "protocol": "leave-one-out, full ranking, whole known past excluded, history window 20",
         "machine": {**machine_record(), "threads": args.threads},
         "training": {"epochs_max": args.epochs, "patience": args.patience, "seeds": args.seeds, "max_len": 20,
-                     "lr": 1e-3, "batch_size": 256, "loss": "full softmax cross-entropy, " + ("every training prefix" if args.stride == 1 else
-                                                               f"{args.stride} targets per window"),
+                     "lr": 1e-3, "batch_size": 256, "stride": args.stride,
+                     "loss": "full softmax cross-entropy, " + (
+                         "every training prefix" if args.stride == 1 else f"{args.stride} targets per window"),
                      "sasrec": "2 blocks x 2 heads, hidden 64, inner 256, dropout 0.5 (RecBole)"
                                + (", RecBole's block exactly" if args.recbole_block else ""),
                      "gru4rec": "embedding 64, GRU hidden 128, embedding dropout 0.3 (RecBole)"},

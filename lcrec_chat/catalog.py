@@ -180,6 +180,11 @@ class Catalog:
     def genres(self) -> list[str]:
         return sorted({g for r in self._rows for g in r["genres"]})
 
+    def years(self) -> tuple[int, int] | None:
+        """The first and last year of the catalogue's items (None where no item has one)."""
+        known = [r["year"] for r in self._rows if r["year"]]
+        return (min(known), max(known)) if known else None
+
     def codes(self) -> list[list[int]] | None:
         """Every item's code, or None while any item has none (indexing has not run)."""
         if any(r["code"] is None for r in self._rows):

@@ -196,7 +196,7 @@ class ChatEngine:
         # the words of replies and of the message patterns ("movie"/"watched" or "product"/"bought"); without a
         # catalogue, those of MovieLens, the domain of catalogues that do not name theirs
         self.domain = domain_named(catalog.domain) if catalog else MOVIE
-        self.vocab = Vocabulary(catalog.genres() if catalog else [], self.domain)
+        self.vocab = Vocabulary(catalog.genres() if catalog else [], self.domain, catalog.years() if catalog else None)
         self.help = help_lines(self.domain)
         self.cowatch = cowatch
         # every item's popularity, ascending: "one of the 5% most watched titles" in a reason

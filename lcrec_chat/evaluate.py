@@ -117,7 +117,7 @@ def itemsearch_baselines(split, catalog, encoder, item_emb, stage: str, max_user
     num_items = len(item_emb)
     popularity = torch.tensor(split.item_popularity(num_items), dtype=torch.float64)
     popularity = popularity / (popularity.max() + 1)              # in [0, 1): a match always outranks a miss
-    vocab = Vocabulary(catalog.genres())
+    vocab = Vocabulary(catalog.genres(), years=catalog.years())
     scores = popularity.repeat(len(queries), 1)
     for row, query in enumerate(queries):
         change, _ = extract_filters(query, vocab)

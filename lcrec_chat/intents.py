@@ -393,8 +393,9 @@ class Vocabulary:
     """The words of one catalogue: its genre and mood words (only genres the catalogue has are recognised) and
     the item words of its domain (``patterns``: "movie", "watched" or "product", "bought")."""
 
-    def __init__(self, genres: Iterable[str], domain: Domain = MOVIE):
+    def __init__(self, genres: Iterable[str], domain: Domain = MOVIE, years: tuple[int, int] | None = None):
         self.domain = domain
+        self.years = years    # the catalogue's first and last year: which century "the 20s" means
         self.patterns = patterns_for(domain)
         known = {g.casefold(): g for g in genres}
         table: dict[str, set[str]] = {}
@@ -423,6 +424,16 @@ class Vocabulary:
         if self.moods:
             self._mood = re.compile(rf"(?:\b(?P<neg>{_NEGATION})\s+{_NEGATION_GAP})?(?<![\w-])"
                                     rf"(?P<w>{_alternation(self.moods)})(?![\w-])", re.I)
+
+    def decade_start(self, digit: int, default_century: int) -> int:
+        """The first year of "the <digit>0s": the latest century in which that decade holds catalogue years
+        ("the 20s" are the 1920s in MovieLens, 1922-1998), else `default_century`'s."""
+        if self.years is not None:
+            first, last = self.years
+            for century in (2000, 1900):
+                if century + digit * 10 <= last and century + digit * 10 + 9 >= first:
+                    return century + digit * 10
+        return default_century + digit * 10
 
     def genre_mentions(self, text: str) -> list[Mention]:
         """Every genre phrase in ``text``, in order; adjacent genre words are one compound phrase."""
@@ -491,12 +502,12 @@ def extract_filters(text: str, vocab: Vocabulary) -> tuple[FilterChange, str]:
         break
     decades = []
     for m in _DECADE.finditer(rest):
-        if m.group("w"):
-            start = _DECADE_WORDS[m.group("w").casefold()]
-        else:
+        if m.group("w"):   # "the twenties": the 1920s unless the catalogue has only the 2020s
+            start = vocab.decade_start(_DECADE_WORDS[m.group("w").casefold()] % 100 // 10, 1900)
+        else:              # "the 20s": the 2020s unless the catalogue says otherwise; "the 80s": the 1980s
             d = int(m.group("d"))
-            century = int(m.group("c")) * 100 if m.group("c") else (2000 if d <= 2 else 1900)
-            start = century + d * 10
+            default_century = 2000 if d <= 2 else 1900
+            start = int(m.group("c")) * 100 + d * 10 if m.group("c") else vocab.decade_start(d, default_century)
         decades.append(start)
         text = re.sub(r"^the\s+", "", m.group(0).strip(), flags=re.I)
         change.wishes.append(Wish(text, year_min=start, year_max=start + 9))

@@ -135,6 +135,17 @@ def test_year_phrases(text, year_min, year_max):
     assert (change.year_min, change.year_max) == (year_min, year_max)
 
 
+
+@pytest.mark.parametrize("text, years, year_min", [
+    ("a silent film from the 20s", (1922, 1998), 1920), ("a silent film from the twenties", (1922, 1998), 1920),
+    ("a film from the 20s", (1950, 2024), 2020), ("a film from the twenties", (2001, 2024), 2020),
+    ("a film from the 20s", None, 2020), ("a film from the twenties", None, 1920), ("the 80s", (1922, 1998), 1980),
+])
+def test_a_decade_without_its_century_is_the_one_the_catalogue_has(catalog, text, years, year_min):
+    change, _ = extract_filters(text, Vocabulary([], years=years))
+    assert (change.year_min, change.year_max) == (year_min, year_min + 9)
+    assert catalog.years() == (1922, 1998)                       # MovieLens-100K: "the 20s" can only be the 1920s
+
 def test_filter_change_relative_to_shown_years():
     change, _ = extract_filters("older", Vocabulary([]))
     filters, note = change.apply(Filters(year_min=1990, year_max=1999), [1994, 1996, 1997])
