@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lcrec_chat.config import load_config
+from lcrec_chat.config import ConfigError, load_config
 from lcrec_chat.hardware import serving_dtype
 from lcrec_chat.ui import serve
 
@@ -33,13 +33,18 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_assets()
     resolved = Path(RUN_DIR) / "config.yaml"     # the settings the run was trained with, when shipped
-    cfg = load_config(resolved if resolved.is_file() else PRESET, [f"run_dir={RUN_DIR}"])
+    source = resolved if resolved.is_file() else PRESET
+    try:
+        cfg, error = load_config(source, [f"run_dir={RUN_DIR}"]), ""
+    except ConfigError as e:   # the page says what is wrong rather than the app dying with a traceback
+        cfg, error = load_config(None, [f"run_dir={RUN_DIR}"]), f"the settings in {source} cannot be read: {e}"
+        logging.error("%s", error)
     cfg.model.dtype = serving_dtype(os.environ.get("LCREC_DTYPE", "auto"), cfg.model.device)
     if os.environ.get("LCREC_METHOD"):   # an unknown name is explained on the page (ui.load_engine)
         cfg.chat.method = os.environ["LCREC_METHOD"]
     cfg.chat.host = os.environ.get("GRADIO_SERVER_NAME", cfg.chat.host)   # Spaces sets 0.0.0.0
     cfg.chat.port = int(os.environ.get("GRADIO_SERVER_PORT", cfg.chat.port))
-    serve(cfg)
+    serve(cfg, error=error)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ An unknown section or key at any level is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -342,8 +343,12 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check/convert one value against a dataclass field's type annotation."""
+class _OneEntry(dict):
+    """A mapping built from a `--set` path that goes inside a mapping field (one entry, not the whole field)."""
+
+
+def _coerce(value: Any, annotation: Any, where: str, current: Any = None) -> Any:
+    """Check/convert one value against a dataclass field's type annotation (`current`: the field's value now)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -357,7 +362,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, inner = typing.get_args(annotation)
-        return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
+        coerced = {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
+        # `--set train.task_budget.chat=0` names one entry: it joins the mapping instead of replacing it
+        return {**current, **coerced} if isinstance(value, _OneEntry) and current else coerced
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
@@ -375,6 +382,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):   # YAML's .inf / .nan
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         if annotation is int and float(value) != int(value):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return annotation(value)
@@ -397,7 +406,17 @@ def _apply(obj: Any, values: dict, where: str) -> None:
                 raise ConfigError(f"'{where}{key}' is a section; expected a mapping, got {value!r}")
             _apply(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}", current))
+
+
+def _is_section(cfg: Config, keys: list[str]) -> bool:
+    """Whether `keys` (from the top) name a config section (a dataclass), not a mapping field or a value."""
+    obj: Any = cfg
+    for k in keys:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, k):
+            return False
+        obj = getattr(obj, k)
+    return dataclasses.is_dataclass(obj)
 
 
 def train_phases(cfg: Config) -> list[TrainConfig]:
@@ -424,17 +443,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({e.problem or e})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if path:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(values, dict):
@@ -446,8 +470,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         keys, value = parse_override(text)
         nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
+        for depth, k in enumerate(reversed(keys)):
+            # past the field's own key the path is inside a mapping field: mark it as one entry (_OneEntry)
+            nested = (_OneEntry if depth < len(keys) - 1 and not _is_section(cfg, keys[:len(keys) - 1 - depth])
+                      else dict)({k: nested})
         _apply(cfg, nested, "")
     train_phases(cfg)        # a bad phase entry fails here, before any stage runs
     return cfg

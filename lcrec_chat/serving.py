@@ -78,6 +78,8 @@ class MethodRouter:
     def __init__(self, cfg: Config, run: str | Path, default: str):
         self.cfg, self.run = cfg, Path(run)
         self.available = available_methods(self.run)
+        if default not in NEEDS:   # LCREC_METHOD is read as it is typed
+            raise ValueError(f"unknown method {default!r}; the app serves {', '.join(NEEDS)}")
         if default not in self.available:
             raise FileNotFoundError(f"method {default!r} cannot be served from {self.run}: it needs "
                                     f"{', '.join(NEEDS[default])} there (available: {', '.join(self.available)})")

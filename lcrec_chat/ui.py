@@ -279,17 +279,21 @@ def _import_model_stack() -> None:
     from . import backbone, baselines, catalog, collab_prompt, llama, recommender  # noqa: F401
 
 
-def serve(cfg: Config, block: bool = True, port: int | None = None) -> tuple[gr.Blocks, str]:
-    """Load the run in ``cfg.run_dir`` and serve the chat on ``cfg.chat.host:port``.
+def serve(cfg: Config, block: bool = True, port: int | None = None, error: str = "") -> tuple[gr.Blocks, str]:
+    """Load the run in ``cfg.run_dir`` and serve the chat on ``cfg.chat.host:port``; with an ``error`` (the run's
+    settings could not be read), serve a page that says so instead of loading anything.
 
     The engine loads in a worker thread while this one imports gradio (~5 s on a 2-core CPU): reading the weights,
     folding LoRA in and packing the int8 layers run in C++ without the GIL, so the two overlap on two cores."""
     from concurrent.futures import ThreadPoolExecutor
-    _import_model_stack()
-    with ThreadPoolExecutor(1, thread_name_prefix="load-engine") as pool:
-        loading = pool.submit(load_engine, cfg)
-        import gradio  # noqa: F401
-        engine, status = loading.result()
+    if error:
+        engine, status = ChatEngine(None, None, cfg.chat, model_error=error, catalog_error=error), f"⚠ {error}"
+    else:
+        _import_model_stack()
+        with ThreadPoolExecutor(1, thread_name_prefix="load-engine") as pool:
+            loading = pool.submit(load_engine, cfg)
+            import gradio  # noqa: F401
+            engine, status = loading.result()
     log.info("chat: %s", status)
     demo = build_app(engine, cfg, status)
     url = launch(demo, cfg, block=block, port=port)

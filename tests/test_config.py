@@ -61,6 +61,28 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+
+def test_unreadable_values_and_files_are_config_errors_not_tracebacks(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,': the value is not valid YAML"):
+        load_config(None, ["train.lr=[1,"])
+    for value in (".inf", "-.inf", ".nan"):
+        with pytest.raises(ConfigError, match="train.lora_r: expected a finite number"):
+            load_config(None, [f"train.lora_r={value}"])
+    with pytest.raises(ConfigError, match="it is a folder"):
+        load_config(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not a UTF-8 text file"):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def test_an_override_inside_a_mapping_sets_that_entry_only():
+    default = Config().train.task_budget
+    cfg = load_config(None, ["train.task_budget.chat=0"])
+    assert cfg.train.task_budget == {**default, "chat": 0} and len(default) > 1
+    assert load_config(None, ["train.task_budget={seqrec: 5}"]).train.task_budget == {"seqrec": 5}   # the whole
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(None, ["train.task_budget.chat=lots"])
+
 def test_every_shipped_preset_loads_and_round_trips(tmp_path):
     from pathlib import Path
     for preset in sorted(Path("configs").glob("*.yaml")):

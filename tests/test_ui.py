@@ -111,6 +111,47 @@ def test_app_starts_and_explains_a_missing_run_folder(tiny_run, tmp_path):
         demo.close()
 
 
+
+def test_app_with_unreadable_run_settings_serves_a_page_that_says_so(tmp_path):
+    """`python app.py` on a run folder whose config.yaml has a key this code does not know: the page and the API
+    name the file and the key, where the app used to die with a traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  lora_rank: 8\n")
+    port = free_port()
+    env = {**os.environ, "LCREC_RUN_DIR": str(run), "GRADIO_SERVER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    app = subprocess.Popen([sys.executable, str(root / "app.py")], cwd=root, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and app.poll() is None:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert app.poll() is None, app.stdout.read()
+        out = client(url).predict("I loved Toy Story", api_name="/recommend")
+        assert out["kind"] == "error" and out["items"] == []
+        assert "config.yaml" in out["text"] and "train.lora_rank" in out["text"]
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+
+
+def test_an_unknown_method_name_is_explained(tiny_run):
+    cfg = copy.deepcopy(tiny_run)
+    cfg.chat.method = "foo"                      # what LCREC_METHOD=foo gives: read as typed
+    engine, status = load_engine(cfg)
+    assert "unknown method 'foo'" in status and "lcrec" in status
+    assert "unknown method 'foo'" in engine.answer("I loved Toy Story")["text"]
+
 def test_incomplete_run_and_broken_model_are_explained(tiny_run, tmp_path):
     src = Path(tiny_run.run_dir)
     cfg = copy.deepcopy(tiny_run)
