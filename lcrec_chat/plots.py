@@ -12,7 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_training(log_path: Path, out: Path) -> None:
     """Training loss per step and validation loss per task."""
-    entries = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    entries = []
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:   # a line cut off mid-write: the plot does without it
+            continue
     fig, (ax_train, ax_valid) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [e["step"] for e in entries if "loss" in e]
     ax_train.plot(steps, [e["loss"] for e in entries if "loss" in e], lw=0.6)

@@ -38,13 +38,13 @@ def load_split(run: Path) -> Split:
 def task_builder(run: Path, cfg: Config, split: Split | None = None):
     """(TaskBuilder over the run's items, codes and training popularity, the item codes)."""
     from .data.domain import domain_named
-    from .indexing import load_codes
+    from .indexing import dataset_fingerprint, load_codes
     from .tasks import TaskBuilder
     # the catalogue knows what its items are (movies, products): the prompts use those words
     with Catalog(require(run, "catalog.sqlite", "prepare")) as catalog:
         items = catalog.items(list(range(len(catalog))))
         domain = domain_named(catalog.domain)
-    codes = load_codes(run)
+    codes = load_codes(run, expected_fingerprint=dataset_fingerprint(items))   # codes of this catalogue only
     split = split or load_split(run)
     return TaskBuilder(items, codes, split.item_popularity(len(items)), cfg.data.max_history, domain), codes
 

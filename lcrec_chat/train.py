@@ -27,6 +27,7 @@ from .collab_prompt import CollabDensePrompts
 from .config import Config
 from .distill import CodeTeacher, SequentialTeacher, point_tensors, teacher_paths
 from .hardware import describe, native_bf16
+from .locks import write_atomic
 from .tasks import Sample, render
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,28 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def trim_history(path: Path, step: int) -> None:
+    """Keep the training log's entries up to `step` (the checkpoint resumed from; 0: none, a fresh start), so steps
+    run again after a stop are not logged twice; a line cut off by a kill mid-write is dropped, not left to break
+    later readers."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if step > 0 and isinstance(entry, dict) and entry.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        log.info("training log: %d entries past step %d or unreadable dropped", dropped, step)
+        write_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample], tokenizer, model,
           out_dir: Path, collab: CollabDensePrompts | None = None) -> dict:
     """Tune `model` (already PEFT-wrapped) on the samples; writes checkpoints, adapter and curves into out_dir.
@@ -271,6 +294,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         if state.get("cuda_rng") is not None and torch.cuda.is_available():   # LoRA dropout draws on the GPU
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from step %d", step)
+    if rank == 0:   # what was logged past the checkpoint (or by a start that never reached one) is run again
+        trim_history(history_path, step)
 
     def save_checkpoint():
         if rank != 0:

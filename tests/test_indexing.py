@@ -357,3 +357,23 @@ def test_index_from_sasrec_item_embeddings_trains_sasrec_first(tiny_run, tmp_pat
     (run / "sasrec.pt").unlink()
     with pytest.raises(FileNotFoundError, match="sasrec.pt"):
         sequential_item_vectors(run / "sasrec.pt", sequences, num_items)
+
+
+def test_a_run_reads_only_codes_built_for_its_own_catalogue(tmp_path):
+    """The shipped run's catalogue with codes whose fingerprint names another catalogue: the task builder (what
+    training, evaluation and the app read codes through) refuses them instead of mapping codes to wrong items."""
+    import shutil
+    from pathlib import Path
+
+    from lcrec_chat.run_folder import task_builder
+    shipped = Path(__file__).resolve().parents[1] / "models" / "ml-100k"
+    for name in ("catalog.sqlite", "split.json"):
+        shutil.copy(shipped / name, tmp_path / name)
+    codes = json.loads((shipped / "codes.json").read_text())
+    (tmp_path / "codes.json").write_text(json.dumps(codes))
+    builder, loaded = task_builder(tmp_path, Config())
+    assert loaded == codes["codes"]
+    codes["fingerprint"]["titles_sha256"] = "0" * 64                 # built for a catalogue of other titles
+    (tmp_path / "codes.json").write_text(json.dumps(codes))
+    with pytest.raises(IndexArtifactError, match="another dataset"):
+        task_builder(tmp_path, Config())

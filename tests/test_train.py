@@ -736,3 +736,20 @@ def test_hold_out_last_keeps_each_users_last_items_out_of_the_llms_training(tiny
     assert list(row) == ["select", "valid", "test"] and row["select"]["users"] == 4, rows
     assert "| select | 4 |" in (run / "report.md").read_text()
     assert stages.train(load_config("configs/tiny.yaml", flags))["head_refit"]["train_points"] == plain["train_points"]
+
+
+def test_a_resumed_log_keeps_the_steps_before_its_checkpoint_and_drops_a_cut_off_line(tmp_path):
+    from lcrec_chat.plots import plot_training
+    from lcrec_chat.train import trim_history
+    log_path = tmp_path / "train_log.jsonl"
+    lines = [json.dumps({"step": s, "loss": 5.0 - s / 10}) for s in range(1, 6)]
+    lines.insert(4, json.dumps({"step": 4, "valid": {"seqrec_dense": 2.5}}))
+    log_path.write_text("\n".join(lines) + '\n{"step": 6, "lo')           # killed while writing step 6
+    plot_training(log_path, tmp_path / "curves.png")                     # the plot does without the cut-off line
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    trim_history(log_path, 3)                                           # resumed from the checkpoint at step 3
+    assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [1, 2, 3]
+    trim_history(log_path, 3)
+    assert len(log_path.read_text().splitlines()) == 3                  # nothing more to drop: unchanged
+    trim_history(log_path, 0)                                           # a fresh start: nothing of the old run
+    assert log_path.read_text() == ""
