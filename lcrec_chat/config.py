@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .locks import write_atomic
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses below."""
@@ -340,7 +342,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 class _OneEntry(dict):

@@ -5,8 +5,9 @@ Components (the recommender, the app, benchmarks) read a run through these funct
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .catalog import Catalog
 from .config import Config
@@ -23,6 +24,19 @@ def require(run: Path, name: str, stage: str) -> Path:
     if not path.exists():
         raise MissingArtifact(f"{path} is missing: run `python -m lcrec_chat {stage} --config ...` first")
     return path
+
+
+def read_json(path: Path) -> Any:
+    """A run folder's JSON file; one that does not parse (cut off by a kill, edited by hand) is an error that
+    names it and what to do, not a bare decoder message."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it, or rerun its stage "
+                         "with --force") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason}); delete it, or rerun its stage with --force") \
+            from None
 
 
 def load_items(run: Path) -> list[dict]:

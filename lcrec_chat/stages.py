@@ -25,7 +25,7 @@ from .config import Config, TrainConfig, train_phases
 from .data import load_dataset
 from .data.split import Split, leave_one_out
 from .locks import process_alive, write_atomic
-from .run_folder import load_items, load_prior, load_split, require, task_builder
+from .run_folder import load_items, load_prior, load_split, read_json, require, task_builder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class StageRecord:
 
     def __init__(self, run: Path):
         self.path = run / "stages.json"
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data = read_json(self.path) if self.path.exists() else {}
 
     def fresh(self, stage: str, fingerprint: str) -> bool:
         return self.data.get(stage) == fingerprint
@@ -63,14 +63,14 @@ def prepare(cfg: Config, force: bool = False) -> dict:
     fp = _fingerprint(cfg.data, *([{"drop_last": cfg.data.drop_last}] if cfg.data.drop_last else []))
     if not force and record.fresh("prepare", fp) and (run / "catalog.sqlite").exists():
         log.info("prepare: up to date (use --force to rerun)")
-        return json.loads((run / "stats.json").read_text())
+        return read_json(run / "stats.json")
     started = time.time()
     dataset = load_dataset(cfg.data)
     split = leave_one_out(dataset, cfg.data.max_history, cfg.data.drop_last)
     split.save(run / "split.json")
     Catalog.build(run / "catalog.sqlite", dataset, split.item_popularity(len(dataset.items)))
     stats = {**dataset.stats(), **split.stats(), "seconds": round(time.time() - started, 1)}
-    (run / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_atomic(run / "stats.json", json.dumps(stats, indent=1))
     # codes and everything downstream depend on the catalogue: force them to rerun
     for later in ("index", "train", "evaluate"):
         record.data.pop(later, None)
@@ -95,14 +95,14 @@ def index(cfg: Config, force: bool = False) -> dict:
                       _file_stamp(run / "sasrec.pt") if from_sasrec else "")
     if not force and record.fresh("index", fp) and (run / "codes.json").exists():
         log.info("index: up to date (use --force to rerun)")
-        return json.loads((run / "index_report.json").read_text())
+        return read_json(run / "index_report.json")
     train_sequences = load_split(run).train_sequences() if cfg.index.collab_weight > 0 else None
     collab_vectors = None
     if from_sasrec:
         from .indexing.collab import sequential_item_vectors
         collab_vectors = sequential_item_vectors(run / "sasrec.pt", train_sequences, len(items))
     report = run_index(cfg, items, force=force, train_sequences=train_sequences, collab_vectors=collab_vectors)
-    codes = json.loads((run / "codes.json").read_text())["codes"]
+    codes = read_json(run / "codes.json")["codes"]
     Catalog(run / "catalog.sqlite").set_codes(codes)
     record.done("index", fp)
     return report
@@ -180,7 +180,7 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | N
     fp = _fingerprint(record.data.get(f"train{suffix}", ""), keys, tc.distill_weight, tc.distill_teachers)
     if not force and record.fresh(stage, fp) and out.exists():
         log.info("%s: up to date (use --force to rerun)", stage)
-        return json.loads(out.read_text())
+        return read_json(out)
     if not tc.collab_head:
         raise ValueError("train.head_refit_epochs refits the collaborative head: it needs train.collab_head: true")
     if (adapter / REFIT_START).exists():
@@ -235,7 +235,7 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | N
               "teacher": teacher.weights,
               "head_sources": list(rec.collab.head_sources), "fits": fits,
               "seconds": round(time.time() - started, 1)}
-    out.write_text(json.dumps(report, indent=1))
+    write_atomic(out, json.dumps(report, indent=1))
     record.done(stage, fp)
     return report
 
@@ -299,7 +299,7 @@ def _train_phase_or_soup(cfg: Config, stage: str, force: bool, keep_as: Path | N
     if not force and record.fresh(stage, fp) and target.exists():
         log.info("%s: soup up to date (use --force to rerun)", stage)
         _barrier()
-        return json.loads((record_dir / "train_summary.json").read_text())
+        return read_json(record_dir / "train_summary.json")
     record.data.pop(stage, None)
     average_adapters([run / f"adapter.{stage}.seed{seed}" for seed in seeds], target)
     first = run / f"adapter.{stage}.seed{seeds[0]}"
@@ -308,7 +308,7 @@ def _train_phase_or_soup(cfg: Config, stage: str, force: bool, keep_as: Path | N
             shutil.copy2(first / name, record_dir / name)
     summary = {"complete": True, "soup_seeds": seeds, "curves_of_seed": seeds[0],
                "steps": sum(m["steps"] for m in members.values()), "members": members}
-    (record_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(record_dir / "train_summary.json", json.dumps(summary, indent=1))
     record.done(stage, fp)
     _barrier()
     return summary
@@ -350,7 +350,7 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     fp = phase_fingerprint(cfg, after)
     if not force and record.fresh(stage, fp) and (keep_as or run / "adapter").exists():
         log.info("%s: up to date (use --force to rerun)", stage)
-        return json.loads(((keep_as or run) / "train_summary.json").read_text())
+        return read_json((keep_as or run) / "train_summary.json")
     if force or record.data.get(f"{stage}_started") != fp:   # a changed config must not resume an old checkpoint
         for stale in ("checkpoint/state.pt", "train_log.jsonl"):
             (run / stale).unlink(missing_ok=True)
@@ -416,7 +416,7 @@ def _train_phase(cfg: Config, stage: str, force: bool, keep_as: Path | None = No
     summary["task_samples"] = {t: sum(s.task == t for s in samples) for t in cfg.train.task_budget}
     if cfg.train.window_dropout:
         summary["window_dropped_items"] = dropped   # TaskBuilder.drop_window_items
-    (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(run / "train_summary.json", json.dumps(summary, indent=1))
     plot_training(run / "train_log.jsonl", run / "loss_curves.png")
     if summary["complete"]:
         if keep_as is not None:
@@ -473,9 +473,9 @@ def baselines(cfg: Config, force: bool = False) -> dict:
     # every seed's model is kept (the head's extra states and teacher ensembles read them): a run whose stage
     # finished before they were kept fits them again
     missing = [name for name in saved_model_files(cfg.eval.baseline_seeds) if not (run / name).exists()]
-    if not force and not missing and out.exists() and json.loads(out.read_text()).get("fingerprint") == fp:
+    if not force and not missing and out.exists() and read_json(out).get("fingerprint") == fp:
         log.info("baselines: up to date (use --force to rerun)")
-        return json.loads(out.read_text())
+        return read_json(out)
     marker = run / "baselines.running"
     marker.write_text(str(os.getpid()))
     try:
@@ -484,7 +484,7 @@ def baselines(cfg: Config, force: bool = False) -> dict:
         num_items = len(Catalog(require(run, "catalog.sqlite", "prepare")))
         results = run_baselines(load_split(run), num_items, item_emb, cfg.eval, save_dir=run)
         result = {"fingerprint": fp, "methods": results, "seconds": round(time.time() - started, 1)}
-        out.write_text(json.dumps(result, indent=1))
+        write_atomic(out, json.dumps(result, indent=1))
     finally:
         marker.unlink(missing_ok=True)
     return result
@@ -515,7 +515,7 @@ def methods(cfg: Config, force: bool = False) -> dict:
     run = cfg.run_path
     require(run, "split.json", "prepare")
     out = run / "methods.json"
-    cached = json.loads(out.read_text()) if out.exists() and not force else {}
+    cached = read_json(out) if out.exists() and not force else {}
     rows: dict[str, dict] = {}
     for name in cfg.methods.run:
         fp, train_fp = method_fingerprints(cfg, name)
@@ -526,8 +526,8 @@ def methods(cfg: Config, force: bool = False) -> dict:
         log.info("methods: training and scoring %s", name)
         rows[name] = {**RUNNERS[name](cfg, run, load_split(run), load_items(run), train_fp), "fingerprint": fp}
         # re-read before writing: another process may have finished another method meanwhile
-        written = json.loads(out.read_text()) if out.exists() else {}
-        out.write_text(json.dumps({**written, name: rows[name]}, indent=1))
+        written = read_json(out) if out.exists() else {}
+        write_atomic(out, json.dumps({**written, name: rows[name]}, indent=1))
     return rows
 
 
@@ -550,7 +550,12 @@ class RowCache:
 
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = path, fingerprint
-        saved = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            saved = read_json(path) if path.exists() else {}
+        except ValueError as e:   # a cache: set the damaged file aside and compute its rows again
+            log.warning("%s; kept as %s.bad, its rows are computed again", e, path.name)
+            path.replace(path.with_name(path.name + ".bad"))
+            saved = {}
         self.rows = saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
 
     def get(self, key: str, compute):
@@ -610,7 +615,7 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
                           SERVED_FORWARD)
     if not force and record.fresh("evaluate", stage_fp()) and (run / "metrics.json").exists():
         log.info("evaluate: up to date (use --force to rerun)")
-        return json.loads((run / "metrics.json").read_text())
+        return read_json(run / "metrics.json")
     started = time.time()
     if force:
         cache.rows = {}
@@ -691,11 +696,11 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         metrics["served_precision"] = served_recipe
     index_report = run / "index_report.json"
     if index_report.exists():
-        metrics["indexing"] = json.loads(index_report.read_text())
+        metrics["indexing"] = read_json(index_report)
     lcrec_seconds = sum(row.get("seconds", 0) for row in cache.rows.values() if isinstance(row, dict))
     metrics["seconds"] = {"lcrec": round(lcrec_seconds, 1), "baselines": classic["seconds"],
                           "this_call": round(time.time() - started, 1)}
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_atomic(run / "metrics.json", json.dumps(metrics, indent=1))
     write_report(metrics, run / "report.md", cfg)
     record.done("evaluate", stage_fp())   # after this call's baselines stage may have written baselines.json
     return metrics
@@ -710,7 +715,7 @@ def _add_llm_methods(cfg: Config, metrics: dict) -> None:
     path = cfg.run_path / "methods.json"
     if not path.exists():
         return
-    for name, entry in json.loads(path.read_text()).items():
+    for name, entry in read_json(path).items():
         if name not in cfg.methods.run:
             continue
         label = METHOD_NAMES[name].format(collab=entry.get("collab", ""), depth=cfg.methods.collm.rerank_depth)
@@ -758,7 +763,13 @@ def export(cfg: Config, target: str | Path, force: bool = False) -> dict:
     copied = []
     for name in (*EXPORTED, *_head_source_files(run / "adapter")):
         src, dst = run / name, target / name
-        if not src.exists():
+        if not src.exists():   # an older run's copy would describe another model than the one exported
+            if dst.exists():
+                log.info("export: removing %s, which %s does not have", dst, run)
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                else:
+                    dst.unlink()
             continue
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)

@@ -98,3 +98,16 @@ def test_a_cached_row_without_the_users_ranks_is_computed_again(tmp_path):
     # another adapter's cache starts empty
     assert stages.RowCache(path, "adapter B").get("dense valid", ranked_row)["ndcg@10"] == 0.2
     assert computed == [1, 1]
+
+
+
+def test_a_damaged_row_cache_is_set_aside_and_a_damaged_record_is_named(tmp_path):
+    path = tmp_path / "eval_rows.json"
+    path.write_text('{"fingerprint": "adapter A", "rows": {"dense val')          # cut off mid-write
+    row = {"ndcg@10": 0.3, "target_ranks": "0"}
+    assert stages.RowCache(path, "adapter A").get("dense valid", lambda: row) == row
+    assert (tmp_path / "eval_rows.json.bad").read_text().endswith('"dense val')   # kept for a look, not lost
+    assert stages.RowCache(path, "adapter A").get("dense valid", lambda: pytest.fail("recomputed"))["ndcg@10"] == 0.3
+    (tmp_path / "stages.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"stages.json: not valid JSON .*--force"):
+        stages.StageRecord(tmp_path)

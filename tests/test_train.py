@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,9 +120,12 @@ def test_export_copies_a_servable_run_without_the_checkpoint(tiny_run, tmp_path)
     target = tmp_path / "shipped"
     target.mkdir()
     (target / "README.md").write_text("model card")
+    (target / "methods.json").write_text("{}")                          # an older model's rows: not in this run
+    assert not (Path(tiny_run.run_dir) / "methods.json").exists()
     assert main(["export", "--config", "configs/tiny.yaml", "--set", f"run_dir={tiny_run.run_dir}",
                  "--to", str(target)]) == 0
     assert (target / "README.md").read_text() == "model card"          # the card is kept
+    assert not (target / "methods.json").exists()                       # no file of another model stays beside it
     assert not (target / "checkpoint").exists() and (target / "adapter" / "adapter_config.json").exists()
     shipped = load_config(target / "config.yaml")
     assert shipped.run_dir == str(target) and shipped.train == tiny_run.train

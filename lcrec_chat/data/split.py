@@ -25,6 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..locks import write_atomic
 from .dataset import DataError, Dataset
 
 EVAL_STAGES = ("valid", "test")          # the protocol's reported stages, every method on both
@@ -95,7 +96,7 @@ class Split:
     def save(self, path: str | Path) -> None:
         data = {"format": FORMAT_VERSION, "max_history": self.max_history,
                 "users": [asdict(u) for u in self.users], "train_only": self.train_only}
-        Path(path).write_text(json.dumps(data, separators=(",", ":")))
+        write_atomic(Path(path), json.dumps(data, separators=(",", ":")))
 
     @classmethod
     def load(cls, path: str | Path) -> Split:
