@@ -36,29 +36,32 @@ log = logging.getLogger(__name__)
 class SequentialTeacher:
     """A mixture of the run's sequential models' next-item distributions: sum_m w_m softmax(model_m(history))."""
 
-    def __init__(self, sources: dict[str, SASRecSource], weights: dict[str, float]) -> None:
+    def __init__(self, sources: dict[str, SASRecSource], weights: dict[str, float], own_prefix: bool = False) -> None:
         if set(sources) != set(weights) or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
             raise ValueError(f"teacher weights {weights} must be non-negative, not all zero, one per model "
                              f"({sorted(sources)})")
         total = sum(weights.values())
         self.sources = sources
         self.weights = {name: w / total for name, w in weights.items()}
+        self.own_prefix = own_prefix   # train.teacher_prefix_states: each item scored from its prefix's own state
 
     @classmethod
-    def from_run(cls, run: Path, weights: dict[str, float], loaded: dict[str, SASRecSource] | None = None
-                 ) -> "SequentialTeacher":
+    def from_run(cls, run: Path, weights: dict[str, float], loaded: dict[str, SASRecSource] | None = None,
+                 own_prefix: bool = False) -> "SequentialTeacher":
         """The models named in `weights` ("sasrec", "gru4rec") from the run's baselines stage; `loaded` gives
         those already in memory (the collaborative prompt's SASRec)."""
-        return cls(load_sequential(run, list(weights), loaded), weights)
+        return cls(load_sequential(run, list(weights), loaded), weights, own_prefix)
 
     @torch.no_grad()
     def probabilities(self, histories: Sequence[Sequence[int]],
                       known_states: dict[str, list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
         """Per history, the next-item distribution after each of its items: [len(history), N]. `known_states`:
-        a model's `states_after_each(histories)` where the caller has them already."""
+        a model's `states_after_each(histories)` where the caller has them already (the prompt's, which are the
+        whole window's: not used where the teacher reads each prefix on its own)."""
         mixed, sizes = 0.0, [len(h) for h in histories]
         for name, source in self.sources.items():
-            states = (known_states or {}).get(name) or source.states_after_each(histories)
+            known = None if self.own_prefix else (known_states or {}).get(name)
+            states = known or source.states_after_each(histories, own_prefix=self.own_prefix)
             mixed = mixed + self.weights[name] * torch.softmax(torch.cat(states) @ source.item_vectors().T, dim=-1)
         return list(mixed.split(sizes))
 

@@ -156,7 +156,7 @@ REFIT_KEYS = ("head_refit_epochs", "head_refit_lr", "head_refit_seeds", "head_re
               "head_refit_after", "head_refit_distill_weight")
 # settings added later enter a fingerprint only when set, so stages recorded before they existed stay up to date
 ADDED_REFIT_KEYS = ("head_refit_sources", "head_refit_teachers", "head_refit_after", "head_refit_distill_weight")
-ADDED_TRAIN_KEYS = ("prompt_reads_head_sources", "hold_out_last", "window_dropout")
+ADDED_TRAIN_KEYS = ("prompt_reads_head_sources", "hold_out_last", "window_dropout", "teacher_prefix_states")
 REFIT_START = "collab_mapper.phases.pt"   # the head the phases trained, which every refit starts from
 
 
@@ -196,7 +196,8 @@ def head_refit(cfg: Config, tc: TrainConfig, force: bool = False, phase: int | N
         rec.collab = CollabDensePrompts.for_run(rec.tokenizer, rec.builder, run, adapter,
                                                 head_sources=tc.head_refit_sources)
     teacher = SequentialTeacher.from_run(run, tc.head_refit_teachers or tc.distill_teachers,
-                                         loaded={"sasrec": rec.collab.source, **rec.collab.head_sources})
+                                         loaded={"sasrec": rec.collab.source, **rec.collab.head_sources},
+                                         own_prefix=tc.teacher_prefix_states)
     refit = HeadRefit(rec.model, rec.collab, teacher, tc.head_refit_distill_weight or tc.distill_weight)
     split = load_split(run)
     builder = rec.builder

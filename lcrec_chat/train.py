@@ -233,7 +233,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         if collab is None:
             raise ValueError("train.distill_weight > 0 needs train.collab_tokens: sasrec (the teacher's states sit "
                              "in the prompt, and the teacher is that SASRec)")
-        teacher = (SequentialTeacher.from_run(out_dir, tc.distill_teachers, loaded={"sasrec": collab.source}),
+        teacher = (SequentialTeacher.from_run(out_dir, tc.distill_teachers, loaded={"sasrec": collab.source},
+                                              own_prefix=tc.teacher_prefix_states),
                    CodeTeacher.from_prompts(collab, collab.source.num_items))
     replaced = 0
     if tc.teacher_paths:

@@ -168,6 +168,7 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
                                              "train.collab_head=true", "train.collab_head_width=16",
                                              "train.distill_teachers={sasrec: 0.7, gru4rec: 0.3}",
                                              "train.teacher_paths=0.3", "train.window_dropout=0.2",
+                                             "train.teacher_prefix_states=true",
                                              "train.task_budget={seqrec_dense: 12, item2index: 4}"])
     summary3 = stages.train(cfg3)
     assert summary3["complete"] and summary3["teacher_path_items"] > 0   # some windows held the teacher's draws
@@ -182,6 +183,13 @@ def test_a_second_phase_adds_collaborative_tokens_to_a_tuned_adapter(tiny_run, t
     teacher = SequentialTeacher.from_run(third, {"sasrec": 1.0})
     given = teacher.probabilities([[0, 1, 2], [4]], {"sasrec": teacher.sources["sasrec"].states_after_each([[0, 1, 2], [4]])})
     assert all(torch.allclose(a, b) for a, b in zip(given, after_each))   # states passed in = states computed
+    # train.teacher_prefix_states: each item scored from its prefix as a history of its own, the prompt's (the
+    # window's) states not used; the last item's state is the same either way
+    own = SequentialTeacher.from_run(third, {"sasrec": 1.0}, own_prefix=True).probabilities([[0, 1, 2], [4]], {
+        "sasrec": teacher.sources["sasrec"].states_after_each([[0, 1, 2], [4]])})
+    for k in range(3):
+        assert torch.allclose(own[0][k], torch.softmax(sasrec.score([[0, 1, 2][:k + 1]])[0], -1), atol=1e-5)
+    assert torch.allclose(own[0][-1], after_each[0][-1], atol=1e-5) and not torch.allclose(own[0][0], after_each[0][0])
     with pytest.raises(ValueError, match="longer than"):
         teacher.probabilities([list(range(sasrec.max_len + 1))])
     with pytest.raises(FileNotFoundError, match="bert4rec"):
