@@ -16,6 +16,7 @@ from lcrec_chat.catalog import Catalog
 from lcrec_chat.chat import ChatEngine, CoWatch
 from lcrec_chat.config import ChatConfig, Config, load_config
 from lcrec_chat.data import DOMAINS, MOVIE, PRODUCT, domain_named, load_ml100k
+from lcrec_chat.indexing import dataset_fingerprint
 from lcrec_chat.intents import Vocabulary, has_content, parse_command, split_request
 from lcrec_chat.recommender import Recommendation
 from lcrec_chat.tasks import TASKS, TEMPLATES, Describer, intention_queries, prompts_for
@@ -63,10 +64,10 @@ def amazon_run(tmp_path_factory):
     cfg = load_config("configs/amazon-instruments.yaml",
                       [f"run_dir={run}", f"data.path={folder}", "data.name=Instruments", "data.min_interactions=2"])
     stages.prepare(cfg)
-    num_items = len(run_folder.load_items(run))
-    codes = [[i // 16, i % 16, 0] for i in range(num_items)]
+    items = run_folder.load_items(run)
+    codes = [[i // 16, i % 16, 0] for i in range(len(items))]
     (run / "codes.json").write_text(json.dumps({"codebook_sizes": [16, 16, 16], "codes": codes,
-                                                "fingerprint": {"num_items": num_items}}))
+                                                "fingerprint": dataset_fingerprint(items)}))
     builder, _ = run_folder.task_builder(run, cfg)
     return run, builder
 
