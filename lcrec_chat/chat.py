@@ -171,6 +171,12 @@ def _merge_wishes(old: list[Wish], change: FilterChange) -> list[Wish]:
     return kept + [w for w in change.wishes if not w.negated]
 
 
+def _failure(error: Exception) -> Reply:
+    """The answer to a bug or a model failure: the session lives on, the server log has the trace."""
+    return Reply([f"Sorry, something went wrong while answering ({type(error).__name__}); the server log has the "
+                  "details. Try again, or \"start over\"."], kind="error")
+
+
 def _label(item: dict) -> str:
     title = display_title(item["title"])
     return f"{title} ({item['year']})" if item.get("year") else title
@@ -224,8 +230,7 @@ class ChatEngine:
             yield from self._dispatch(message.strip(), session)
         except Exception as e:   # a bug or a model failure must not kill the session; the log has the trace
             log.exception("chat: failed to answer %r", message[:200])
-            yield Reply([f"Sorry, something went wrong while answering ({type(e).__name__}); the server log has "
-                         "the details. Try again, or \"start over\"."], kind="error")
+            yield _failure(e)
 
     def answer(self, message: str, liked: Sequence[str | int] | None = None, k: int | None = None,
                method: str = "") -> dict:
@@ -256,8 +261,7 @@ class ChatEngine:
                 replies = list(self._recommend(session, [], exclude_shown="none"))
             except Exception as e:   # as in respond: a model failure is an answer, not a server error
                 log.exception("chat: failed to recommend from a history of %d items", len(session.liked))
-                replies = [Reply([f"Sorry, something went wrong while answering ({type(e).__name__}); the server "
-                                  "log has the details."], kind="error")]
+                replies = [_failure(e)]
         final = replies[-1]
         if seeded and seeded[0].lines:
             final.lines = seeded[0].lines + final.lines

@@ -351,12 +351,8 @@ class Config:
         write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-class _OneEntry(dict):
-    """A mapping built from a `--set` path that goes inside a mapping field (one entry, not the whole field)."""
-
-
-def _coerce(value: Any, annotation: Any, where: str, current: Any = None) -> Any:
-    """Check/convert one value against a dataclass field's type annotation (`current`: the field's value now)."""
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one value against a dataclass field's type annotation."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -370,9 +366,7 @@ def _coerce(value: Any, annotation: Any, where: str, current: Any = None) -> Any
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, inner = typing.get_args(annotation)
-        coerced = {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
-        # `--set train.task_budget.chat=0` names one entry: it joins the mapping instead of replacing it
-        return {**current, **coerced} if isinstance(value, _OneEntry) and current else coerced
+        return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
@@ -414,17 +408,22 @@ def _apply(obj: Any, values: dict, where: str) -> None:
                 raise ConfigError(f"'{where}{key}' is a section; expected a mapping, got {value!r}")
             _apply(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}", current))
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
 
 
-def _is_section(cfg: Config, keys: list[str]) -> bool:
-    """Whether `keys` (from the top) name a config section (a dataclass), not a mapping field or a value."""
+def _into_mapping(cfg: Config, keys: list[str], value: Any) -> tuple[list[str], Any]:
+    """`--set train.task_budget.chat=0`: a path that goes on inside a mapping field sets that entry, the field's
+    other entries kept -> (the field's path, the whole mapping). Any other path is returned as it is."""
     obj: Any = cfg
-    for k in keys:
+    for i, k in enumerate(keys[:-1]):
         if not dataclasses.is_dataclass(obj) or not hasattr(obj, k):
-            return False
+            break
         obj = getattr(obj, k)
-    return dataclasses.is_dataclass(obj)
+        if isinstance(obj, dict):
+            for inner in reversed(keys[i + 2:]):
+                value = {inner: value}
+            return keys[:i + 1], {**obj, keys[i + 1]: value}
+    return keys, value
 
 
 def train_phases(cfg: Config) -> list[TrainConfig]:
@@ -476,12 +475,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
     for text in overrides or []:
-        keys, value = parse_override(text)
+        keys, value = _into_mapping(cfg, *parse_override(text))
         nested: Any = value
-        for depth, k in enumerate(reversed(keys)):
-            # past the field's own key the path is inside a mapping field: mark it as one entry (_OneEntry)
-            nested = (_OneEntry if depth < len(keys) - 1 and not _is_section(cfg, keys[:len(keys) - 1 - depth])
-                      else dict)({k: nested})
+        for k in reversed(keys):
+            nested = {k: nested}
         _apply(cfg, nested, "")
     train_phases(cfg)        # a bad phase entry fails here, before any stage runs
     return cfg
