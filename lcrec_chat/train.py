@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .backbone import save_adapter
 from .collab_prompt import CollabDensePrompts
 from .config import Config
+from .cpu_training import speed_up_cpu_training
 from .distill import CodeTeacher, SequentialTeacher, point_tensors, teacher_paths
 from .hardware import describe, native_bf16
 from .locks import write_atomic
@@ -252,6 +253,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     warmup = int(total * tc.warmup_ratio)
 
     autocast = use_autocast(tc.autocast, device.type)
+    # on a CPU, NumPy's dropout masks and matmul attention: ~1.45x a step (cpu_training.py)
+    masks = speed_up_cpu_training(model, tc.seed + rank) if device.type == "cpu" else None
     if tc.collab_on_codes and collab is None:
         raise ValueError("train.collab_on_codes needs train.collab_tokens: sasrec (it adds the prompt's states to "
                          "the code tokens after them)")
@@ -292,6 +295,8 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         step = state["step"]
         random.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if masks is not None and state.get("dropout_masks") is not None:
+            masks.set_state(state["dropout_masks"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():   # LoRA dropout draws on the GPU
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from step %d", step)
@@ -306,6 +311,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                     "mapper": core.mapper.state_dict() if mapper_params else None,
                     "step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                    "dropout_masks": masks.state() if masks is not None else None,
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
         tmp.replace(ckpt / "state.pt")
 
