@@ -88,10 +88,10 @@ def main() -> None:
         rows.append({"option": name, **result})
         print(f"{name}: {result['seconds_per_step']:.2f} s a step, losses {result['losses']}", flush=True)
     first = rows[0]["seconds_per_step"]
-    print(f"\n{"option":34s} {'s/step':>7s} {'tok/s':>7s} {'vs first':>9s}")
+    print(f"\n{'option':34s} {'s/step':>7s} {'tok/s':>7s} {'vs first':>9s}")
     for r in rows:
         r["ratio_to_first"] = r["seconds_per_step"] / first
-        print(f"{r["option"]:34s} {r['seconds_per_step']:7.2f} {r['tokens_per_s']:7.0f} {r['ratio_to_first']:9.2f}")
+        print(f"{r['option']:34s} {r['seconds_per_step']:7.2f} {r['tokens_per_s']:7.0f} {r['ratio_to_first']:9.2f}")
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step_speed.json").write_text(json.dumps(
