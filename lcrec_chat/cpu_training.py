@@ -1,13 +1,14 @@
 """Two speed-ups of a LoRA training step on a CPU that change how it is computed, not what it computes.
 
-A profile of one dense-window step (SmolLM2-135M, LoRA rank 32 on the seven projections, bf16 autocast, 2 cores)
-spends about a quarter of its time drawing LoRA dropout's masks (torch's CPU `bernoulli_` draws every element from
-mt19937: ~8 ms for one [8, 144, 576] input, 210 of them a forward) and a sixth in the backward of SDPA's CPU flash
-attention (~37 ms a layer for 8 windows of 144 tokens).
+A torch.profiler reading of two dense-window steps (SmolLM2-135M, LoRA rank 32 on the seven projections, bf16
+autocast, 2 cores of the Intel AMX machine) put about a quarter of the time in drawing LoRA dropout's masks (torch's
+CPU `bernoulli_` draws every element from mt19937: ~8 ms for one [8, 144, 576] input, 210 of them a forward) and a
+sixth in the backward of SDPA's CPU flash attention (~37 ms a layer for 8 windows of 144 tokens).
 
 - :func:`fast_lora_dropout`: LoRA dropout's masks come from NumPy's PCG64, several times faster per element. The same
   distribution (keep probability rounded to 1/65536: 0.05 -> 0.0500031), other draws than torch's generator; the
-  generator's state goes into the training checkpoint, so a resumed run draws what an unbroken one would.
+  generator's state goes into the training checkpoint, so a resumed one-process run draws what an unbroken one
+  would (under torchrun each rank starts afresh from its own seed on a resume, as torch's generator did).
 - :data:`TRAINING_ATTENTION`: attention as plain matmuls and a softmax (transformers' "eager"), the same function
   as SDPA up to rounding, faster to differentiate at these lengths.
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-TRAINING_ATTENTION = "eager"   # on a CPU; bench/train_step_speed.py: -12% a step against "sdpa"
+TRAINING_ATTENTION = "eager"   # on a CPU; bench/train_step_speed.py: -11% a step against "sdpa"
 
 
 class MaskSource:
@@ -35,6 +36,8 @@ class MaskSource:
     def keep_mask(self, shape: torch.Size, p: float) -> torch.Tensor:
         """float32 mask: 0 where dropped, 1 / keep elsewhere (keep = 1 - p rounded to 1/65536)."""
         threshold = round(p * 65536)
+        if threshold >= 65536:   # p = 1 (or within 1/131072 of it): everything dropped, as nn.Dropout(1) does
+            return torch.zeros(shape)
         draws = self.generator.integers(0, 65536, size=int(np.prod(shape)), dtype=np.uint16)
         scale = np.float32(65536 / (65536 - threshold))
         mask = np.where(draws >= threshold, scale, np.float32(0))

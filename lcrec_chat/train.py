@@ -253,7 +253,7 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
     warmup = int(total * tc.warmup_ratio)
 
     autocast = use_autocast(tc.autocast, device.type)
-    # on a CPU, NumPy's dropout masks and matmul attention: ~1.45x a step (cpu_training.py)
+    # on a CPU, NumPy's dropout masks and matmul attention: ~1.4x faster a step (cpu_training.py)
     masks = speed_up_cpu_training(model, tc.seed + rank) if device.type == "cpu" else None
     if tc.collab_on_codes and collab is None:
         raise ValueError("train.collab_on_codes needs train.collab_tokens: sasrec (it adds the prompt's states to "
@@ -295,8 +295,11 @@ def train(cfg: Config, train_samples: list[Sample], valid_samples: list[Sample],
         step = state["step"]
         random.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
-        if masks is not None and state.get("dropout_masks") is not None:
-            masks.set_state(state["dropout_masks"])
+        if masks is not None and world == 1:   # rank 0's state alone is saved: other ranks start their own afresh
+            if state.get("dropout_masks") is not None:
+                masks.set_state(state["dropout_masks"])
+            else:
+                log.info("the checkpoint predates NumPy's dropout masks: they start afresh from the seed")
         if state.get("cuda_rng") is not None and torch.cuda.is_available():   # LoRA dropout draws on the GPU
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from step %d", step)

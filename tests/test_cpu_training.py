@@ -54,14 +54,30 @@ def test_mask_source_state_restores_the_same_draws():
 
 
 def test_matmul_attention_computes_what_sdpa_does():
-    model = tiny_lora().eval()
+    """The same logits and the same LoRA gradients (the speed-up is in the backward) as SDPA, up to rounding."""
+    model = tiny_lora(dropout=0.0)
+    assert model.config._attn_implementation == "sdpa"                      # what a loaded model starts with
     ids = torch.randint(0, 1000, (2, 24))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0                                                          # left padding, as decoding batches
-    with torch.no_grad():
-        sdpa = model(input_ids=ids, attention_mask=mask).logits
-        speed_up_cpu_training(model, seed=0)
-        eager = model(input_ids=ids, attention_mask=mask).logits
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits[0].sum().backward()                                           # through every layer's attention
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    sdpa, sdpa_grads = logits_and_grads()
+    speed_up_cpu_training(model, seed=0)
     assert model.config._attn_implementation == "eager"
+    eager, eager_grads = logits_and_grads()
     torch.testing.assert_close(eager[0], sdpa[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(eager[1, 5:], sdpa[1, 5:], rtol=1e-4, atol=1e-4)
+    assert sdpa_grads.keys() == eager_grads.keys() and any(g.abs().sum() > 0 for g in sdpa_grads.values())
+    for name in sdpa_grads:
+        torch.testing.assert_close(eager_grads[name], sdpa_grads[name], rtol=1e-3, atol=1e-5)
+
+
+def test_dropout_of_one_drops_everything():
+    source = MaskSource(0)
+    assert torch.equal(FastDropout(1.0, source).train()(torch.ones(3, 4)), torch.zeros(3, 4))

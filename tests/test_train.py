@@ -91,6 +91,8 @@ def test_interrupted_training_resumes_exactly(tiny_run, tmp_path):
     # Same data order, schedule and optimizer state after the restart: the same losses step by step. (Bit-exact
     # weights are not asserted: Adam turns float noise in near-zero gradients into lr-sized steps.)
     assert resumed_losses == pytest.approx(straight_losses, rel=1e-3)
+    # the LoRA dropout masks' generator (cpu_training.py) went on from where it stopped, not from its seed
+    assert straight["dropout_masks"] is not None and resumed["dropout_masks"] == straight["dropout_masks"]
     assert resumed["optimizer"]["state"].keys() == straight["optimizer"]["state"].keys()
     for key in straight["trainable"]:
         torch.testing.assert_close(resumed["trainable"][key], straight["trainable"][key], rtol=1e-4, atol=1e-4)
